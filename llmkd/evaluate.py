@@ -1,0 +1,109 @@
+"""Offline retrieval evaluation (DESIGN.md protocol): full ranking, seen items masked, one held-out item.
+
+Ranking: items sorted by descending score, ties broken by lower item index (a stable sort), so every
+system -- including popularity, which has many ties -- is ranked deterministically. Metrics per user:
+HitRate@K = Recall@K (one held-out item), NDCG@K = 1 / log2(rank + 2), MRR@K = 1 / (rank + 1), each
+zero when rank >= K. Memory is bounded by `batch_size x n_items`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llmkd.data import RecData
+
+ScoreFn = Callable[[np.ndarray, str], torch.Tensor]
+"""(users (B,) int64, split) -> scores (B, n_items) float32 over the whole catalog."""
+
+
+def mask_seen(scores: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
+    """Set scores of each row's history items to -inf, in place; (B, n) float32."""
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    cols = np.concatenate(histories) if len(histories) else np.zeros(0, dtype=np.int64)
+    scores[torch.as_tensor(rows), torch.as_tensor(cols, dtype=torch.long)] = float("-inf")
+    return scores
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target under descending score, ties to the lower index; (B,) int64."""
+    assert scores.dim() == 2 and targets.shape == (scores.shape[0],)
+    s_t = scores.gather(1, targets[:, None])
+    idx = torch.arange(scores.shape[1], device=scores.device)
+    better = (scores > s_t) | ((scores == s_t) & (idx[None, :] < targets[:, None]))
+    return better.sum(1)
+
+
+def ranks_from_lists(ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Rank of each target in its retrieved list (B, k); k where absent; (B,) int64."""
+    hit = ids == targets[:, None]
+    return np.where(hit.any(1), hit.argmax(1), ids.shape[1])
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-user metric arrays {'ndcg@10': (n,) float64, ...} from 0-based ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"recall@{k}"] = hit.astype(np.float64)
+        out[f"hit@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 2), 0.0)
+        out[f"mrr@{k}"] = np.where(hit, 1.0 / (ranks + 1), 0.0)
+    return out
+
+
+def summarize(per_user: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean of each per-user metric, plus the number of users."""
+    out = {name: float(np.mean(v)) for name, v in per_user.items()}
+    out["users"] = int(len(next(iter(per_user.values()))))
+    return out
+
+
+def evaluate_scores(data: RecData, split: str, score_fn: ScoreFn, ks: Sequence[int] = (10, 20, 50),
+                    batch_size: int = 256, desc: str | None = None) -> dict[str, np.ndarray]:
+    """Per-user metrics of a full-catalog scorer on `split` ('valid' or 'test')."""
+    users, targets = data.eval_users(split), data.targets(split)
+    ranks = []
+    for start in tqdm(range(0, len(users), batch_size), desc=desc, disable=desc is None, leave=False):
+        batch = users[start : start + batch_size]
+        scores = score_fn(batch, split).float().clone()
+        assert scores.shape == (len(batch), data.num_items), scores.shape
+        mask_seen(scores, [data.history(u, split) for u in batch])
+        ranks.append(target_ranks(scores, torch.as_tensor(targets[batch])).numpy())
+    return metrics_from_ranks(np.concatenate(ranks), ks)
+
+
+def evaluate_retrieval(data: RecData, split: str, retrieve: Callable[[np.ndarray, str, int], np.ndarray],
+                       ks: Sequence[int] = (10, 20, 50), batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per-user metrics of a top-k retriever (e.g. a FAISS index): over-fetch, drop seen items, rank."""
+    users, targets, kmax = data.eval_users(split), data.targets(split), max(ks)
+    ranks = []
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        hists = [data.history(u, split) for u in batch]
+        k = min(data.num_items, kmax + max(len(h) for h in hists))
+        ids = retrieve(batch, split, k)
+        lists = np.full((len(batch), kmax), -1, dtype=np.int64)
+        for row, (found, hist) in enumerate(zip(ids, hists)):
+            keep = found[(found >= 0) & ~np.isin(found, hist)][:kmax]
+            lists[row, : len(keep)] = keep
+        ranks.append(ranks_from_lists(lists, targets[batch]))
+    return metrics_from_ranks(np.concatenate(ranks), ks)
+
+
+def popularity_scorer(data: RecData) -> ScoreFn:
+    """Scores every item by its number of train interactions."""
+    counts = torch.as_tensor(data.item_counts(), dtype=torch.float32)
+    return lambda users, split: counts.expand(len(users), -1)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Mean of per-user `a - b` and its 95% bootstrap interval (users resampled with replacement)."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n)])
+    return {"mean": float(diff.mean()), "lo": float(np.percentile(means, 2.5)), "hi": float(np.percentile(means, 97.5))}

@@ -1,0 +1,66 @@
+"""FAISS index over the student's item vectors (inner product = the student's score).
+
+Artifact `index/`: faiss.index, item_ids.json (FAISS row -> original item id), meta.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
+from llmkd.config import IndexConfig
+
+
+def build_index(xb: np.ndarray, cfg: IndexConfig) -> faiss.Index:
+    """An inner-product index over xb (n, d) float32: exact ('flat'), HNSW or IVF."""
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    n, d = xb.shape
+    if cfg.type == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif cfg.type == "hnsw":
+        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = cfg.hnsw_ef_search
+    else:
+        nlist = max(1, min(cfg.ivf_nlist, n // 39))  # FAISS wants ~39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(xb)
+        index.nprobe = min(cfg.ivf_nprobe, nlist)
+    index.add(xb)
+    return index
+
+
+def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product: D (nq, k) float32, I (nq, k) int64 (-1 where fewer than k)."""
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    assert xq.ndim == 2 and xq.shape[1] == index.d, (xq.shape, index.d)
+    return index.search(xq, min(k, index.ntotal))
+
+
+def save_index(index: faiss.Index, item_ids: list[str], folder: str | Path, cfg: IndexConfig,
+               data_fingerprint: str, student: str, timer: StageTimer | None = None) -> None:
+    """Write `index/` atomically."""
+    with atomic_dir(folder) as tmp:
+        faiss.write_index(index, str(tmp / "faiss.index"))
+        write_json(tmp / "item_ids.json", item_ids)
+        write_json(tmp / "meta.json", new_meta("index", asdict(cfg), data_fingerprint, student=student,
+                                               ntotal=int(index.ntotal), dim=int(index.d),
+                                               timing=timer.as_dict() if timer else None))
+
+
+def load_index(folder: str | Path) -> tuple[faiss.Index, list[str], dict]:
+    """Read `index/`: the FAISS index, its item-id map and meta."""
+    folder = Path(folder)
+    meta = read_meta(folder, "index")
+    try:
+        index = faiss.read_index(str(folder / "faiss.index"))
+    except RuntimeError as e:
+        raise LlmkdError(f"{folder / 'faiss.index'}: unreadable FAISS index ({str(e).splitlines()[0]})") from None
+    item_ids = json.loads((folder / "item_ids.json").read_text(encoding="utf-8"))
+    if len(item_ids) != index.ntotal:
+        raise LlmkdError(f"{folder}: item_ids.json has {len(item_ids)} ids but the index holds {index.ntotal}")
+    return index, item_ids, meta

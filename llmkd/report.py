@@ -1,0 +1,152 @@
+"""The evaluation stage: every system of a run on valid and test, written to `eval/`.
+
+Artifact `eval/`:
+    metrics.json   {system: {split: {"ndcg@10": value, ...}}}
+    paired.json    per-user paired differences (95% bootstrap intervals) between systems
+    results.md     the markdown tables (metrics, paired comparison, stage cost)
+    valid_curve.png  valid NDCG@10 per epoch of each student
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, read_meta, require_fingerprint, write_json
+from llmkd.config import Config
+from llmkd.data import RecData, load_data
+from llmkd.evaluate import (evaluate_retrieval, evaluate_scores, paired_bootstrap, popularity_scorer,
+                            summarize)
+from llmkd.index import load_index, search
+from llmkd.student import TwoTower
+from llmkd.teacher import TeacherCache
+
+SPLITS = ("valid", "test")
+TABLE_METRICS = ("ndcg@10", "recall@10", "recall@50", "mrr@10", "ndcg@50")
+
+
+def load_student(folder: Path, data: RecData) -> TwoTower:
+    meta = read_meta(folder, "student")
+    require_fingerprint(meta, data.fingerprint, folder)
+    return TwoTower.from_pretrained(folder)
+
+
+@torch.no_grad()
+def student_user_vectors(model: TwoTower, data: RecData, users: np.ndarray, split: str) -> torch.Tensor:
+    """(B, d) user vectors from each user's history before `split`."""
+    hist = model.pad_histories([data.history(u, split) for u in users])
+    return model.user_vectors(hist, torch.as_tensor(users))
+
+
+def student_scorer(model: TwoTower, data: RecData):
+    items = model.item_vectors().detach()
+    return lambda users, split: student_user_vectors(model, data, users, split) @ items.T
+
+
+def faiss_retriever(model: TwoTower, data: RecData, index_dir: Path):
+    index, item_ids, meta = load_index(index_dir)
+    require_fingerprint(meta, data.fingerprint, index_dir)
+    if item_ids != data.item_ids:
+        raise LlmkdError(f"{index_dir}: item ids differ from the data artifact's; rebuild the index")
+    return lambda users, split, k: search(index, student_user_vectors(model, data, users, split).numpy(), k)[1]
+
+
+def markdown_table(metrics: dict, columns=TABLE_METRICS) -> str:
+    head = "| system | " + " | ".join(f"valid {c}" for c in columns[:1]) + " | " + " | ".join(f"test {c}" for c in columns) + " |"
+    lines = [head, "|" + "---|" * (2 + len(columns))]
+    for system, by_split in metrics.items():
+        cells = [f"{by_split['valid'][columns[0]]:.4f}"] + [f"{by_split['test'][c]:.4f}" for c in columns]
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_costs(out: Path, names: list[str]) -> str:
+    """Wall time, peak memory and parameters of each artifact that recorded them."""
+    lines = ["| stage | wall s | peak RSS MiB | parameters |", "|---|---|---|---|"]
+    for name in names:
+        path = out / name / "meta.json"
+        if not path.is_file():
+            continue
+        meta = json.loads(path.read_text())
+        t = meta.get("timing") or {}
+        lines.append(f"| {name} | {t.get('wall_seconds', '')} | {t.get('peak_rss_mb', '')} | {meta.get('num_parameters', '')} |")
+    return "\n".join(lines)
+
+
+def plot_curves(out: Path, students: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in students:
+        hist = read_meta(out / name, "student")["history"]
+        ax.plot([h["epoch"] for h in hist], [h["ndcg@10"] for h in hist], marker=".", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("valid NDCG@10")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_evaluation(cfg: Config) -> dict:
+    """Evaluate popularity, the teacher, each student exactly, and the indexed student through FAISS."""
+    out = Path(cfg.out_dir)
+    ks, bs = cfg.eval.ks, cfg.eval.batch_size
+    with StageTimer() as timer:
+        data = load_data(out / "data")
+        systems = {"popularity": popularity_scorer(data)}
+        if (out / "teacher").exists():
+            systems["teacher"] = TeacherCache(out / "teacher", data).scorer()
+        models = {name: load_student(out / name, data) for name in cfg.eval.students}
+        systems.update({name: student_scorer(m, data) for name, m in models.items()})
+        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}") for s in SPLITS}
+                    for name, fn in systems.items()}
+        if (out / "index").exists() and models:
+            index_meta = read_meta(out / "index", "index")
+            student = index_meta["student"]
+            if student not in models:
+                raise LlmkdError(f"{out / 'index'}: built from '{student}', which eval.students does not list")
+            retrieve = faiss_retriever(models[student], data, out / "index")
+            name = f"{student}+faiss_{index_meta['config']['type']}"
+            per_user[name] = {s: evaluate_retrieval(data, s, retrieve, ks, bs) for s in SPLITS}
+    metrics = {name: {s: summarize(v) for s, v in by.items()} for name, by in per_user.items()}
+    paired = {}
+    names = list(per_user)
+    for a, b in [(x, y) for x in names for y in names if x != y and (x, y) in _pairs(names)]:
+        paired[f"{a} - {b}"] = {s: paired_bootstrap(per_user[a][s]["ndcg@10"], per_user[b][s]["ndcg@10"],
+                                                    cfg.eval.bootstrap) for s in SPLITS}
+    md = ["## Metrics (full ranking, seen items masked)", "", markdown_table(metrics), "",
+          "## Paired NDCG@10 differences (mean, 95% bootstrap interval over users)", "",
+          "| comparison | valid | test |", "|---|---|---|"]
+    for key, by in paired.items():
+        md.append(f"| {key} | " + " | ".join(f"{by[s]['mean']:+.4f} [{by[s]['lo']:+.4f}, {by[s]['hi']:+.4f}]" for s in SPLITS) + " |")
+    md += ["", "## Stage cost", "", stage_costs(out, ["data", "teacher", *cfg.eval.students, "index"])]
+    with atomic_dir(out / "eval") as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "paired.json", paired)
+        (tmp / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+        if models:
+            plot_curves(out, list(models), tmp / "valid_curve.png")
+        write_json(tmp / "meta.json", {"stage": "eval", "data_fingerprint": data.fingerprint,
+                                       "timing": timer.as_dict()})
+    return {"metrics": metrics, "paired": paired, "markdown": "\n".join(md)}
+
+
+def _pairs(names: list[str]) -> set[tuple[str, str]]:
+    """Comparisons worth a paired interval: KD student vs no-KD twin, each student vs teacher and popularity."""
+    pairs = set()
+    students = [n for n in names if n.startswith("student") and "+faiss" not in n]
+    if "student_kd" in names and "student_no_kd" in names:
+        pairs.add(("student_kd", "student_no_kd"))
+    for s in students:
+        for base in ("teacher", "popularity"):
+            if base in names:
+                pairs.add((s, base))
+    return pairs

@@ -1,0 +1,168 @@
+"""The two-tower student: an item tower and a user tower scored by a dot product.
+
+Item tower: an id embedding, plus (optionally) a linear projection of frozen item-text features
+(the teacher's item embeddings). User tower: reads the item-tower vectors of the history and
+produces one state per position, causally (the state at position t has seen items <= t), so a
+whole sequence trains on every next item at once. Histories are left-padded with `num_items`.
+
+Saved as `config.json` + `model.safetensors`; `TwoTower.from_pretrained(folder)` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from llmkd.artifacts import LlmkdError
+from llmkd.config import StudentConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ItemTower(nn.Module):
+    """Item vectors from an id embedding (+ projected frozen content features)."""
+
+    def __init__(self, num_items: int, dim: int, content_dim: int = 0) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=num_items)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.embedding.weight[num_items].zero_()
+        self.content_proj = nn.Linear(content_dim, dim) if content_dim else None
+        self.register_buffer("content", torch.zeros(num_items + 1, content_dim) if content_dim else None)
+
+    def forward(self) -> torch.Tensor:
+        """All item vectors, (num_items + 1, d); the last row is the padding item (zero)."""
+        vectors = self.embedding.weight
+        if self.content_proj is not None:
+            pad = torch.ones(self.num_items + 1, 1, device=vectors.device)
+            pad[-1] = 0
+            vectors = vectors + self.content_proj(self.content) * pad
+        return vectors
+
+
+class UserTower(nn.Module):
+    """Causal user states from history vectors: small transformer or recency-weighted mean, then an MLP."""
+
+    def __init__(self, dim: int, max_len: int, pooling: str = "transformer", num_layers: int = 2,
+                 num_heads: int = 2, dropout: float = 0.3, recency_decay: float = 0.0, num_users: int = 0) -> None:
+        super().__init__()
+        self.pooling, self.num_heads, self.recency_decay = pooling, num_heads, recency_decay
+        self.dropout = nn.Dropout(dropout)
+        if pooling == "transformer":
+            self.position = nn.Embedding(max_len, dim)
+            layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.user_embedding = nn.Embedding(num_users, dim) if num_users else None
+
+    def forward(self, seq: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d) history vectors, (B, L) bool real-item mask -> (B, L, d) user states."""
+        B, L, d = seq.shape
+        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L) query t sees keys <= t
+        allowed = causal & real[:, None, :]  # (B, L, L)
+        if self.pooling == "transformer":
+            x = self.dropout(seq + self.position.weight[-L:])  # left-padded: last position = newest item
+            allowed = allowed | torch.eye(L, dtype=torch.bool, device=seq.device)  # pads see themselves
+            mask = (~allowed).repeat_interleave(self.num_heads, dim=0)  # (B*H, L, L), True = blocked
+            x = self.encoder(x, mask=mask)
+        else:
+            steps = torch.arange(L, device=seq.device, dtype=seq.dtype)
+            w = torch.exp(-self.recency_decay * (steps[:, None] - steps[None, :]).clamp(min=0))
+            w = w * allowed  # (B, L, L)
+            x = torch.einsum("bts,bsd->btd", w, seq) / w.sum(-1, keepdim=True).clamp(min=1e-9)
+        x = self.norm(x)
+        x = x + self.mlp(x)
+        if self.user_embedding is not None and users is not None:
+            x = x + self.user_embedding(users)[:, None, :]
+        return x  # (B, L, d)
+
+
+class TwoTower(nn.Module):
+    """Two-tower recommender: score(user, item) = user_state . item_vector."""
+
+    def __init__(self, num_items: int, max_len: int = 50, dim: int = 64, pooling: str = "transformer",
+                 num_layers: int = 2, num_heads: int = 2, dropout: float = 0.3, recency_decay: float = 0.0,
+                 num_users: int = 0, content_dim: int = 0) -> None:
+        super().__init__()
+        self.config = dict(num_items=num_items, max_len=max_len, dim=dim, pooling=pooling, num_layers=num_layers,
+                           num_heads=num_heads, dropout=dropout, recency_decay=recency_decay,
+                           num_users=num_users, content_dim=content_dim)
+        self.num_items, self.max_len = num_items, max_len
+        self.item_tower = ItemTower(num_items, dim, content_dim)
+        self.user_tower = UserTower(dim, max_len, pooling, num_layers, num_heads, dropout, recency_decay, num_users)
+
+    @classmethod
+    def from_config(cls, cfg: StudentConfig, num_items: int, max_len: int, num_users: int,
+                    content_dim: int = 0) -> TwoTower:
+        """The one factory from a `StudentConfig` to constructor arguments."""
+        kw = asdict(cfg)
+        use_user_id, content = kw.pop("use_user_id"), kw.pop("content_features")
+        return cls(num_items=num_items, max_len=max_len, num_users=num_users if use_user_id else 0,
+                   content_dim=content_dim if content else 0, **kw)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(num_items, d) float32: what the FAISS index stores."""
+        return self.item_tower()[: self.num_items]
+
+    def forward(self, history: torch.Tensor, users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) left-padded item ids -> user states (B, L, d), item vectors (num_items, d)."""
+        table = self.item_tower()  # (N + 1, d)
+        states = self.user_tower(table[history], history != self.num_items, users)
+        return states, table[: self.num_items]
+
+    def user_vectors(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) left-padded histories -> (B, d) user vectors (the last state)."""
+        return self(history, users)[0][:, -1]
+
+    def pad_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """Histories -> (B, max_len) int64, the most recent `max_len` items, left-padded."""
+        out = torch.full((len(histories), self.max_len), self.num_items, dtype=torch.long)
+        for row, h in enumerate(histories):
+            h = h[-self.max_len :]
+            if len(h):
+                out[row, -len(h) :] = torch.as_tensor(h)
+        return out
+
+    def save_pretrained(self, folder: str | Path, is_main_process: bool = True,
+                        save_function: Callable[..., Any] | None = None, extra: dict | None = None) -> None:
+        """Write `config.json` + `model.safetensors` (+ `extra` into the config file)."""
+        if not is_main_process:
+            return
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(json.dumps({**self.config, **(extra or {})}, indent=2) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> TwoTower:
+        """Load a folder written by `save_pretrained`."""
+        folder = Path(folder)
+        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+            raise LlmkdError(f"{folder}: not a student folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raw = json.loads((folder / CONFIG_NAME).read_text())
+        import inspect
+
+        names = inspect.signature(cls.__init__).parameters
+        model = cls(**{k: v for k, v in raw.items() if k in names})
+        try:
+            state = load_file(str(folder / WEIGHTS_NAME))
+        except Exception as e:
+            raise LlmkdError(f"{folder / WEIGHTS_NAME}: unreadable safetensors file ({e})") from None
+        model.load_state_dict(state)
+        return model.eval()
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

