@@ -113,11 +113,11 @@ class DistillConfig:
     loss: str = "full_softmax"
     """Hard-label loss: 'full_softmax' or 'sampled_softmax' (uniform negatives, logQ-corrected)."""
     num_negatives: int = 256
-    epochs: int = 60
-    patience: int = 8
+    epochs: int = 30
+    patience: int = 5
     """Stop after this many epochs without a better valid NDCG@10."""
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = 64
+    lr: float = 2e-3
     weight_decay: float = 0.0
     grad_accum: int = 1
     seed: int = 0
@@ -159,7 +159,11 @@ class EvalConfig:
     bootstrap: int = 1000
     """Resamples of users for the paired 95% interval of a metric difference."""
     students: list[str] = field(default_factory=lambda: ["student_no_kd", "student_kd"])
-    """Student artifact folders (under out_dir) to evaluate; the last one is also evaluated through the index."""
+    """Student artifact folders (under out_dir) to evaluate; the indexed one is also evaluated through FAISS."""
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise LlmkdError(f"eval.ks: expected a non-empty list of positive cut-offs, got {self.ks}")
 
 
 @dataclass
@@ -171,6 +175,11 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.distill.kd_top_k > self.teacher.top_k:
+            raise LlmkdError(f"distill.kd_top_k ({self.distill.kd_top_k}) exceeds teacher.top_k ({self.teacher.top_k}), "
+                             "the number of cached candidates")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ Artifact `data/`:
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import string
@@ -69,14 +70,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if fmt == "csv":
         sep = "\t" if suffix == ".tsv" else ","
         try:
-            with open(path, encoding="utf-8") as f:
-                header = f.readline().rstrip("\r\n").split(sep)
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                reader = csv.reader(f, delimiter=sep)
+                header = next(reader, [])
+                has_rows = next(reader, None) is not None
         except UnicodeDecodeError:
             raise LlmkdError(f"{path}: not UTF-8 text") from None
         if len(set(header)) != len(header) or any(not c for c in header):
             raise LlmkdError(f"{path}: header row has empty or repeated column names: {header}")
+        if not has_rows:
+            raise LlmkdError(f"{path}: no data rows after the header")
         features = datasets.Features({c: datasets.Value("string") for c in header})
-        kwargs = dict(delimiter=sep, features=features, keep_default_na=False)
+        kwargs = dict(delimiter=sep, features=features, keep_default_na=False, encoding="utf-8-sig")
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
@@ -288,7 +293,7 @@ def split_checksums(data: RecData) -> dict[str, str]:
     out = {}
     for split in ("valid", "test"):
         target = data.targets(split)
-        users = sorted(data.eval_users(split), key=lambda u: int(data.user_ids[u]))
+        users = data.eval_users(split)  # internal order: user ids sorted numerically where numeric
         text = "".join(f"{data.user_ids[u]},{data.item_ids[target[u]]}\n" for u in users)
         out[split] = hashlib.sha256(text.encode()).hexdigest()
     return out

@@ -13,10 +13,8 @@ The same code runs on one CPU, several CPU processes (gloo), one or several GPUs
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +101,10 @@ class KDTargets:
     def __call__(self, users: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(b,) users and positives -> candidates (b, K+1), teacher scores (b, K+1), mask (b, K+1)."""
         pos_score = (self.user[users] * self.items[positives]).sum(-1, keepdim=True) * self.scale
-        cand = torch.cat([self.ids[users], positives[:, None]], 1)
-        scores = torch.cat([self.scores[users], pos_score], 1)
-        mask = torch.ones_like(cand, dtype=torch.bool)
-        mask[:, -1] = ~(self.ids[users] == positives[:, None]).any(1)  # positive already in top-K
+        ids = self.ids[users]  # (b, K), -1 = padding where a user has fewer than K unseen items
+        cand = torch.cat([ids.clamp(min=0), positives[:, None]], 1)
+        scores = torch.cat([self.scores[users].masked_fill(ids < 0, 0.0), pos_score], 1)
+        mask = torch.cat([ids >= 0, ~(ids == positives[:, None]).any(1, keepdim=True)], 1)  # positive once
         return cand, scores, mask
 
 

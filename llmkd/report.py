@@ -18,14 +18,18 @@ import torch
 from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, read_meta, require_fingerprint, write_json
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import (evaluate_retrieval, evaluate_scores, paired_bootstrap, popularity_scorer,
-                            summarize)
+from llmkd.evaluate import evaluate_retrieval, evaluate_scores, paired_bootstrap, popularity_scorer, summarize
 from llmkd.index import load_index, search
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 
 SPLITS = ("valid", "test")
-TABLE_METRICS = ("ndcg@10", "recall@10", "recall@50", "mrr@10", "ndcg@50")
+
+
+def table_metrics(ks: list[int]) -> list[str]:
+    """Table columns: NDCG and Recall at every K, MRR at the smallest (the first is the primary metric)."""
+    k0 = min(ks)
+    return [f"ndcg@{k0}", *[f"recall@{k}" for k in sorted(ks)], f"mrr@{k0}", *[f"ndcg@{k}" for k in sorted(ks)[1:]]]
 
 
 def load_student(folder: Path, data: RecData) -> TwoTower:
@@ -54,7 +58,7 @@ def faiss_retriever(model: TwoTower, data: RecData, index_dir: Path):
     return lambda users, split, k: search(index, student_user_vectors(model, data, users, split).numpy(), k)[1]
 
 
-def markdown_table(metrics: dict, columns=TABLE_METRICS) -> str:
+def markdown_table(metrics: dict, columns: list[str]) -> str:
     head = "| system | " + " | ".join(f"valid {c}" for c in columns[:1]) + " | " + " | ".join(f"test {c}" for c in columns) + " |"
     lines = [head, "|" + "---|" * (2 + len(columns))]
     for system, by_split in metrics.items():
@@ -117,13 +121,12 @@ def run_evaluation(cfg: Config) -> dict:
             name = f"{student}+faiss_{index_meta['config']['type']}"
             per_user[name] = {s: evaluate_retrieval(data, s, retrieve, ks, bs) for s in SPLITS}
     metrics = {name: {s: summarize(v) for s, v in by.items()} for name, by in per_user.items()}
-    paired = {}
-    names = list(per_user)
-    for a, b in [(x, y) for x in names for y in names if x != y and (x, y) in _pairs(names)]:
-        paired[f"{a} - {b}"] = {s: paired_bootstrap(per_user[a][s]["ndcg@10"], per_user[b][s]["ndcg@10"],
-                                                    cfg.eval.bootstrap) for s in SPLITS}
-    md = ["## Metrics (full ranking, seen items masked)", "", markdown_table(metrics), "",
-          "## Paired NDCG@10 differences (mean, 95% bootstrap interval over users)", "",
+    columns = table_metrics(cfg.eval.ks)
+    primary = columns[0]
+    paired = {f"{a} - {b}": {s: paired_bootstrap(per_user[a][s][primary], per_user[b][s][primary], cfg.eval.bootstrap)
+                             for s in SPLITS} for a, b in _pairs(list(per_user))}
+    md = ["## Metrics (full ranking, seen items masked)", "", markdown_table(metrics, columns), "",
+          f"## Paired {primary} differences (mean, 95% bootstrap interval over users)", "",
           "| comparison | valid | test |", "|---|---|---|"]
     for key, by in paired.items():
         md.append(f"| {key} | " + " | ".join(f"{by[s]['mean']:+.4f} [{by[s]['lo']:+.4f}, {by[s]['hi']:+.4f}]" for s in SPLITS) + " |")
@@ -139,14 +142,8 @@ def run_evaluation(cfg: Config) -> dict:
     return {"metrics": metrics, "paired": paired, "markdown": "\n".join(md)}
 
 
-def _pairs(names: list[str]) -> set[tuple[str, str]]:
+def _pairs(names: list[str]) -> list[tuple[str, str]]:
     """Comparisons worth a paired interval: KD student vs no-KD twin, each student vs teacher and popularity."""
-    pairs = set()
+    pairs = [("student_kd", "student_no_kd")] if {"student_kd", "student_no_kd"} <= set(names) else []
     students = [n for n in names if n.startswith("student") and "+faiss" not in n]
-    if "student_kd" in names and "student_no_kd" in names:
-        pairs.add(("student_kd", "student_no_kd"))
-    for s in students:
-        for base in ("teacher", "popularity"):
-            if base in names:
-                pairs.add((s, base))
-    return pairs
+    return pairs + [(s, base) for s in students for base in ("teacher", "popularity") if base in names]

@@ -60,12 +60,16 @@ class UserTower(nn.Module):
         self.dropout = nn.Dropout(dropout)
         if pooling == "transformer":
             self.position = nn.Embedding(max_len, dim)
+            nn.init.normal_(self.position.weight, std=0.02)
+            self.input_norm = nn.LayerNorm(dim)
             layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout, activation="gelu",
                                                batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
         self.user_embedding = nn.Embedding(num_users, dim) if num_users else None
+        if self.user_embedding is not None:
+            nn.init.normal_(self.user_embedding.weight, std=0.02)
 
     def forward(self, seq: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, d) history vectors, (B, L) bool real-item mask -> (B, L, d) user states."""
@@ -73,7 +77,7 @@ class UserTower(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L) query t sees keys <= t
         allowed = causal & real[:, None, :]  # (B, L, L)
         if self.pooling == "transformer":
-            x = self.dropout(seq + self.position.weight[-L:])  # left-padded: last position = newest item
+            x = self.dropout(self.input_norm(seq + self.position.weight[-L:]))  # left-padded: last = newest
             allowed = allowed | torch.eye(L, dtype=torch.bool, device=seq.device)  # pads see themselves
             mask = (~allowed).repeat_interleave(self.num_heads, dim=0)  # (B*H, L, L), True = blocked
             x = self.encoder(x, mask=mask)

@@ -47,16 +47,17 @@ def resolve_model_path(name: str) -> str:
 
 
 def model_fingerprint(path: str) -> str:
-    """Hash of a model folder's config and the names and sizes of its other files."""
+    """SHA-256 over the names and contents of a model folder's files (weights retrained in place change it)."""
     folder = Path(path)
     if not folder.is_dir():
         return hashlib.sha256(path.encode()).hexdigest()[:16]
     h = hashlib.sha256()
     for f in sorted(folder.rglob("*")):
         if f.is_file():
-            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}".encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
+            h.update(str(f.relative_to(folder)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -116,12 +117,16 @@ class TextEncoder:
     def encode(self, texts: list[str], max_length: int = 128, desc: str | None = None) -> np.ndarray:
         """Embed `texts` -> (n, d) float32, batches bucketed by token length."""
         enc = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        filler = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
+        enc = [ids if ids else [filler] for ids in enc]  # an empty text still needs one token
         order = np.argsort([len(ids) for ids in enc], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in tqdm(range(0, len(texts), self.batch_size), desc=desc, disable=desc is None):
             idx = order[start : start + self.batch_size]
             batch = self.tokenizer.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            if self.pooling == "last":  # left padding must not shift absolute / rotary positions
+                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             hidden = self.model(**batch).last_hidden_state
             out[idx] = self.pool(hidden, batch["attention_mask"]).cpu().numpy()
         return out
@@ -143,7 +148,10 @@ def state_histories(data: RecData) -> dict[str, list[np.ndarray]]:
 
 def top_k(user_emb: np.ndarray, item_emb: np.ndarray, histories: list[np.ndarray], k: int,
           batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k unseen items per user by cosine: ids (n_users, k) int64, scores (n_users, k) float32."""
+    """Top-k unseen items per user by cosine: ids (n_users, k) int64, scores (n_users, k) float32.
+
+    Where a user has fewer than k unseen items the tail is padded with id -1 and score -inf.
+    """
     k = min(k, item_emb.shape[0])
     ids = np.zeros((len(user_emb), k), dtype=np.int64)
     scores = np.zeros((len(user_emb), k), dtype=np.float32)
@@ -153,7 +161,7 @@ def top_k(user_emb: np.ndarray, item_emb: np.ndarray, histories: list[np.ndarray
         for row, h in enumerate(histories[start : start + batch_size]):
             s[row, torch.as_tensor(h, dtype=torch.long)] = float("-inf")
         top = torch.topk(s, k, dim=1)
-        ids[start : start + len(s)] = top.indices.numpy()
+        ids[start : start + len(s)] = torch.where(torch.isinf(top.values), -1, top.indices).numpy()
         scores[start : start + len(s)] = top.values.numpy()
     return ids, scores
 

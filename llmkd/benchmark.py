@@ -1,0 +1,109 @@
+"""Students with and without the teacher over several seeds: mean +- std and paired intervals.
+
+Each (variant, seed) trains with `llmkd.distill.train` into `<out_dir>/seeds/<variant>_s<seed>` (the
+run's data/ and teacher/ are reused), is selected on valid and evaluated once on test. Writes
+`<out_dir>/seeds/results.json`, `results.md` and `seeds.png`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from llmkd.artifacts import atomic_dir, write_json
+from llmkd.config import Config, apply_overrides, from_dict
+from llmkd.data import load_data
+from llmkd.distill import train
+from llmkd.evaluate import evaluate_scores, paired_bootstrap, popularity_scorer, summarize
+from llmkd.report import SPLITS, load_student, student_scorer
+from llmkd.teacher import TeacherCache
+
+DEFAULT_VARIANTS = {"student_no_kd": ["distill.alpha=0"], "student_kd": []}
+REPORTED = ("ndcg@10", "recall@10", "recall@50")
+
+
+def variant_config(cfg: Config, name: str, overrides: list[str], seed: int) -> Config:
+    raw = apply_overrides(copy.deepcopy(cfg.to_dict()), [*overrides, f"distill.seed={seed}",
+                                                         f"distill.name=seeds/{name}_s{seed}"])
+    return from_dict(Config, raw)
+
+
+def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | None = None) -> dict:
+    """Train and evaluate every variant at every seed; aggregate over seeds."""
+    variants = variants or DEFAULT_VARIANTS
+    out = Path(cfg.out_dir)
+    data = load_data(out / "data")
+    per_user: dict[str, dict[int, dict]] = {}
+    for name, overrides in variants.items():
+        per_user[name] = {}
+        for seed in seeds:
+            vcfg = variant_config(cfg, name, overrides, seed)
+            train(vcfg)
+            model = load_student(out / vcfg.distill.name, data)
+            fn = student_scorer(model, data)
+            per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size) for s in SPLITS}
+    baselines = {"popularity": popularity_scorer(data)}
+    if (out / "teacher").exists():
+        baselines["teacher"] = TeacherCache(out / "teacher", data).scorer()
+    rows = {}
+    for name, fn in baselines.items():
+        m = {s: summarize(evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size)) for s in SPLITS}
+        rows[name] = {s: {k: {"mean": m[s][k], "std": 0.0} for k in REPORTED} for s in SPLITS}
+    for name, by_seed in per_user.items():
+        rows[name] = {s: {k: {"mean": float(np.mean([summarize(r[s])[k] for r in by_seed.values()])),
+                              "std": float(np.std([summarize(r[s])[k] for r in by_seed.values()], ddof=1))
+                              if len(seeds) > 1 else 0.0}
+                          for k in REPORTED} for s in SPLITS}
+        rows[name]["per_seed"] = {seed: {s: summarize(r[s]) for s in SPLITS} for seed, r in by_seed.items()}
+    paired = {}
+    names = list(variants)
+    for other in names[:-1]:
+        a, b = names[-1], other
+        paired[f"{a} - {b}"] = {s: paired_bootstrap(
+            np.mean([per_user[a][sd][s]["ndcg@10"] for sd in seeds], 0),
+            np.mean([per_user[b][sd][s]["ndcg@10"] for sd in seeds], 0), cfg.eval.bootstrap) for s in SPLITS}
+    md = seeds_markdown(rows, paired, seeds)
+    with atomic_dir(out / "seeds_report") as tmp:
+        write_json(tmp / "results.json", {"seeds": seeds, "variants": variants, "rows": rows, "paired": paired})
+        (tmp / "results.md").write_text(md + "\n", encoding="utf-8")
+        plot_seeds(rows, per_user, tmp / "seeds.png")
+    return {"rows": rows, "paired": paired, "markdown": md}
+
+
+def seeds_markdown(rows: dict, paired: dict, seeds: list[int]) -> str:
+    cols = [("valid", "ndcg@10")] + [("test", k) for k in REPORTED]
+    lines = [f"Students: mean ± std over seeds {seeds} (selected on valid NDCG@10; test reported once).", "",
+             "| system | " + " | ".join(f"{s} {k}" for s, k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in rows.items():
+        cells = [f"{r[s][k]['mean']:.4f} ± {r[s][k]['std']:.4f}" if r[s][k]["std"] else f"{r[s][k]['mean']:.4f}"
+                 for s, k in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired per-user NDCG@10 difference (per-user metric averaged over seeds; 95% bootstrap interval):", "",
+              "| comparison | valid | test |", "|---|---|---|"]
+    for key, by in paired.items():
+        lines.append(f"| {key} | " + " | ".join(f"{by[s]['mean']:+.4f} [{by[s]['lo']:+.4f}, {by[s]['hi']:+.4f}]"
+                                               for s in SPLITS) + " |")
+    return "\n".join(lines)
+
+
+def plot_seeds(rows: dict, per_user: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(rows)
+    for i, name in enumerate(names):
+        if name in per_user:
+            vals = [summarize(r["test"])["ndcg@10"] for r in per_user[name].values()]
+            ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
+        ax.bar(i, rows[name]["test"]["ndcg@10"]["mean"], yerr=rows[name]["test"]["ndcg@10"]["std"], alpha=0.6)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel("test NDCG@10")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

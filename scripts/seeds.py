@@ -1,0 +1,33 @@
+"""Train the no-KD and KD students over several seeds and report mean ± std and paired intervals.
+
+    python scripts/seeds.py --config configs/ml100k.yaml --seeds 0 1 2
+    python scripts/seeds.py --config configs/ml100k.yaml --variant kd_t2:distill.temperature=2
+"""
+
+from pathlib import Path
+
+from llmkd.artifacts import LlmkdError
+from llmkd.benchmark import DEFAULT_VARIANTS, run_seeds
+from llmkd.cli import config_from, parser, run
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="an extra student variant (added after the defaults; the last one is compared with the others)")
+    args = p.parse_args()
+    variants = dict(DEFAULT_VARIANTS)
+    for v in args.variant:
+        name, _, rest = v.partition(":")
+        if not name:
+            raise LlmkdError(f"--variant {v!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+        variants[name] = [x for x in rest.split(",") if x]
+    cfg = config_from(args)
+    result = run_seeds(cfg, args.seeds, variants)
+    print(result["markdown"])
+    print(f"\nwritten to {Path(cfg.out_dir) / 'seeds_report'}")
+
+
+if __name__ == "__main__":
+    run(main)

