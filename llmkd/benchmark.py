@@ -58,12 +58,11 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
                           for k in REPORTED} for s in SPLITS}
         rows[name]["per_seed"] = {seed: {s: summarize(r[s]) for s in SPLITS} for seed, r in by_seed.items()}
     paired = {}
-    names = list(variants)
-    for other in names[:-1]:
-        a, b = names[-1], other
-        paired[f"{a} - {b}"] = {s: paired_bootstrap(
+    base, *others = list(variants)
+    for a in others:  # every variant against the first (the no-KD twin)
+        paired[f"{a} - {base}"] = {s: paired_bootstrap(
             np.mean([per_user[a][sd][s]["ndcg@10"] for sd in seeds], 0),
-            np.mean([per_user[b][sd][s]["ndcg@10"] for sd in seeds], 0), cfg.eval.bootstrap) for s in SPLITS}
+            np.mean([per_user[base][sd][s]["ndcg@10"] for sd in seeds], 0), cfg.eval.bootstrap) for s in SPLITS}
     md = seeds_markdown(rows, paired, seeds)
     with atomic_dir(out / "seeds_report") as tmp:
         write_json(tmp / "results.json", {"seeds": seeds, "variants": variants, "rows": rows, "paired": paired})

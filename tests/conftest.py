@@ -173,3 +173,24 @@ def tiny_bert(tmp_path_factory) -> Path:
 def tiny_gpt2(tmp_path_factory) -> Path:
     """Folder with a tiny random GPT-2 (AutoModel / AutoTokenizer loadable offline)."""
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer, 32-d Llama decoder (rotary positions, like SmolLM2) + tokenizer saved in `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    vocab = _vocab()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(vocab), max_position_embeddings=512,
+                         bos_token_id=vocab["[EOS]"], eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"])
+    LlamaModel(config).eval().save_pretrained(folder)
+    _tokenizer(bert_style=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Folder with a tiny random Llama (AutoModel / AutoTokenizer loadable offline)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

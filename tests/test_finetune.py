@@ -1,0 +1,122 @@
+"""LoRA tuning of the teacher: the contrastive loss, the adapter artifact, adapter-keyed caches, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmkd.artifacts import LlmkdError
+from llmkd.config import Config, DistillConfig, FinetuneConfig, TeacherConfig
+from llmkd.finetune import contrastive_loss, finetune_teacher, lora_config
+from llmkd.teacher import TeacherCache, TextEncoder, build_teacher_cache, resolve_model_path
+
+
+def test_contrastive_loss_hand_computed_with_duplicate_masking():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    bank = torch.tensor([[0.0, 1.0], [0.6, 0.8]])
+    pos_ids = torch.tensor([5, 7])
+    bank_ids = torch.tensor([5, 9])  # bank item 5 is row 0's own positive: masked for row 0 only
+    T = 0.5
+    got = contrastive_loss(q, p, pos_ids, bank, bank_ids, T).item()
+    # row 0 candidates: p0 (1.0), p1 (1.0), bank0 masked, bank1 (0.6); target p0
+    row0 = -(1.0 / T) + math.log(math.exp(1.0 / T) + math.exp(1.0 / T) + math.exp(0.6 / T))
+    # row 1 candidates: p0 (0.0), p1 (0.0), bank0 (1.0), bank1 (0.8); target p1
+    row1 = -(0.0 / T) + math.log(2 * math.exp(0.0) + math.exp(1.0 / T) + math.exp(0.8 / T))
+    assert got == pytest.approx((row0 + row1) / 2, rel=1e-5)
+
+
+def test_lora_config_top_layers_and_unknown_architecture(tiny_bert):
+    from transformers import AutoConfig
+
+    cfg = lora_config(AutoConfig.from_pretrained(tiny_bert), FinetuneConfig(top_layers=1))
+    assert cfg.layers_to_transform == [1] and set(cfg.target_modules) >= {"query", "value"}
+
+    class Odd:
+        model_type = "unknown-arch"
+        num_hidden_layers = 2
+
+    with pytest.raises(LlmkdError, match="target_modules"):
+        lora_config(Odd(), FinetuneConfig())
+
+
+def _config(tmp_path, model, **finetune) -> Config:
+    finetune = {"steps": 4, "eval_every": 2, "batch_size": 4, "catalog_negatives": 8, "patience": 5, **finetune}
+    return Config(out_dir=str(tmp_path), teacher=TeacherConfig(model=str(model), top_k=10, batch_size=8,
+                                                               max_history_items=5, max_history_tokens=64),
+                  finetune=FinetuneConfig(**finetune), distill=DistillConfig(kd_top_k=10))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
+def test_finetune_writes_a_peft_adapter_that_changes_the_teacher(tmp_path, synthetic_data, fixture, request):
+    model = request.getfixturevalue(fixture)
+    cfg = _config(tmp_path, model, top_layers=1, lr=5e-2)
+    meta = finetune_teacher(synthetic_data, cfg)
+    folder = tmp_path / "teacher_lora"
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    assert (folder / "valid_curve.png").is_file()
+    assert [r["step"] for r in meta["curve"]] == [0, 2, 4]
+    saved = json.loads((folder / "meta.json").read_text())
+    assert saved["best_valid_ndcg_at_10"] == max(r["valid_ndcg@10"] for r in saved["curve"])
+    # the adapter touches only the top layer; exported after a training step, it changes the vectors
+    base = TextEncoder(str(model), batch_size=8).encode(synthetic_data.item_texts[:5], 32)
+    tuned = TextEncoder(str(model), batch_size=8, adapter=folder).encode(synthetic_data.item_texts[:5], 32)
+    best_step = max(saved["curve"], key=lambda r: r["valid_ndcg@10"])["step"]
+    assert tuned.shape == base.shape and np.isfinite(tuned).all()
+    assert np.allclose(tuned, base, atol=1e-6) == (best_step == 0)
+    adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_cfg["layers_to_transform"] == [1]
+
+
+def test_teacher_cache_is_keyed_on_the_adapter(tmp_path, synthetic_data, tiny_bert):
+    cfg = _config(tmp_path, tiny_bert, steps=2, eval_every=1, lr=5e-2)
+    finetune_teacher(synthetic_data, cfg)
+    adapter = tmp_path / "teacher_lora"
+    first = build_teacher_cache(synthetic_data, cfg.teacher, tmp_path / "teacher", adapter=adapter)
+    assert first["reused"] is False and first["adapter_fingerprint"]
+    assert build_teacher_cache(synthetic_data, cfg.teacher, tmp_path / "teacher", adapter=adapter)["reused"] is True
+    # retrain the adapter in place (other seed): the cache must be rebuilt, not reused
+    finetune_teacher(synthetic_data, _config(tmp_path, tiny_bert, steps=2, eval_every=1, lr=5e-2, seed=1))
+    again = build_teacher_cache(synthetic_data, cfg.teacher, tmp_path / "teacher", adapter=adapter)
+    assert again["reused"] is False and again["adapter_fingerprint"] != first["adapter_fingerprint"]
+    no_adapter = build_teacher_cache(synthetic_data, cfg.teacher, tmp_path / "teacher")
+    assert no_adapter["reused"] is False
+    assert TeacherCache(tmp_path / "teacher", synthetic_data).item_emb.shape[0] == synthetic_data.num_items
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path, synthetic_data, tiny_bert, tiny_gpt2):
+    finetune_teacher(synthetic_data, _config(tmp_path, tiny_gpt2, steps=1, eval_every=1))
+    with pytest.raises(LlmkdError, match="made for base model"):
+        TextEncoder(str(tiny_bert), adapter=tmp_path / "teacher_lora")
+    with pytest.raises(LlmkdError, match="adapter_config.json"):
+        TextEncoder(str(tiny_bert), adapter=tmp_path / "nowhere")
+
+
+def test_gguf_missing_or_not_gguf(tmp_path):
+    with pytest.raises(LlmkdError, match="GGUF file not found"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(LlmkdError, match="not a GGUF file"):
+        resolve_model_path(str(fake))
+
+
+def test_templates_need_their_placeholders():
+    with pytest.raises(LlmkdError, match="history_template"):
+        TeacherConfig(history_template="no placeholder")
+    with pytest.raises(LlmkdError, match="item_template"):
+        TeacherConfig(item_template="no placeholder")
+
+
+def test_finetune_uses_train_split_only(synthetic_data):
+    from llmkd.finetune import train_pairs
+
+    pairs = train_pairs(synthetic_data)
+    for u, t in pairs:
+        assert 1 <= t < len(synthetic_data.train[u])
+    assert len(pairs) == sum(max(len(s) - 1, 0) for s in synthetic_data.train)
+    assert np.all(pairs[:, 0] >= 0)
