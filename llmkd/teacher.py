@@ -75,6 +75,9 @@ def convert_gguf(gguf: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, RuntimeError) as e:
         raise LlmkdError(f"teacher.model {gguf}: could not load the GGUF file ({str(e).splitlines()[0][:200]})") from None
+    model.hf_quantizer = None  # weights are already de-quantised to fp32; save them as plain safetensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
