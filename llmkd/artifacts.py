@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import time
@@ -70,6 +71,19 @@ def read_meta(folder: str | Path, stage: str) -> dict[str, Any]:
     if meta.get("stage") != stage:
         raise LlmkdError(f"{path}: expected a '{stage}' artifact, found '{meta.get('stage')}'")
     return meta
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, what: str) -> Iterator[None]:
+    """Turn any failure to read `path` (missing, truncated, corrupt) into one LlmkdError naming it."""
+    try:
+        yield
+    except LlmkdError:
+        raise
+    except Exception as e:  # safetensors, JSON, FAISS and OS errors all mean the same: rebuild the artifact
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = re.sub(r"^Error in .* at \S+:\d+: ", "", detail)[:200]  # FAISS: drop the C++ location
+        raise LlmkdError(f"{path}: unreadable {what} ({detail}); rebuild it") from None
 
 
 def require_fingerprint(meta: dict[str, Any], expected: str, folder: str | Path) -> None:

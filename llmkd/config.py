@@ -162,6 +162,8 @@ class DistillConfig:
     grad_accum: int = 1
     seed: int = 0
     eval_batch_size: int = 256
+    checkpoint_every: int = 0
+    """Also checkpoint every N batches within an epoch (0 = at epoch ends only), for exact mid-epoch resume."""
     log_with: str | None = None
     """'tensorboard' to log through Accelerate's trackers."""
 
@@ -299,7 +301,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise LlmkdError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise LlmkdError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise LlmkdError(f"{path}: expected a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])

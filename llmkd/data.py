@@ -16,7 +16,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import string
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from llmkd.artifacts import (
     hash_files,
     new_meta,
     read_meta,
+    reading,
     write_json,
 )
 from llmkd.config import DataConfig
@@ -52,10 +55,12 @@ def ml100k_dir() -> Path:
     return folder
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV / TSV / Parquet / JSONL file with HF `datasets`; CSV and TSV columns stay strings."""
-    import datasets
+def read_table(path: str | Path, required: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a CSV / TSV / Parquet / JSONL file with HF `datasets`; CSV and TSV columns stay strings.
 
+    `required` columns are checked on a CSV's header before the file is parsed (a big file with the
+    wrong delimiter fails at once), and on every format's columns after.
+    """
     path = Path(path)
     if not path.is_file():
         raise LlmkdError(f"{path}: file not found")
@@ -65,38 +70,69 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise LlmkdError(f"{path}: unsupported format {suffix!r}; expected one of {sorted(FORMATS)}")
     if path.stat().st_size == 0:
         raise LlmkdError(f"{path}: empty file")
-    datasets.disable_progress_bars()
-    kwargs: dict = {}
+    atomic = suffix != path.suffix.lower()  # RecBole atomic file: 'name:type' headers
+    header: list[str] = []
     if fmt == "csv":
         sep = "\t" if suffix == ".tsv" else ","
         try:
             with open(path, encoding="utf-8-sig", newline="") as f:
                 reader = csv.reader(f, delimiter=sep)
                 header = next(reader, [])
-                has_rows = next(reader, None) is not None
-        except UnicodeDecodeError:
-            raise LlmkdError(f"{path}: not UTF-8 text") from None
+                try:
+                    has_rows = next(reader, None) is not None
+                except csv.Error:  # e.g. a field over the csv module's size limit; pandas reads it below
+                    has_rows = True
+        except UnicodeDecodeError as e:
+            raise LlmkdError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
         if len(set(header)) != len(header) or any(not c for c in header):
             raise LlmkdError(f"{path}: header row has empty or repeated column names: {header}")
+        if not atomic:
+            _require_columns(header, required, path)
         if not has_rows:
             raise LlmkdError(f"{path}: no data rows after the header")
+    import datasets
+
+    datasets.disable_progress_bars()
+    kwargs: dict = {}
+    if fmt == "csv":
         features = datasets.Features({c: datasets.Value("string") for c in header})
         kwargs = dict(delimiter=sep, features=features, keep_default_na=False, encoding="utf-8-sig")
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)  # its parser errors would print a second line; ours says it
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
-        msg = str(e).strip().splitlines()
-        raise LlmkdError(f"{path}: could not be parsed as {suffix} ({msg[-1] if msg else type(e).__name__})") from None
+        raise LlmkdError(f"{path}: {_parse_failure(e, suffix)}") from None
+    finally:
+        datasets_logger.setLevel(level)
     df = ds.to_pandas()
-    if suffix != path.suffix.lower():  # RecBole atomic file: 'name:type' headers
+    if atomic:
         df.columns = [c.split(":")[0] for c in df.columns]
+    _require_columns(list(df.columns), required, path)
     return df
 
 
-def _require_columns(df: pd.DataFrame, columns: tuple[str, ...] | list[str], path: Path | str) -> None:
-    missing = [c for c in columns if c not in df.columns]
+def _parse_failure(e: BaseException, suffix: str) -> str:
+    """The root cause of a `datasets` load error, as a short phrase (datasets hides it behind a wrapper)."""
+    while e.__cause__ is not None or (e.__context__ is not None and "generating the dataset" in str(e)):
+        e = e.__cause__ or e.__context__
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {e.object[e.start]:#04x})"
+    lines = str(e).strip().splitlines()
+    return f"could not be parsed as {suffix} ({lines[0] if lines else type(e).__name__})"
+
+
+def _require_columns(columns: Sequence[str], required: Sequence[str], path: Path | str) -> None:
+    missing = [c for c in required if c not in columns]
     if missing:
-        raise LlmkdError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+        found = [str(c) for c in columns]
+        hint = ""
+        if len(found) == 1 and any(sep in found[0] for sep in ";|\t,"):
+            hint = " (wrong delimiter? .csv files are comma-separated, .tsv tab-separated)"
+        elif found and all(c.strip().lstrip("-").replace(".", "", 1).isdigit() for c in found):
+            hint = " (no header row? the first line must name the columns)"
+        raise LlmkdError(f"{path}: missing column(s) {missing}; found {found}{hint}")
 
 
 def _as_ids(col: pd.Series, field: str, path: Path | str) -> pd.Series:
@@ -104,15 +140,14 @@ def _as_ids(col: pd.Series, field: str, path: Path | str) -> pd.Series:
     bad = ids.isna() | (ids == "") | (ids.str.lower() == "nan")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise LlmkdError(f"{path}: row {row + 1}: field '{field}' is empty; expected an id")
+        raise LlmkdError(f"{path}: row {row + 1}: field '{field}' is {col.iloc[row]!r}; expected an id, not empty or NaN")
     # integral floats from Parquet/JSON (1.0) become "1" so they match CSV ids
     return ids.str.replace(r"^(-?\d+)\.0+$", r"\1", regex=True).astype(str)
 
 
 def load_interactions(path: str | Path) -> pd.DataFrame:
     """Interactions as (user_id str, item_id str, timestamp float64), file order kept."""
-    df = read_table(path)
-    _require_columns(df, INTERACTION_COLUMNS, path)
+    df = read_table(path, INTERACTION_COLUMNS)
     if len(df) == 0:
         raise LlmkdError(f"{path}: no interactions")
     out = pd.DataFrame({"user_id": _as_ids(df["user_id"], "user_id", path), "item_id": _as_ids(df["item_id"], "item_id", path)})
@@ -130,7 +165,7 @@ def load_interactions(path: str | Path) -> pd.DataFrame:
 def render_texts(items: pd.DataFrame, template: str, path: Path | str) -> list[str]:
     """Apply `template` (a format string over item columns) to every item row."""
     fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-    _require_columns(items, fields, f"{path} (data.text_template {template!r})")
+    _require_columns(list(items.columns), fields, f"{path} (data.text_template {template!r})")
     texts = []
     cols = {f: items[f].astype("string").fillna("").to_numpy() for f in set(fields)}
     for i in range(len(items)):
@@ -143,10 +178,9 @@ def render_texts(items: pd.DataFrame, template: str, path: Path | str) -> list[s
 
 def load_items(path: str | Path, template: str) -> tuple[list[str], list[str]]:
     """Item ids and rendered texts, in file order; duplicate ids and empty texts are errors."""
-    df = read_table(path)
+    df = read_table(path, ["item_id"])
     if Path(path).suffix == ".item":
         df = df.rename(columns=lambda c: ML100K_ITEM_COLUMNS.get(c, c))
-    _require_columns(df, ["item_id"], path)
     if len(df) == 0:
         raise LlmkdError(f"{path}: no items")
     ids = _as_ids(df["item_id"], "item_id", path)
@@ -237,8 +271,8 @@ def build_data(cfg: DataConfig) -> RecData:
         template = cfg.text_template if cfg.text_template != "{title}" else ML100K_TEMPLATE
     else:
         inter_path, items_path, template = Path(cfg.interactions), Path(cfg.items), cfg.text_template
+    inter = load_interactions(inter_path)  # first: the big file, whose header is checked before parsing
     item_ids, texts = load_items(items_path, template)
-    inter = load_interactions(inter_path)
     user_ids, train, valid, test = split_leave_last_out(inter, item_ids, inter_path)
     fp = hash_files([inter_path, items_path], extra={"template": template, "source": cfg.source})
     return RecData(user_ids, item_ids, texts, train, valid, test, fp)
@@ -277,13 +311,17 @@ def load_data(folder: str | Path) -> RecData:
     """Read a `data/` artifact."""
     folder = Path(folder)
     meta = read_meta(folder, "data")
-    arrays = load_file(str(folder / "split.safetensors"))
-    off = arrays["train_offsets"]
-    train = [arrays["train_items"][off[u] : off[u + 1]] for u in range(len(off) - 1)]
-    rows = [json.loads(line) for line in (folder / "items.jsonl").read_text(encoding="utf-8").splitlines()]
-    users = json.loads((folder / "users.json").read_text(encoding="utf-8"))
-    return RecData(users, [r["item_id"] for r in rows], [r["text"] for r in rows], train,
-                   arrays["valid_item"], arrays["test_item"], meta["data_fingerprint"])
+    with reading(folder / "split.safetensors", "data split"):
+        arrays = load_file(str(folder / "split.safetensors"))
+        off = arrays["train_offsets"]
+        train = [arrays["train_items"][off[u] : off[u + 1]] for u in range(len(off) - 1)]
+        valid, test = arrays["valid_item"], arrays["test_item"]
+    with reading(folder / "items.jsonl", "item list"):
+        rows = [json.loads(line) for line in (folder / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+        item_ids, texts = [r["item_id"] for r in rows], [r["text"] for r in rows]
+    with reading(folder / "users.json", "user list"):
+        users = json.loads((folder / "users.json").read_text(encoding="utf-8"))
+    return RecData(users, item_ids, texts, train, valid, test, meta["data_fingerprint"])
 
 
 def split_checksums(data: RecData) -> dict[str, str]:

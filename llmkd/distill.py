@@ -25,7 +25,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, write_json
+from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, reading, write_json
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
@@ -68,7 +68,10 @@ def get_dataloaders(data: RecData, cfg: Config) -> tuple[DataLoader, DataLoader]
     if len(train_ds) == 0:
         raise LlmkdError("data: no user has 2 or more train interactions; nothing to train on")
     users = torch.as_tensor(data.eval_users("valid"))
-    train_dl = DataLoader(train_ds, batch_size=cfg.distill.batch_size, shuffle=True, drop_last=False)
+    # its own generator: the order depends on (seed, epoch) only, and starting an epoch (or resuming one)
+    # draws nothing from the global RNG that dropout uses
+    order = torch.Generator().manual_seed(cfg.distill.seed)
+    train_dl = DataLoader(train_ds, batch_size=cfg.distill.batch_size, shuffle=True, drop_last=False, generator=order)
     eval_dl = DataLoader(users, batch_size=cfg.distill.eval_batch_size, shuffle=False)
     return train_dl, eval_dl
 
@@ -92,6 +95,9 @@ class KDTargets:
     """Teacher candidates at the 'kd' state: top-K ids + scores, plus the positive's exact score."""
 
     def __init__(self, teacher: TeacherCache, k: int, scale: float, device: torch.device) -> None:
+        missing = {"topk_ids_kd", "topk_scores_kd", "user_kd"} - set(teacher.arrays)
+        if missing:
+            raise LlmkdError(f"{teacher.folder}: teacher cache lacks {sorted(missing)}; rebuild it (build_teacher.py --force)")
         self.ids = teacher.arrays["topk_ids_kd"][:, :k].to(device)  # (U, K)
         self.scores = teacher.arrays["topk_scores_kd"][:, :k].to(device) * scale
         self.user = teacher.arrays["user_kd"].to(device)  # (U, d_t)
@@ -138,6 +144,35 @@ def make_accelerator(cfg: Config, project_dir: Path) -> Accelerator:
     )
 
 
+def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict) -> None:
+    """Atomically replace `ckpt_dir/last`: weights, optimizer, RNG states and `train_state.json`
+    (epoch, batches done in it, running loss, best so far), so a killed run resumes exactly."""
+    tmp, last, old = ckpt_dir / "last.tmp", ckpt_dir / "last", ckpt_dir / "last.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / "train_state.json", state)
+        if last.exists():
+            last.rename(old)
+        tmp.rename(last)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path) -> dict | None:
+    """Restore the newest complete checkpoint (`last`, or `last.old` if a crash hit the swap)."""
+    for folder in (ckpt_dir / "last", ckpt_dir / "last.old"):
+        if (folder / "train_state.json").is_file():
+            with reading(folder, "training checkpoint"):
+                accelerator.load_state(str(folder))
+                return json.loads((folder / "train_state.json").read_text())
+    return None
+
+
 def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dict:
     """Train one student (KD when alpha > 0) and export the best valid epoch to `out_dir/<name>`."""
     out = Path(cfg.out_dir)
@@ -161,11 +196,12 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
     log_q = (counts / counts.sum()).log()
 
-    state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
-    if resume and (ckpt_dir / "last" / "train_state.json").is_file():
-        accelerator.load_state(str(ckpt_dir / "last"))
-        state = json.loads((ckpt_dir / "last" / "train_state.json").read_text())
-        accelerator.print(f"resumed from {ckpt_dir / 'last'} after epoch {state['epoch']}")
+    state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0,
+             "history": []}
+    resumed = load_checkpoint(accelerator, ckpt_dir) if resume else None
+    if resumed is not None:
+        state = resumed
+        accelerator.print(f"resumed from {ckpt_dir}: epoch {state['epoch'] + 1}, {state['step']} batches done")
     elif accelerator.is_main_process and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     accelerator.wait_for_everyone()
@@ -178,8 +214,11 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
                 break
             train_dl.set_epoch(epoch)
             model.train()
-            total, n_batches, t0 = 0.0, 0, time.perf_counter()
-            bar = tqdm(train_dl, desc=f"{dc.name} epoch {epoch + 1}", disable=not accelerator.is_local_main_process, leave=False)
+            t0 = time.perf_counter()
+            # resumed mid-epoch: the same order (seed + epoch), past the batches already done
+            loader = accelerator.skip_first_batches(train_dl, state["step"]) if state["step"] else train_dl
+            bar = tqdm(loader, desc=f"{dc.name} epoch {epoch + 1}", disable=not accelerator.is_local_main_process,
+                       leave=False, initial=state["step"], total=len(train_dl))
             for batch in bar:
                 with accelerator.accumulate(model):
                     states, items = model(batch["input_ids"], batch["user"])  # (B, L, d), (N, d)
@@ -193,28 +232,22 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
-                total += loss.item()
-                n_batches += 1
-                bar.set_postfix(loss=f"{total / n_batches:.4f}")
-            metrics = validate(model, eval_dl, data, accelerator)
-            ndcg = metrics["ndcg@10"]
-            row = {"epoch": epoch + 1, "train_loss": total / max(n_batches, 1), **metrics,
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            state["history"].append(row)
-            state["epoch"] = epoch + 1
-            if ndcg > state["best_ndcg"]:
-                state.update(best_ndcg=ndcg, best_epoch=epoch + 1, bad_epochs=0)
-                accelerator.unwrap_model(model).save_pretrained(ckpt_dir / "best", is_main_process=accelerator.is_main_process)
-            else:
-                state["bad_epochs"] += 1
-            accelerator.print(f"{dc.name} epoch {epoch + 1}: loss {row['train_loss']:.4f} valid ndcg@10 {ndcg:.4f} "
-                              f"(best {state['best_ndcg']:.4f} @ {state['best_epoch']})")
+                state["step"] += 1
+                state["loss_sum"] += loss.item()
+                bar.set_postfix(loss=f"{state['loss_sum'] / state['step']:.4f}")
+                if dc.checkpoint_every and state["step"] % dc.checkpoint_every == 0 and state["step"] < len(train_dl):
+                    save_checkpoint(accelerator, ckpt_dir, state)
+            end_epoch(state, validate(model, eval_dl, data, accelerator), epoch, time.perf_counter() - t0)
+            if state["best_epoch"] == epoch + 1 and accelerator.is_main_process:
+                with atomic_dir(ckpt_dir / "best") as tmp:
+                    accelerator.unwrap_model(model).save_pretrained(tmp)
+            row = state["history"][-1]
+            accelerator.print(f"{dc.name} epoch {epoch + 1}: loss {row['train_loss']:.4f} valid ndcg@10 "
+                              f"{row['ndcg@10']:.4f} (best {state['best_ndcg']:.4f} @ {state['best_epoch']})")
             if dc.log_with:
-                accelerator.log({"train_loss": row["train_loss"], **{f"valid/{k}": v for k, v in metrics.items()}}, step=epoch + 1)
-            accelerator.save_state(str(ckpt_dir / "last"))
-            if accelerator.is_main_process:
-                write_json(ckpt_dir / "last" / "train_state.json", state)
-            accelerator.wait_for_everyone()
+                accelerator.log({k if k in ("train_loss",) else f"valid/{k}": v for k, v in row.items()
+                                 if k not in ("epoch", "seconds")}, step=epoch + 1)
+            save_checkpoint(accelerator, ckpt_dir, state)
     if dc.log_with:
         accelerator.end_training()
     result = {"best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best_ndcg"],
@@ -230,3 +263,14 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
             write_json(tmp / "resolved_config.json", cfg.to_dict())
     accelerator.wait_for_everyone()
     return result
+
+
+def end_epoch(state: dict, metrics: dict[str, float], epoch: int, seconds: float) -> None:
+    """Record an epoch's valid metrics in `state`, update the best epoch and patience, reset the step."""
+    state["history"].append({"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["step"], 1),
+                             **metrics, "seconds": round(seconds, 2)})
+    state.update(epoch=epoch + 1, step=0, loss_sum=0.0)
+    if metrics["ndcg@10"] > state["best_ndcg"]:
+        state.update(best_ndcg=metrics["ndcg@10"], best_epoch=epoch + 1, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1

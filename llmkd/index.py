@@ -12,7 +12,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
+from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, reading, write_json
 from llmkd.config import IndexConfig
 
 
@@ -56,11 +56,10 @@ def load_index(folder: str | Path) -> tuple[faiss.Index, list[str], dict]:
     """Read `index/`: the FAISS index, its item-id map and meta."""
     folder = Path(folder)
     meta = read_meta(folder, "index")
-    try:
+    with reading(folder / "faiss.index", "FAISS index"):
         index = faiss.read_index(str(folder / "faiss.index"))
-    except RuntimeError as e:
-        raise LlmkdError(f"{folder / 'faiss.index'}: unreadable FAISS index ({str(e).splitlines()[0]})") from None
-    item_ids = json.loads((folder / "item_ids.json").read_text(encoding="utf-8"))
+    with reading(folder / "item_ids.json", "item id list"):
+        item_ids = json.loads((folder / "item_ids.json").read_text(encoding="utf-8"))
     if len(item_ids) != index.ntotal:
         raise LlmkdError(f"{folder}: item_ids.json has {len(item_ids)} ids but the index holds {index.ntotal}")
     return index, item_ids, meta

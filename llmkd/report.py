@@ -110,15 +110,18 @@ def run_evaluation(cfg: Config) -> dict:
             systems["teacher"] = TeacherCache(out / "teacher", data).scorer()
         models = {name: load_student(out / name, data) for name in cfg.eval.students}
         systems.update({name: student_scorer(m, data) for name, m in models.items()})
-        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}") for s in SPLITS}
-                    for name, fn in systems.items()}
+        indexed = None  # every input is read (and refused) before any scoring starts
         if (out / "index").exists() and models:
             index_meta = read_meta(out / "index", "index")
             student = index_meta["student"]
             if student not in models:
                 raise LlmkdError(f"{out / 'index'}: built from '{student}', which eval.students does not list")
-            retrieve = faiss_retriever(models[student], data, out / "index")
-            name = f"{student}+faiss_{index_meta['config']['type']}"
+            indexed = (f"{student}+faiss_{index_meta['config']['type']}",
+                       faiss_retriever(models[student], data, out / "index"))
+        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}") for s in SPLITS}
+                    for name, fn in systems.items()}
+        if indexed is not None:
+            name, retrieve = indexed
             per_user[name] = {s: evaluate_retrieval(data, s, retrieve, ks, bs) for s in SPLITS}
     metrics = {name: {s: summarize(v) for s, v in by.items()} for name, by in per_user.items()}
     columns = table_metrics(cfg.eval.ks)

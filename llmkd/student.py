@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from llmkd.artifacts import LlmkdError
+from llmkd.artifacts import LlmkdError, reading
 from llmkd.config import StudentConfig
 
 CONFIG_NAME = "config.json"
@@ -156,16 +156,14 @@ class TwoTower(nn.Module):
         folder = Path(folder)
         if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
             raise LlmkdError(f"{folder}: not a student folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        raw = json.loads((folder / CONFIG_NAME).read_text())
         import inspect
 
         names = inspect.signature(cls.__init__).parameters
-        model = cls(**{k: v for k, v in raw.items() if k in names})
-        try:
-            state = load_file(str(folder / WEIGHTS_NAME))
-        except Exception as e:
-            raise LlmkdError(f"{folder / WEIGHTS_NAME}: unreadable safetensors file ({e})") from None
-        model.load_state_dict(state)
+        with reading(folder / CONFIG_NAME, "student config"):
+            raw = json.loads((folder / CONFIG_NAME).read_text())
+            model = cls(**{k: v for k, v in raw.items() if k in names})
+        with reading(folder / WEIGHTS_NAME, "student weights"):
+            model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
         return model.eval()
 
     def num_parameters(self, trainable_only: bool = True) -> int:

@@ -26,7 +26,16 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, require_fingerprint, write_json
+from llmkd.artifacts import (
+    LlmkdError,
+    StageTimer,
+    atomic_dir,
+    new_meta,
+    read_meta,
+    reading,
+    require_fingerprint,
+    write_json,
+)
 from llmkd.config import TeacherConfig
 from llmkd.data import RecData
 
@@ -128,14 +137,17 @@ class TextEncoder:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.path = resolve_model_path(model)
-        if not Path(self.path).is_dir() and Path(self.path).anchor:
-            raise LlmkdError(f"teacher.model: {self.path} is not a folder")
+        local = Path(self.path)
+        if not local.is_dir() and (local.anchor or local.exists()):
+            raise LlmkdError(f"teacher.model: {self.path} {'is not a folder' if local.exists() else 'does not exist'}")
         try:
             config = AutoConfig.from_pretrained(self.path)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
             self.model = AutoModel.from_pretrained(self.path, config=config)
-        except (OSError, ValueError) as e:
-            raise LlmkdError(f"teacher.model {self.path}: could not load a HF model ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # missing, truncated or foreign files raise OSError, ValueError, SafetensorError, ...
+            where = "" if local.is_dir() else "no such local folder, nor a Hub model id available offline: "
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LlmkdError(f"teacher.model {self.path}: could not load a HF model ({where}{detail})") from None
         self.pooling = pooling if pooling != "auto" else ("last" if is_decoder(config) else "mean")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
@@ -309,7 +321,9 @@ class TeacherCache:
         self.meta = read_meta(self.folder, "teacher")
         if data is not None:
             require_fingerprint(self.meta, data.fingerprint, self.folder)
-        self.arrays = {k: torch.as_tensor(v) for k, v in load_file(str(self.folder / "embeddings.safetensors")).items()}
+        path = self.folder / "embeddings.safetensors"
+        with reading(path, "teacher cache"):
+            self.arrays = {k: torch.as_tensor(v) for k, v in load_file(str(path)).items()}
 
     @property
     def item_emb(self) -> torch.Tensor:
