@@ -162,6 +162,9 @@ class DistillConfig:
     grad_accum: int = 1
     seed: int = 0
     eval_batch_size: int = 256
+    drop_last: bool = False
+    """Drop each epoch's last incomplete batch. With several processes Accelerate otherwise pads that
+    batch with repeated windows, so only drop_last runs match a one-process run exactly."""
     checkpoint_every: int = 0
     """Also checkpoint every N batches within an epoch (0 = at epoch ends only), for exact mid-epoch resume."""
     log_with: str | None = None

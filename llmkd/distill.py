@@ -71,7 +71,8 @@ def get_dataloaders(data: RecData, cfg: Config) -> tuple[DataLoader, DataLoader]
     # its own generator: the order depends on (seed, epoch) only, and starting an epoch (or resuming one)
     # draws nothing from the global RNG that dropout uses
     order = torch.Generator().manual_seed(cfg.distill.seed)
-    train_dl = DataLoader(train_ds, batch_size=cfg.distill.batch_size, shuffle=True, drop_last=False, generator=order)
+    train_dl = DataLoader(train_ds, batch_size=cfg.distill.batch_size, shuffle=True, drop_last=cfg.distill.drop_last,
+                          generator=order)
     eval_dl = DataLoader(users, batch_size=cfg.distill.eval_batch_size, shuffle=False)
     return train_dl, eval_dl
 
@@ -222,13 +223,17 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
             for batch in bar:
                 with accelerator.accumulate(model):
                     states, items = model(batch["input_ids"], batch["user"])  # (B, L, d), (N, d)
-                    loss = hard_loss(states, items, batch["labels"], dc, log_q)
+                    # Each process's mean is re-weighted by its share of the global batch, so the
+                    # gradient DDP averages equals the one-process gradient of the same global batch.
+                    local = torch.stack([(batch["labels"] != -100).sum(), batch["kd"].sum()]).float()
+                    share = local * accelerator.num_processes / accelerator.reduce(local.clone(), "sum").clamp(min=1)
+                    loss = hard_loss(states, items, batch["labels"], dc, log_q) * share[0]
                     if kd_targets is not None and batch["kd"].any():
                         kd = batch["kd"]
                         users, pos = batch["user"][kd], batch["labels"][kd, -1]
                         cand, t_scores, mask = kd_targets(users, pos)
                         s_scores = (states[kd, -1, None, :] * items[cand]).sum(-1)  # (b, K+1)
-                        loss = loss + dc.alpha * kd_loss(s_scores, t_scores, mask)
+                        loss = loss + dc.alpha * kd_loss(s_scores, t_scores, mask) * share[1]
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
