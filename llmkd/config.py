@@ -151,7 +151,7 @@ class DistillConfig:
     kd_top_k: int = 100
     """Teacher candidates used by the KD loss (<= teacher.top_k)."""
     loss: str = "full_softmax"
-    """Hard-label loss: 'full_softmax' or 'sampled_softmax' (uniform negatives, logQ-corrected)."""
+    """Hard-label loss: 'full_softmax' or 'sampled_softmax' (popularity-sampled negatives, logQ-corrected)."""
     num_negatives: int = 256
     epochs: int = 30
     patience: int = 5

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, read_meta, require_fingerprint, write_json
+from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, require_fingerprint, write_json
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import evaluate_retrieval, evaluate_scores, paired_bootstrap, popularity_scorer, summarize
@@ -140,8 +140,7 @@ def run_evaluation(cfg: Config) -> dict:
         (tmp / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
         if models:
             plot_curves(out, list(models), tmp / "valid_curve.png")
-        write_json(tmp / "meta.json", {"stage": "eval", "data_fingerprint": data.fingerprint,
-                                       "timing": timer.as_dict()})
+        write_json(tmp / "meta.json", new_meta("eval", cfg.to_dict(), data.fingerprint, timing=timer.as_dict()))
     return {"metrics": metrics, "paired": paired, "markdown": "\n".join(md)}
 
 
