@@ -12,6 +12,7 @@ PEFT adapter), meta.json (valid curve, timing), valid_curve.png.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ def finetune_teacher(data: RecData, cfg: Config) -> dict:
     if fc.eval_users and len(users) > fc.eval_users:
         users = np.sort(rng.choice(users, fc.eval_users, replace=False))
     item_tokens = enc.tokenize(item_prompts(data.item_texts, tc), tc.max_item_tokens)
-    curve, best, bad, history_rows = [], -1.0, 0, []
+    curve, best, bad = [], -1.0, 0
     best_dir = Path(tempfile.mkdtemp(prefix="llmkd-lora-"))
     with StageTimer() as timer:
         ndcg, bank = valid_ndcg(enc, data, users, cfg)
@@ -152,8 +153,7 @@ def finetune_teacher(data: RecData, cfg: Config) -> dict:
                                   f"(best {best:.4f})")
                 if bad >= fc.patience:
                     break
-    history_rows = curve
-    meta = new_meta("teacher_lora", cfg.to_dict(), data.fingerprint, base_model=enc.path, curve=history_rows,
+    meta = new_meta("teacher_lora", cfg.to_dict(), data.fingerprint, base_model=enc.path, curve=curve,
                     best_valid_ndcg_at_10=best, zero_shot_valid_ndcg_at_10=curve[0]["valid_ndcg@10"],
                     eval_users=len(users), trainable_parameters=trainable, timing=timer.as_dict())
     if accelerator.is_main_process:
@@ -161,7 +161,8 @@ def finetune_teacher(data: RecData, cfg: Config) -> dict:
             for f in best_dir.iterdir():
                 (tmp / f.name).write_bytes(f.read_bytes())
             write_json(tmp / "meta.json", meta)
-            plot_curve(history_rows, tmp / "valid_curve.png")
+            plot_curve(curve, tmp / "valid_curve.png")
+    shutil.rmtree(best_dir, ignore_errors=True)
     return meta
 
 
