@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class ListwiseKLLoss(nn.Module):
@@ -21,8 +21,9 @@ class ListwiseKLLoss(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, student_scores: torch.Tensor, teacher_scores: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, student_scores: torch.Tensor, teacher_scores: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         assert student_scores.shape == teacher_scores.shape, (student_scores.shape, teacher_scores.shape)
         T = self.temperature
         s, t = student_scores / T, teacher_scores.detach() / T
