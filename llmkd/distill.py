@@ -29,7 +29,6 @@ from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, readin
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
-from llmkd.losses import ListwiseKLLoss
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 
@@ -193,7 +192,7 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     device = accelerator.device
     kd_targets = KDTargets(teacher, dc.kd_top_k, dc.teacher_scale, device) if dc.alpha > 0 else None
-    kd_loss = ListwiseKLLoss(dc.temperature)
+    kd_loss = dc.make_kd_loss()
     counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
     log_q = (counts / counts.sum()).log()
 

@@ -2,9 +2,10 @@
 
 A training pair is a random cut of a user's train sequence: the history before position t (rendered
 as text exactly as the teacher stage renders it) and the item at t. The loss is InfoNCE at
-`temperature` over the batch's positives (in-batch negatives) plus `catalog_negatives` items from a
-no-grad bank of all item vectors, refreshed at every evaluation. Only the train split is used;
-valid NDCG@10 on a fixed subset of users picks the exported adapter (early stopping).
+`temperature` over the batch's positives (in-batch negatives) plus `catalog_negatives` items drawn
+uniformly from the catalog each step and encoded by the current model. (A stale no-grad bank of item
+vectors was tried first: the model learned to tell fresh vectors from stale ones and valid NDCG fell.)
+Only the train split is used; valid NDCG@10 on a fixed subset of users picks the exported adapter.
 
 Artifact `<out_dir>/<finetune.output>/`: adapter_config.json + adapter_model.safetensors (a standard
 PEFT adapter), meta.json (valid curve, timing), valid_curve.png.
@@ -60,30 +61,50 @@ def train_pairs(data: RecData) -> np.ndarray:
     return np.array([(u, t) for u, seq in enumerate(data.train) for t in range(1, len(seq))], dtype=np.int64)
 
 
-@torch.no_grad()
-def valid_ndcg(enc: TextEncoder, data: RecData, users: np.ndarray, cfg: Config) -> tuple[float, torch.Tensor]:
-    """NDCG@10 of the current teacher on `users`' valid items, and the fresh item bank (n_items, d)."""
-    enc.model.eval()
-    tc = cfg.teacher
-    items = torch.as_tensor(enc.encode(item_prompts(data.item_texts, tc), tc.max_item_tokens))
-    hists = [data.history(u, "valid") for u in users]
-    texts = [user_prompt(data.item_texts, h, tc) for h in hists]
-    user_vecs = torch.as_tensor(enc.encode(texts, tc.max_history_tokens))
-    scores = mask_seen(user_vecs @ items.T, hists)
-    ranks = target_ranks(scores, torch.as_tensor(data.valid_item[users])).numpy()
-    enc.model.train()
-    return float(metrics_from_ranks(ranks, (10,))["ndcg@10"].mean()), items
+class Featurizer:
+    """Token ids -> teacher vectors during tuning, either through the whole model (with autograd) or,
+    when only the top layers are adapted, from their cached frozen-lower-layer states (`SplitEncoder`)."""
+
+    def __init__(self, enc: TextEncoder, split: int = 0) -> None:
+        self.enc = enc
+        self.split = SplitEncoder(enc, split) if split else None
+
+    def prepare(self, token_ids: list[list[int]], desc: str | None = None) -> list | None:
+        """What a later `__call__` on these texts needs: cached lower states, or nothing."""
+        return self.split.lower(token_ids, self.enc.batch_size, desc) if self.split else None
+
+    def __call__(self, token_ids: list[list[int]], cached: list | None = None) -> torch.Tensor:
+        """(n, d) vectors with autograd; texts are grouped by token length into chunks of `batch_size`
+        so that short item texts are not padded to the longest one."""
+        order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+        parts = []
+        for start in range(0, len(order), self.enc.batch_size):
+            idx = order[start : start + self.enc.batch_size]
+            ids = [token_ids[i] for i in idx]
+            parts.append(self.split.upper(ids, [cached[i] for i in idx]) if self.split else self.enc.embed(ids))
+        return torch.cat(parts)[torch.as_tensor(np.argsort(order), device=parts[0].device)]
+
+    @torch.no_grad()
+    def vectors(self, token_ids: list[list[int]], cached: list | None = None) -> torch.Tensor:
+        """(n, d) vectors for many texts, without autograd, on the CPU."""
+        return self(token_ids, cached).float().cpu()
+
+
+def ndcg_at_10(user_vecs: torch.Tensor, items: torch.Tensor, hists: list[np.ndarray], targets: np.ndarray) -> float:
+    """Mean NDCG@10 of cosine scores with seen items masked."""
+    ranks = target_ranks(mask_seen(user_vecs @ items.T, hists), torch.as_tensor(targets)).numpy()
+    return float(metrics_from_ranks(ranks, (10,))["ndcg@10"].mean())
 
 
 def contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, pos_ids: torch.Tensor,
-                     bank: torch.Tensor, bank_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE: queries (B, d), positives (B, d) with item ids (B,), bank (S, d) with ids (S,).
+                     negatives: torch.Tensor, neg_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE: queries (B, d), positives (B, d) with item ids (B,), negatives (S, d) with ids (S,).
 
-    Candidates of row i: every positive of the batch, then the bank; a candidate that is row i's own
+    Candidates of row i: every positive of the batch, then the negatives; a candidate that is row i's own
     positive item anywhere but the diagonal is masked, so duplicates are never negatives.
     """
-    logits = torch.cat([queries @ positives.T, queries @ bank.T], 1) / temperature  # (B, B + S)
-    ids = torch.cat([pos_ids, bank_ids])  # (B + S,)
+    logits = torch.cat([queries @ positives.T, queries @ negatives.T], 1) / temperature  # (B, B + S)
+    ids = torch.cat([pos_ids, neg_ids])  # (B + S,)
     same = ids[None, :] == pos_ids[:, None]
     same[torch.arange(len(pos_ids)), torch.arange(len(pos_ids))] = False
     logits = logits.masked_fill(same, float("-inf"))
@@ -93,6 +114,7 @@ def contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, pos_ids: to
 def finetune_teacher(data: RecData, cfg: Config) -> dict:
     """Train a LoRA adapter for the teacher and export the best valid step to `<out_dir>/<finetune.output>`."""
     from peft import get_peft_model
+    from transformers import get_linear_schedule_with_warmup
 
     fc, tc = cfg.finetune, cfg.teacher
     out = Path(cfg.out_dir) / fc.output
@@ -100,46 +122,71 @@ def finetune_teacher(data: RecData, cfg: Config) -> dict:
     set_seed(fc.seed)
     enc = TextEncoder(tc.model, tc.pooling, tc.batch_size, device=str(accelerator.device))
     enc.model = enc.model.float()
+    n_layers = enc.model.config.num_hidden_layers
     enc.model = get_peft_model(enc.model, lora_config(enc.model.config, fc))
     trainable = sum(p.numel() for p in enc.model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in enc.model.parameters() if p.requires_grad], lr=fc.lr)
-    enc.model, optimizer = accelerator.prepare(enc.model, optimizer)
+    scheduler = get_linear_schedule_with_warmup(optimizer, fc.warmup_steps, fc.steps)
+    enc.model, optimizer, scheduler = accelerator.prepare(enc.model, optimizer, scheduler)
     rng = np.random.default_rng(fc.seed)
     pairs = train_pairs(data)
     if len(pairs) == 0:
         raise LlmkdError("data: no user has 2 or more train interactions; nothing to tune the teacher on")
+    split = n_layers - fc.top_layers if fc.cache_lower_layers and 0 < fc.top_layers < n_layers else 0
+    if split and fc.cache_pairs and len(pairs) > fc.cache_pairs:  # a fixed set of training cuts, cached once
+        pairs = pairs[np.sort(rng.choice(len(pairs), fc.cache_pairs, replace=False))]
     users = data.eval_users("valid")
     if fc.eval_users and len(users) > fc.eval_users:
         users = np.sort(rng.choice(users, fc.eval_users, replace=False))
-    item_tokens = enc.tokenize(item_prompts(data.item_texts, tc), tc.max_item_tokens)
-    curve, best, bad = [], -1.0, 0
-    best_dir = Path(tempfile.mkdtemp(prefix="llmkd-lora-"))
+    eval_hists = [data.history(u, "valid") for u in users]
+    feat = Featurizer(enc, split)
     with StageTimer() as timer:
-        ndcg, bank = valid_ndcg(enc, data, users, cfg)
-        curve.append({"step": 0, "valid_ndcg@10": ndcg})
+        item_tok = enc.tokenize(item_prompts(data.item_texts, tc), tc.max_item_tokens)
+        eval_tok = enc.tokenize([user_prompt(data.item_texts, h, tc) for h in eval_hists], tc.max_history_tokens)
+        pair_tok = (enc.tokenize([user_prompt(data.item_texts, data.train[u][:t], tc) for u, t in pairs],
+                                 tc.max_history_tokens) if split else None)
+        item_c = feat.prepare(item_tok, "finetune: cache items")
+        eval_c = feat.prepare(eval_tok, "finetune: cache valid histories")
+        pair_c = feat.prepare(pair_tok, "finetune: cache training histories") if split else None
+        cache_seconds = time.perf_counter() - timer.start
+
+        def evaluate() -> float:
+            items = feat.vectors(item_tok, item_c)
+            return ndcg_at_10(feat.vectors(eval_tok, eval_c), items, eval_hists, data.valid_item[users])
+
+        best_dir = Path(tempfile.mkdtemp(prefix="llmkd-lora-"))
+        ndcg = evaluate()
+        curve = [{"step": 0, "valid_ndcg@10": ndcg}]
         accelerator.print(f"finetune step 0 (zero-shot): valid ndcg@10 {ndcg:.4f} on {len(users)} users")
-        best = ndcg
+        best, bad = ndcg, 0
         accelerator.unwrap_model(enc.model).save_pretrained(best_dir)
-        enc.model.train()
+        # The model stays in eval mode: no dropout in the frozen base (measured 1.6x faster steps on CPU);
+        # LoRA weights still train.
         bar = tqdm(range(1, fc.steps + 1), desc="finetune teacher", disable=not accelerator.is_local_main_process)
         total, t0 = 0.0, time.perf_counter()
         for step in bar:
-            batch = pairs[rng.integers(0, len(pairs), fc.batch_size)]
-            hists = [data.train[u][:t] for u, t in batch]
-            pos = np.array([data.train[u][t] for u, t in batch])
-            texts = [user_prompt(data.item_texts, h, tc) for h in hists]
-            q = enc.embed(enc.tokenize(texts, tc.max_history_tokens))  # (B, d)
-            p = enc.embed([item_tokens[i] for i in pos])  # (B, d)
-            neg = rng.integers(0, data.num_items, min(fc.catalog_negatives, data.num_items))
-            loss = contrastive_loss(q, p, torch.as_tensor(pos, device=q.device), bank[neg].to(q.device),
-                                    torch.as_tensor(neg, device=q.device), fc.temperature)
+            rows = rng.integers(0, len(pairs), fc.batch_size)
+            pos = np.array([data.train[u][t] for u, t in pairs[rows]])
+            if split:
+                q = feat([pair_tok[r] for r in rows], [pair_c[r] for r in rows])
+            else:
+                texts = [user_prompt(data.item_texts, data.train[u][:t], tc) for u, t in pairs[rows]]
+                q = feat(enc.tokenize(texts, tc.max_history_tokens))
+            neg = rng.choice(data.num_items, min(fc.catalog_negatives, data.num_items), replace=False)
+            both = np.concatenate([pos, neg])  # positives and catalog negatives, encoded by the current model
+            v = feat([item_tok[i] for i in both], [item_c[i] for i in both] if split else None)
+            ids = torch.as_tensor(both, device=q.device)
+            loss = contrastive_loss(q, v[: len(pos)], ids[: len(pos)], v[len(pos) :], ids[len(pos) :], fc.temperature)
             accelerator.backward(loss)
+            if fc.max_grad_norm:
+                accelerator.clip_grad_norm_(enc.model.parameters(), fc.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad()
             total += loss.item()
             bar.set_postfix(loss=f"{total / ((step - 1) % fc.eval_every + 1):.3f}")
             if step % fc.eval_every == 0 or step == fc.steps:
-                ndcg, bank = valid_ndcg(enc, data, users, cfg)
+                ndcg = evaluate()
                 row = {"step": step, "valid_ndcg@10": ndcg, "train_loss": total / ((step - 1) % fc.eval_every + 1),
                        "seconds": round(time.perf_counter() - t0, 1)}
                 curve.append(row)
@@ -155,7 +202,8 @@ def finetune_teacher(data: RecData, cfg: Config) -> dict:
                     break
     meta = new_meta("teacher_lora", cfg.to_dict(), data.fingerprint, base_model=enc.path, curve=curve,
                     best_valid_ndcg_at_10=best, zero_shot_valid_ndcg_at_10=curve[0]["valid_ndcg@10"],
-                    eval_users=len(users), trainable_parameters=trainable, timing=timer.as_dict())
+                    eval_users=len(users), trainable_parameters=trainable, cached_lower_layers=split,
+                    training_cuts=len(pairs), cache_seconds=round(cache_seconds, 1), timing=timer.as_dict())
     if accelerator.is_main_process:
         with atomic_dir(out) as tmp:
             for f in best_dir.iterdir():
@@ -180,3 +228,92 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- frozen lower layers, cached once
+
+ENTRY_MODULE = {"bert": "embeddings", "gpt2": "drop", "llama": "embed_tokens"}
+"""Per architecture, the module whose output enters the first transformer layer."""
+
+
+def layer_stack(model) -> torch.nn.ModuleList:
+    """The ModuleList of transformer layers inside a (PEFT-wrapped) HF base model."""
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise LlmkdError(f"finetune.cache_lower_layers: no list of {n} layers found in {type(model).__name__}")
+
+
+class SplitEncoder:
+    """A TextEncoder run in two parts at layer `split`: lower layers once per text, top layers per step.
+
+    When LoRA adapts only the top `n - split` layers, the lower layers are frozen, so their output for
+    a given text never changes: `lower` computes it once (no grad) and `upper` runs only the adapted
+    layers on it. `upper(lower(ids)) == enc.embed(ids)` (tests/test_finetune.py). This is what makes
+    LoRA tuning affordable on a CPU: a training step costs the top layers only.
+    """
+
+    def __init__(self, enc: TextEncoder, split: int) -> None:
+        self.enc = enc
+        self.base = enc.model.get_base_model() if hasattr(enc.model, "get_base_model") else enc.model
+        mt = self.base.config.model_type
+        if mt not in ENTRY_MODULE:
+            raise LlmkdError(f"finetune.cache_lower_layers: not supported for model type '{mt}' "
+                             f"(supported: {sorted(ENTRY_MODULE)}); set it to false")
+        self.entry = self.base.get_submodule(ENTRY_MODULE[mt])
+        self.layers = layer_stack(self.base)
+        self.split = split
+
+    def _run(self, token_ids: list[list[int]], layers: list, entry_hidden: torch.Tensor | None = None):
+        """Run the model with its layer list swapped for `layers` (and the entry output replaced)."""
+        full = list(self.layers)
+        self.layers._modules.clear()
+        for i, layer in enumerate(layers):
+            self.layers._modules[str(i)] = layer
+        hook = self.entry.register_forward_hook(lambda m, a, out: entry_hidden) if entry_hidden is not None else None
+        try:
+            batch = self.enc.tokenizer.pad({"input_ids": token_ids}, return_tensors="pt")
+            batch = {k: v.to(self.enc.device) for k, v in batch.items()}
+            if self.enc.pooling == "last":
+                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            captured = {}
+            last = layers[-1].register_forward_hook(
+                lambda m, a, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+            try:
+                hidden = self.enc.model(**batch).last_hidden_state
+            finally:
+                last.remove()
+            return batch["attention_mask"], hidden, captured["h"]
+        finally:
+            if hook is not None:
+                hook.remove()
+            self.layers._modules.clear()
+            for i, layer in enumerate(full):
+                self.layers._modules[str(i)] = layer
+
+    @torch.no_grad()
+    def lower(self, token_ids: list[list[int]], batch_size: int, desc: str | None = None) -> list[torch.Tensor]:
+        """Hidden states after the frozen lower layers, one (L_i, d) float16 tensor per text (no padding)."""
+        order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+        out: list[torch.Tensor | None] = [None] * len(token_ids)
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
+            idx = order[start : start + batch_size]
+            mask, _, hidden = self._run([token_ids[i] for i in idx], list(self.layers)[: self.split])
+            for row, i in enumerate(idx):
+                out[i] = hidden[row][mask[row].bool()].to(torch.float16).cpu()
+        return out
+
+    def upper(self, token_ids: list[list[int]], cached: list[torch.Tensor]) -> torch.Tensor:
+        """(B, d) pooled, L2-normalised vectors from cached lower hidden states (autograd through the top)."""
+        left = self.enc.tokenizer.padding_side == "left"
+        width = max(len(h) for h in cached)
+        d = cached[0].shape[-1]
+        entry = torch.zeros(len(cached), width, d, dtype=torch.float32, device=self.enc.device)
+        for row, h in enumerate(cached):
+            if left:
+                entry[row, width - len(h):] = h.to(entry)
+            else:
+                entry[row, : len(h)] = h.to(entry)
+        mask, hidden, _ = self._run(token_ids, list(self.layers)[self.split :], entry_hidden=entry)
+        return self.enc.pool(hidden, mask)

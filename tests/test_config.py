@@ -139,3 +139,18 @@ def test_shipped_file_configs_build_their_data(path, monkeypatch):
     monkeypatch.chdir(REPO)
     data = build_data(load_config(path).data)
     assert data.num_users > 0 and data.num_items > 0 and len(data.eval_users("test")) > 0
+
+
+def test_kd_loss_is_checked_when_the_config_loads():
+    from llmkd.losses import RelaxedRankingLoss
+
+    cfg = load_config(None, ["distill.kd_loss=relaxed_ranking", "distill.kd_args={top_k: 5}"])
+    loss = cfg.distill.make_kd_loss()
+    assert isinstance(loss, RelaxedRankingLoss) and loss.top_k == 5
+    assert cfg.distill.make_kd_loss().__class__.__name__ == "RelaxedRankingLoss"
+    with pytest.raises(LlmkdError, match="unknown KD loss 'nope'.*listwise_kl"):
+        load_config(None, ["distill.kd_loss=nope"])
+    with pytest.raises(LlmkdError, match="unknown argument.*topk"):
+        load_config(None, ["distill.kd_loss=infonce", "distill.kd_args={topk: 5}"])
+    with pytest.raises(LlmkdError, match="distill.kd_args: expected a mapping"):
+        load_config(None, ["distill.kd_args=[1, 2]"])

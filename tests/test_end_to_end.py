@@ -252,3 +252,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pipeline):
     for a, b in zip(one["history"], two["history"], strict=True):
         for key in ("ndcg@10", "recall@10", "recall@50", "ndcg@50"):
             assert a[key] == pytest.approx(b[key], abs=5e-3), (a["epoch"], key)
+
+
+@pytest.mark.parametrize("loss", ["ranking_distillation", "relaxed_ranking", "margin_mse", "pairwise_hinge", "infonce"])
+def test_every_kd_loss_trains_a_student(pipeline, loss):
+    """Each KD loss of the family plugs into the training loop by name and changes what is learned."""
+    from llmkd.config import load_config
+    from llmkd.distill import train
+
+    common = [f"distill.kd_loss={loss}", "distill.epochs=1", "student.dropout=0.0", "distill.drop_last=true"]
+    kd = train(load_config(pipeline["cfg"], [*common, f"distill.name=loss_{loss}", "distill.alpha=5.0"]))
+    out = pipeline["out"]
+    meta = json.loads((out / f"loss_{loss}" / "meta.json").read_text())
+    assert meta["config"]["distill"]["kd_loss"] == loss and np.isfinite(kd["history"][0]["train_loss"])
+    base = json.loads((out / "student_no_kd" / "meta.json").read_text())
+    assert kd["history"][0]["train_loss"] != pytest.approx(base["history"][0]["train_loss"], abs=1e-6)

@@ -120,3 +120,32 @@ def test_finetune_uses_train_split_only(synthetic_data):
         assert 1 <= t < len(synthetic_data.train[u])
     assert len(pairs) == sum(max(len(s) - 1, 0) for s in synthetic_data.train)
     assert np.all(pairs[:, 0] >= 0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_gpt2", "tiny_llama"])
+def test_split_encoder_equals_the_whole_model(fixture, request):
+    """Top layers run on cached lower-layer states give the vectors the whole model gives."""
+    from peft import get_peft_model
+
+    from llmkd.finetune import SplitEncoder
+
+    enc = TextEncoder(str(request.getfixturevalue(fixture)), batch_size=3)
+    enc.model = get_peft_model(enc.model, lora_config(enc.model.config, FinetuneConfig(top_layers=1)))
+    enc.model.eval()
+    texts = ["a short one", "a somewhat longer text about movies and more", "x", "Toy Story (1995)"]
+    ids = enc.tokenize(texts, 32)
+    split = SplitEncoder(enc, split=enc.model.config.num_hidden_layers - 1)
+    cached = split.lower(ids, batch_size=2)
+    assert [len(c) for c in cached] == [len(i) for i in ids]
+    with torch.no_grad():
+        whole = enc.embed(ids)
+        parts = split.upper(ids, cached)
+    assert torch.allclose(whole, parts, atol=2e-3), (whole - parts).abs().max()
+    assert len(split.layers) == enc.model.config.num_hidden_layers  # the layer list is restored
+
+
+def test_finetune_with_cached_lower_layers_trains_the_top(tmp_path, synthetic_data, tiny_bert):
+    cfg = _config(tmp_path, tiny_bert, top_layers=1, lr=5e-2, cache_pairs=20)
+    meta = finetune_teacher(synthetic_data, cfg)
+    assert meta["cached_lower_layers"] == 1 and meta["training_cuts"] == 20
+    assert all(np.isfinite(r["train_loss"]) for r in meta["curve"][1:])
