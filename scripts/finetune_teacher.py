@@ -11,8 +11,14 @@ from llmkd.finetune import finetune_teacher
 
 
 def main() -> None:
-    cfg = config_from(parser(__doc__).parse_args())
-    meta = finetune_teacher(load_data(Path(cfg.out_dir) / "data"), cfg)
+    p = parser(__doc__)
+    p.add_argument("--force", action="store_true", help="retrain even if the adapter matches config, model and data")
+    args = p.parse_args()
+    cfg = config_from(args)
+    meta = finetune_teacher(load_data(Path(cfg.out_dir) / "data"), cfg, force=args.force)
+    if meta["reused"]:
+        print(f"teacher LoRA reused (config, base model and data unchanged): {Path(cfg.out_dir) / cfg.finetune.output}")
+        return
     print(f"teacher LoRA: valid ndcg@10 {meta['zero_shot_valid_ndcg_at_10']:.4f} (zero-shot) -> "
           f"{meta['best_valid_ndcg_at_10']:.4f} on {meta['eval_users']} users; "
           f"{meta['trainable_parameters']:,} trainable parameters -> {Path(cfg.out_dir) / cfg.finetune.output}")

@@ -149,3 +149,13 @@ def test_finetune_with_cached_lower_layers_trains_the_top(tmp_path, synthetic_da
     meta = finetune_teacher(synthetic_data, cfg)
     assert meta["cached_lower_layers"] == 1 and meta["training_cuts"] == 20
     assert all(np.isfinite(r["train_loss"]) for r in meta["curve"][1:])
+
+
+def test_finetune_reuses_a_matching_adapter(tmp_path, synthetic_data, tiny_bert):
+    cfg = _config(tmp_path, tiny_bert, steps=2, eval_every=1, lr=5e-2, top_layers=1)
+    assert finetune_teacher(synthetic_data, cfg)["reused"] is False
+    assert finetune_teacher(synthetic_data, cfg)["reused"] is True
+    assert finetune_teacher(synthetic_data, cfg, force=True)["reused"] is False
+    changed = _config(tmp_path, tiny_bert, steps=2, eval_every=1, lr=1e-2, top_layers=1)
+    assert finetune_teacher(synthetic_data, changed)["reused"] is False
+    assert json.loads((tmp_path / "teacher_lora" / "meta.json").read_text())["config"]["finetune"]["lr"] == 1e-2
