@@ -8,6 +8,7 @@ run's data/ and teacher/ are reused), is selected on valid and evaluated once on
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,15 @@ def variant_config(cfg: Config, name: str, overrides: list[str], seed: int) -> C
     return from_dict(Config, raw)
 
 
+def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
+    """A finished student that needs no teacher (alpha 0, no content features) and was trained with this
+    exact config on this data is reused, so the no-KD twin is trained once for several teachers."""
+    if cfg.distill.alpha > 0 or cfg.student.content_features or not (folder / "meta.json").is_file():
+        return False
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    return meta.get("config") == cfg.to_dict() and meta.get("data_fingerprint") == data_fingerprint
+
+
 def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | None = None) -> dict:
     """Train and evaluate every variant at every seed; aggregate over seeds."""
     variants = variants or DEFAULT_VARIANTS
@@ -40,13 +50,15 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
         per_user[name] = {}
         for seed in seeds:
             vcfg = variant_config(cfg, name, overrides, seed)
-            train(vcfg)
+            if not reusable(out / vcfg.distill.name, vcfg, data.fingerprint):
+                train(vcfg)
             model = load_student(out / vcfg.distill.name, data)
             fn = student_scorer(model, data)
             per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size) for s in SPLITS}
     baselines = {"popularity": popularity_scorer(data)}
-    if (out / "teacher").exists():
-        baselines["teacher"] = TeacherCache(out / "teacher", data).scorer()
+    for folder in dict.fromkeys(variant_config(cfg, n, o, seeds[0]).distill.teacher for n, o in variants.items()):
+        if (out / folder).exists():  # every teacher some variant learns from
+            baselines[folder] = TeacherCache(out / folder, data).scorer()
     rows = {}
     for name, fn in baselines.items():
         m = {s: summarize(evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size)) for s in SPLITS}

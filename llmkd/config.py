@@ -152,6 +152,8 @@ class DistillConfig:
 
     name: str = "student_kd"
     """Artifact folder name under out_dir."""
+    teacher: str = "teacher"
+    """Teacher cache folder under out_dir whose scores (and item vectors) the student learns from."""
     alpha: float = 1.0
     """Weight of the KD loss; 0 trains the no-teacher twin."""
     temperature: float = 1.0

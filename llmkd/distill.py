@@ -182,7 +182,7 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     set_seed(dc.seed)
     data = load_data(out / "data")
     need_teacher = dc.alpha > 0 or cfg.student.content_features
-    teacher = TeacherCache(out / "teacher", data) if need_teacher else None
+    teacher = TeacherCache(out / dc.teacher, data) if need_teacher else None
     content_dim = teacher.item_emb.shape[1] if teacher is not None and cfg.student.content_features else 0
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:

@@ -267,3 +267,20 @@ def test_every_kd_loss_trains_a_student(pipeline, loss):
     assert meta["config"]["distill"]["kd_loss"] == loss and np.isfinite(kd["history"][0]["train_loss"])
     base = json.loads((out / "student_no_kd" / "meta.json").read_text())
     assert kd["history"][0]["train_loss"] != pytest.approx(base["history"][0]["train_loss"], abs=1e-6)
+
+
+def test_distill_reads_the_configured_teacher_folder(pipeline):
+    import shutil
+
+    from llmkd.artifacts import LlmkdError
+    from llmkd.config import load_config
+    from llmkd.distill import train
+
+    out = pipeline["out"]
+    with pytest.raises(LlmkdError, match="other_teacher.*not a teacher artifact"):
+        train(load_config(pipeline["cfg"], ["distill.teacher=other_teacher", "distill.name=t_missing"]))
+    shutil.copytree(out / "teacher", out / "other_teacher", dirs_exist_ok=True)
+    result = train(load_config(pipeline["cfg"], ["distill.teacher=other_teacher", "distill.name=t_other",
+                                                 "distill.epochs=1"]))
+    assert result["epochs_run"] == 1
+    assert json.loads((out / "t_other" / "meta.json").read_text())["config"]["distill"]["teacher"] == "other_teacher"
