@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkd.artifacts import atomic_dir, write_json
+from llmkd.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
 from llmkd.distill import train
@@ -43,6 +43,8 @@ def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
 def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | None = None) -> dict:
     """Train and evaluate every variant at every seed; aggregate over seeds."""
     variants = variants or DEFAULT_VARIANTS
+    if not {10, 50} <= set(cfg.eval.ks):
+        raise LlmkdError(f"eval.ks: the seeds report needs cut-offs 10 and 50 ({', '.join(REPORTED)}); got {cfg.eval.ks}")
     out = Path(cfg.out_dir)
     data = load_data(out / "data")
     per_user: dict[str, dict[int, dict]] = {}

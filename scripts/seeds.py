@@ -2,6 +2,7 @@
 
     python scripts/seeds.py --config configs/ml100k.yaml --seeds 0 1 2
     python scripts/seeds.py --config configs/ml100k.yaml --variant kd_t2:distill.temperature=2
+    python scripts/seeds.py --config configs/ml100k.yaml --skip-default-kd --variant kd_b:distill.teacher=teacher_b
 """
 
 from pathlib import Path
@@ -16,8 +17,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="an extra student variant (added after the defaults; each is compared with student_no_kd)")
+    p.add_argument("--skip-default-kd", action="store_true",
+                   help="run only student_no_kd and the --variant students (not the config's own student_kd)")
     args = p.parse_args()
     variants = dict(DEFAULT_VARIANTS)
+    if args.skip_default_kd:
+        del variants["student_kd"]
     for v in args.variant:
         name, _, rest = v.partition(":")
         if not name:

@@ -284,3 +284,23 @@ def test_distill_reads_the_configured_teacher_folder(pipeline):
                                                  "distill.epochs=1"]))
     assert result["epochs_run"] == 1
     assert json.loads((out / "t_other" / "meta.json").read_text())["config"]["distill"]["teacher"] == "other_teacher"
+
+
+def test_seeds_report_and_reuse_of_the_no_teacher_twin(pipeline):
+    from llmkd.benchmark import run_seeds
+    from llmkd.config import load_config
+
+    out = pipeline["out"]
+    cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]"])
+    variants = {"student_no_kd": ["distill.alpha=0"], "kd_half": ["distill.alpha=0.5"]}
+    first = run_seeds(cfg, [0, 1], variants)
+    report = json.loads((out / "seeds_report" / "results.json").read_text())
+    assert set(report["rows"]) == {"popularity", "teacher", "student_no_kd", "kd_half"}
+    assert report["rows"]["student_no_kd"]["test"]["ndcg@10"]["std"] >= 0
+    assert "kd_half - student_no_kd" in first["paired"] and (out / "seeds_report" / "seeds.png").is_file()
+    twin, kd = out / "seeds" / "student_no_kd_s0" / "meta.json", out / "seeds" / "kd_half_s0" / "meta.json"
+    stamps = (twin.stat().st_mtime_ns, kd.stat().st_mtime_ns)
+    second = run_seeds(cfg, [0, 1], variants)
+    assert twin.stat().st_mtime_ns == stamps[0]  # the no-teacher twin is reused ...
+    assert kd.stat().st_mtime_ns != stamps[1]  # ... a student that learns from a teacher is not
+    assert second["rows"]["student_no_kd"] == first["rows"]["student_no_kd"]
