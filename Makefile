@@ -8,7 +8,10 @@ CONFIG ?= configs/ml100k.yaml
 SEEDS ?= 0 1 2
 # torch 2.13.0 is pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build on Linux.
 TORCH ?= torch==2.13.0
-ACCELERATE_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise (without --cpu): give torch every core.
+THREADS ?= $(shell nproc 2>/dev/null || echo 1)
+ACCELERATE_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	--num_cpu_threads_per_process $(THREADS)
 BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
