@@ -91,7 +91,7 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    """Dropout on LoRA inputs (0: the dropout ops cost ~1.6x step time on CPU with top-2-layer LoRA)."""
+    """Dropout on LoRA inputs (0 by default: dropout ops made CPU steps 1.05-1.8x slower, README)."""
     target_modules: list[str] | None = None
     """Module names to adapt; None picks the attention and MLP projections of known architectures."""
     top_layers: int = 0
