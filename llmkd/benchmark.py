@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from llmkd.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
-from llmkd.distill import train
+from llmkd.distill import teacher_fingerprint, train
 from llmkd.evaluate import evaluate_scores, paired_bootstrap, popularity_scorer, summarize
 from llmkd.report import SPLITS, load_student, student_scorer
 from llmkd.teacher import TeacherCache
@@ -31,29 +36,96 @@ def variant_config(cfg: Config, name: str, overrides: list[str], seed: int) -> C
     return from_dict(Config, raw)
 
 
+TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
+
+
+def uses_teacher(cfg: Config) -> bool:
+    dc = cfg.distill
+    return dc.alpha > 0 or dc.user_align > 0 or dc.item_align > 0 or cfg.student.content_features
+
+
+def training_key(cfg: Config) -> dict:
+    """What a student's training depends on, besides the data and the teacher cache's contents: the data,
+    student and distill settings (not the run's name; without the teacher fields when it uses no teacher,
+    so the no-KD twin is the same whatever teacher the KD variants learn from) and the teacher config."""
+    d = cfg.to_dict()
+    skip = ("name",) if uses_teacher(cfg) else ("name", *TEACHER_ONLY)
+    key = {"data": d["data"], "student": d["student"], "distill": {k: v for k, v in d["distill"].items() if k not in skip}}
+    if uses_teacher(cfg):
+        key["teacher"] = d["teacher"]
+    return key
+
+
 def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
-    """A finished student that needs no teacher (alpha 0, no content features) and was trained with this
-    exact config on this data is reused, so the no-KD twin is trained once for several teachers."""
-    if cfg.distill.alpha > 0 or cfg.student.content_features or not (folder / "meta.json").is_file():
+    """A finished student in `folder` trained with the same training key on this data (and, if it learns
+    from a teacher, from the same teacher cache) can stand for a run of `cfg`. Config fields added
+    since it was trained take their defaults."""
+    if not (folder / "meta.json").is_file():
         return False
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    return meta.get("config") == cfg.to_dict() and meta.get("data_fingerprint") == data_fingerprint
+    try:
+        then = from_dict(Config, meta.get("config", {}))
+    except LlmkdError:
+        return False
+    if training_key(then) != training_key(cfg) or meta.get("data_fingerprint") != data_fingerprint:
+        return False
+    if uses_teacher(cfg):
+        teacher = Path(cfg.out_dir) / cfg.distill.teacher
+        return (teacher / "meta.json").is_file() and meta.get("teacher_fingerprint") == teacher_fingerprint(teacher)
+    return True
 
 
-def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | None = None) -> dict:
-    """Train and evaluate every variant at every seed; aggregate over seeds."""
+def reuse(cfg: Config, data_fingerprint: str, also: list[Path] = ()) -> bool:
+    """True if a finished student for `cfg` is in place: its own folder is reusable, or a reusable one
+    among `also` (e.g. the same settings' run from a hyper-parameter search) was copied there."""
+    folder = Path(cfg.out_dir) / cfg.distill.name
+    if reusable(folder, cfg, data_fingerprint):
+        return True
+    for other in also:
+        if reusable(other, cfg, data_fingerprint):
+            with atomic_dir(folder) as tmp:
+                shutil.copytree(other, tmp, dirs_exist_ok=True)
+            return True
+    return False
+
+
+def _train_quietly(cfg: Config, threads: int) -> None:
+    torch.set_num_threads(threads)
+    train(cfg)
+
+
+def train_many(cfgs: list[Config], jobs: int = 1) -> None:
+    """Train students, `jobs` at a time in worker processes that share the CPU cores between them."""
+    if jobs <= 1 or len(cfgs) <= 1:
+        for cfg in cfgs:
+            train(cfg)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(_train_quietly, cfg, threads) for cfg in cfgs]):
+            future.result()
+
+
+def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | None = None,
+              aliases: dict[tuple[str, int], list[str]] | None = None, report: str = "seeds_report",
+              jobs: int = 1) -> dict:
+    """Train and evaluate every variant at every seed; aggregate over seeds. `aliases[(variant, seed)]`
+    lists run folders (under out_dir) that may already hold that run (see `reuse`); `jobs` students
+    train at a time."""
     variants = variants or DEFAULT_VARIANTS
     if not {10, 50} <= set(cfg.eval.ks):
         raise LlmkdError(f"eval.ks: the seeds report needs cut-offs 10 and 50 ({', '.join(REPORTED)}); got {cfg.eval.ks}")
     out = Path(cfg.out_dir)
     data = load_data(out / "data")
     per_user: dict[str, dict[int, dict]] = {}
+    missing = [vcfg for name, overrides in variants.items() for seed in seeds
+               if not reuse(vcfg := variant_config(cfg, name, overrides, seed), data.fingerprint,
+                            [out / a for a in (aliases or {}).get((name, seed), [])])]
+    train_many(missing, jobs)
     for name, overrides in variants.items():
         per_user[name] = {}
         for seed in seeds:
             vcfg = variant_config(cfg, name, overrides, seed)
-            if not reusable(out / vcfg.distill.name, vcfg, data.fingerprint):
-                train(vcfg)
             model = load_student(out / vcfg.distill.name, data)
             fn = student_scorer(model, data)
             per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size) for s in SPLITS}
@@ -78,11 +150,11 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
             np.mean([per_user[a][sd][s]["ndcg@10"] for sd in seeds], 0),
             np.mean([per_user[base][sd][s]["ndcg@10"] for sd in seeds], 0), cfg.eval.bootstrap) for s in SPLITS}
     md = seeds_markdown(rows, paired, seeds)
-    with atomic_dir(out / "seeds_report") as tmp:
+    with atomic_dir(out / report) as tmp:
         write_json(tmp / "results.json", {"seeds": seeds, "variants": variants, "rows": rows, "paired": paired})
         (tmp / "results.md").write_text(md + "\n", encoding="utf-8")
         plot_seeds(rows, per_user, tmp / "seeds.png")
-    return {"rows": rows, "paired": paired, "markdown": md}
+    return {"rows": rows, "paired": paired, "markdown": md, "per_user": per_user, "folder": out / report}
 
 
 def seeds_markdown(rows: dict, paired: dict, seeds: list[int]) -> str:

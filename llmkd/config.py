@@ -32,6 +32,10 @@ class DataConfig:
     """Python format string over item columns, e.g. '{title} ({year}). Genres: {genres}'."""
     max_history: int = 50
     """Most recent train items a user tower sees."""
+    cold_items: float = 0.0
+    """Cold-start protocol: this fraction of the items (drawn at random among those with interactions)
+    is withheld with all its interactions; it is kept aside in `data/` for `scripts/cold_start.py`."""
+    cold_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in ("ml-100k", "files"):
@@ -40,6 +44,8 @@ class DataConfig:
             raise LlmkdError("data: source 'files' needs both data.interactions and data.items")
         if self.max_history < 1:
             raise LlmkdError(f"data.max_history: expected >= 1, got {self.max_history}")
+        if not 0.0 <= self.cold_items < 1.0:
+            raise LlmkdError(f"data.cold_items: expected a fraction in [0, 1), got {self.cold_items}")
 
 
 @dataclass
@@ -67,6 +73,9 @@ class TeacherConfig:
     """Token budget of a history text: the most recent items are kept."""
     top_k: int = 100
     """Candidates cached per user (ids + scores)."""
+    position_stride: int = 0
+    """Also encode each user's history at every `position_stride`-th train cut, counting back from the
+    'kd' state, so KD can act at many positions of a sequence (0 = the 'kd' state only)."""
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -80,6 +89,8 @@ class TeacherConfig:
             raise LlmkdError("teacher.history_template: must contain the '{items}' placeholder")
         if self.top_k < 1:
             raise LlmkdError(f"teacher.top_k: expected >= 1, got {self.top_k}")
+        if self.position_stride < 0:
+            raise LlmkdError(f"teacher.position_stride: expected >= 0, got {self.position_stride}")
 
 
 @dataclass
@@ -137,11 +148,18 @@ class StudentConfig:
     """'mean' pooling only: weight of an item k steps back is exp(-decay * k)."""
     use_user_id: bool = False
     content_features: bool = False
-    """Add the teacher's frozen item-text embeddings to the item tower through a linear projection."""
+    """Add the teacher's frozen item-text embeddings to the item tower through a learned projection."""
+    content_hidden: int = 0
+    """Width of a hidden GELU layer in that projection (0 = a linear projection)."""
+    id_dropout: float = 0.0
+    """With content features: during training each item's id embedding is dropped with this probability
+    (DropoutNet-style), so the text path learns to carry an item alone (cold items have no id)."""
 
     def __post_init__(self) -> None:
         if self.pooling not in ("transformer", "mean"):
             raise LlmkdError(f"student.pooling: expected 'transformer' or 'mean', got {self.pooling!r}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise LlmkdError(f"student.id_dropout: expected a probability in [0, 1), got {self.id_dropout}")
         if self.dim % self.num_heads:
             raise LlmkdError(f"student.dim ({self.dim}) must be divisible by student.num_heads ({self.num_heads})")
 
@@ -167,6 +185,12 @@ class DistillConfig:
     margin_mse, pairwise_hinge, infonce); its weight is `alpha`."""
     kd_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the KD loss (listwise_kl takes its temperature from `temperature`)."""
+    user_align: float = 0.0
+    """Weight of a second, multi-task objective: the student's user state, through a linear head,
+    predicts the teacher's user vector at the same position (1 - cosine); the head is not exported."""
+    item_align: float = 0.0
+    """Weight of embedding alignment (DLLM2Rec-style): the student's item vectors, through a linear
+    head, match the teacher's item-text embeddings (1 - cosine)."""
     loss: str = "full_softmax"
     """Hard-label loss: 'full_softmax' or 'sampled_softmax' (popularity-sampled negatives, logQ-corrected)."""
     num_negatives: int = 256
@@ -188,8 +212,9 @@ class DistillConfig:
     """'tensorboard' to log through Accelerate's trackers."""
 
     def __post_init__(self) -> None:
-        if self.alpha < 0:
-            raise LlmkdError(f"distill.alpha: expected >= 0, got {self.alpha}")
+        for name in ("alpha", "user_align", "item_align"):
+            if getattr(self, name) < 0:
+                raise LlmkdError(f"distill.{name}: expected >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise LlmkdError(f"distill.temperature: expected > 0, got {self.temperature}")
         self.make_kd_loss()  # an unknown loss or argument fails here, before any training

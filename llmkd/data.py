@@ -9,6 +9,8 @@ Artifact `data/`:
     users.json           original user id per internal user index
     split.safetensors    train_items (int64, concatenated), train_offsets (n_users + 1,),
                          valid_item, test_item (n_users,) int64, -1 where the user has none
+    cold_items.jsonl     only with data.cold_items > 0: the withheld items {"item_id", "text", "users":
+                         [internal indices of the users who interacted with it]}
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import logging
 import string
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +204,10 @@ class RecData:
     valid_item: np.ndarray
     test_item: np.ndarray
     fingerprint: str
+    cold_item_ids: list[str] = field(default_factory=list)
+    """Items withheld from everything above (data.cold_items), their texts, and who interacted with each."""
+    cold_item_texts: list[str] = field(default_factory=list)
+    cold_item_users: list[list[int]] = field(default_factory=list)
 
     @property
     def num_users(self) -> int:
@@ -273,9 +279,43 @@ def build_data(cfg: DataConfig) -> RecData:
         inter_path, items_path, template = Path(cfg.interactions), Path(cfg.items), cfg.text_template
     inter = load_interactions(inter_path)  # first: the big file, whose header is checked before parsing
     item_ids, texts = load_items(items_path, template)
+    extra = {"template": template, "source": cfg.source}
+    cold = None
+    if cfg.cold_items > 0:
+        extra.update(cold_items=cfg.cold_items, cold_seed=cfg.cold_seed)
+        inter, item_ids, texts, cold = withhold_items(inter, item_ids, texts, cfg.cold_items, cfg.cold_seed, inter_path)
     user_ids, train, valid, test = split_leave_last_out(inter, item_ids, inter_path)
-    fp = hash_files([inter_path, items_path], extra={"template": template, "source": cfg.source})
-    return RecData(user_ids, item_ids, texts, train, valid, test, fp)
+    fp = hash_files([inter_path, items_path], extra=extra)
+    data = RecData(user_ids, item_ids, texts, train, valid, test, fp)
+    if cold is not None:
+        uindex = {u: i for i, u in enumerate(user_ids)}
+        data.cold_item_ids, data.cold_item_texts = cold[0], cold[1]
+        # users known only through cold items have no warm history to recommend from: left out
+        data.cold_item_users = [sorted({uindex[u] for u in users if u in uindex}) for users in cold[2]]
+    return data
+
+
+def withhold_items(inter: pd.DataFrame, item_ids: list[str], texts: list[str], fraction: float, seed: int,
+                   path: Path | str) -> tuple:
+    """Draw `fraction` of the interacted items as cold items and remove them with all their interactions.
+
+    Returns the warm interactions, warm item ids and texts, and (cold ids, cold texts, each cold item's
+    user ids)."""
+    interacted = set(inter["item_id"])
+    used = [i for i in item_ids if i in interacted]
+    n_cold = int(round(fraction * len(used)))
+    if n_cold < 1 or n_cold >= len(used):
+        raise LlmkdError(f"data.cold_items {fraction}: withholds {n_cold} of {len(used)} interacted items in {path}; "
+                         "expected at least one cold and one warm item")
+    rng = np.random.default_rng(seed)
+    cold = set(rng.choice(np.array(used, dtype=object), n_cold, replace=False).tolist())
+    is_cold = inter["item_id"].isin(cold).to_numpy()
+    users_of = inter[is_cold].groupby("item_id")["user_id"].apply(list).to_dict()
+    cold_ids = [i for i in item_ids if i in cold]
+    text_of = dict(zip(item_ids, texts))
+    warm = [(i, t) for i, t in zip(item_ids, texts) if i not in cold]
+    return (inter[~is_cold].reset_index(drop=True), [i for i, _ in warm], [t for _, t in warm],
+            (cold_ids, [text_of[i] for i in cold_ids], [users_of.get(i, []) for i in cold_ids]))
 
 
 def save_data(data: RecData, folder: str | Path, cfg: DataConfig, timer: StageTimer | None = None) -> None:
@@ -296,12 +336,18 @@ def save_data(data: RecData, folder: str | Path, cfg: DataConfig, timer: StageTi
             for iid, text in zip(data.item_ids, data.item_texts):
                 f.write(json.dumps({"item_id": iid, "text": text}, ensure_ascii=False) + "\n")
         write_json(tmp / "users.json", data.user_ids)
+        if data.cold_item_ids:
+            with open(tmp / "cold_items.jsonl", "w", encoding="utf-8") as f:
+                for iid, text, users in zip(data.cold_item_ids, data.cold_item_texts, data.cold_item_users):
+                    f.write(json.dumps({"item_id": iid, "text": text, "users": users}, ensure_ascii=False) + "\n")
         stats = {
             "num_users": data.num_users,
             "num_items": data.num_items,
             "num_train": int(offsets[-1]),
             "num_valid": int((data.valid_item >= 0).sum()),
             "num_test": int((data.test_item >= 0).sum()),
+            "num_cold_items": len(data.cold_item_ids),
+            "num_cold_interactions": sum(len(u) for u in data.cold_item_users),
         }
         write_json(tmp / "meta.json", new_meta("data", asdict(cfg), data.fingerprint, stats=stats,
                                                timing=timer.as_dict() if timer else None))
@@ -321,7 +367,14 @@ def load_data(folder: str | Path) -> RecData:
         item_ids, texts = [r["item_id"] for r in rows], [r["text"] for r in rows]
     with reading(folder / "users.json", "user list"):
         users = json.loads((folder / "users.json").read_text(encoding="utf-8"))
-    return RecData(users, item_ids, texts, train, valid, test, meta["data_fingerprint"])
+    data = RecData(users, item_ids, texts, train, valid, test, meta["data_fingerprint"])
+    if (folder / "cold_items.jsonl").is_file():
+        with reading(folder / "cold_items.jsonl", "cold item list"):
+            rows = [json.loads(line) for line in (folder / "cold_items.jsonl").read_text(encoding="utf-8").splitlines()]
+            data.cold_item_ids = [r["item_id"] for r in rows]
+            data.cold_item_texts = [r["text"] for r in rows]
+            data.cold_item_users = [r["users"] for r in rows]
+    return data
 
 
 def split_checksums(data: RecData) -> dict[str, str]:

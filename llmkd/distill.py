@@ -1,9 +1,10 @@
 """Distil the teacher's scores into the two-tower student with HuggingFace Accelerate.
 
 Loss per batch of history windows: next-item cross-entropy at every position (full softmax over the
-catalog, or popularity-sampled softmax with logQ correction) + alpha * listwise KL on the teacher's
-top-K candidates plus the positive, at each user's 'kd' state (history = train[:-1], positive = the
-last train item; see `llmkd.teacher.STATES`). Valid NDCG@10 is measured after every epoch on all
+catalog, or popularity-sampled softmax with logQ correction) + alpha * a KD loss (`distill.kd_loss`,
+listwise KL by default) on the teacher's top-K unseen candidates plus the positive, at every position
+the teacher encoded (each user's 'kd' state, history = train[:-1], and with `teacher.position_stride`
+every stride-th cut before it) + optional alignment terms (`distill.user_align`, `distill.item_align`). Valid NDCG@10 is measured after every epoch on all
 processes' shards (gathered, each user once); the best epoch is exported as the student artifact.
 
 The same code runs on one CPU, several CPU processes (gloo), one or several GPUs:
@@ -12,6 +13,7 @@ The same code runs on one CPU, several CPU processes (gloo), one or several GPUs
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -36,34 +39,41 @@ from llmkd.teacher import TeacherCache
 class WindowDataset(Dataset):
     """Train sequences cut into left-padded windows of `max_len` (input items, next-item labels).
 
-    Item: {'input_ids': (L,) int64, 'labels': (L,) int64 (-100 = none), 'user': int64, 'kd': bool};
-    `kd` marks each user's newest window, whose last position is the teacher's 'kd' state.
+    Item: {'input_ids': (L,) int64, 'labels': (L,) int64 (-100 = none), 'user': int64,
+    'teacher_rows': (L,) int64}; `teacher_rows[j]` is the row of the teacher's user vector for the
+    history ending at position j (see `KDTargets`), -1 where the teacher has none.
     """
 
-    def __init__(self, train: list[np.ndarray], num_items: int, max_len: int) -> None:
-        self.rows: list[tuple[int, int, int, bool]] = []
+    def __init__(self, train: list[np.ndarray], num_items: int, max_len: int,
+                 teacher_rows: list[np.ndarray] | None = None) -> None:
+        self.rows: list[tuple[int, int, int]] = []
         self.train, self.num_items, self.max_len = train, num_items, max_len
+        self.teacher_rows = teacher_rows  # per user: (len + 1,) row of history train[:cut], -1 = none
         for u, seq in enumerate(train):
             for end in range(len(seq) - 1, 0, -max_len):
-                self.rows.append((u, max(0, end - max_len), end, end == len(seq) - 1))
+                self.rows.append((u, max(0, end - max_len), end))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        u, start, end, kd = self.rows[i]
+        u, start, end = self.rows[i]
         seq = self.train[u]
         n = end - start
         x = torch.full((self.max_len,), self.num_items, dtype=torch.long)
         y = torch.full((self.max_len,), -100, dtype=torch.long)
+        t = torch.full((self.max_len,), -1, dtype=torch.long)
         x[-n:] = torch.as_tensor(seq[start:end])
         y[-n:] = torch.as_tensor(seq[start + 1 : end + 1])
-        return {"input_ids": x, "labels": y, "user": torch.tensor(u), "kd": torch.tensor(kd)}
+        if self.teacher_rows is not None:  # position j of the window has seen train[:start + j + 1]
+            t[-n:] = torch.as_tensor(self.teacher_rows[u][start + 1 : end + 1])
+        return {"input_ids": x, "labels": y, "user": torch.tensor(u), "teacher_rows": t}
 
 
-def get_dataloaders(data: RecData, cfg: Config) -> tuple[DataLoader, DataLoader]:
+def get_dataloaders(data: RecData, cfg: Config, teacher_rows: list[np.ndarray] | None = None
+                    ) -> tuple[DataLoader, DataLoader]:
     """Train windows (shuffled) and valid users (in order)."""
-    train_ds = WindowDataset(data.train, data.num_items, cfg.data.max_history)
+    train_ds = WindowDataset(data.train, data.num_items, cfg.data.max_history, teacher_rows)
     if len(train_ds) == 0:
         raise LlmkdError("data: no user has 2 or more train interactions; nothing to train on")
     users = torch.as_tensor(data.eval_users("valid"))
@@ -92,26 +102,87 @@ def hard_loss(states: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, c
 
 
 class KDTargets:
-    """Teacher candidates at the 'kd' state: top-K ids + scores, plus the positive's exact score."""
+    """The teacher's candidates at the positions it encoded (`teacher.position_stride`): its top-K items
+    by its own score (excluding the items already seen there), plus the positive with its exact score."""
 
     def __init__(self, teacher: TeacherCache, k: int, scale: float, device: torch.device) -> None:
-        missing = {"topk_ids_kd", "topk_scores_kd", "user_kd"} - set(teacher.arrays)
+        missing = {"pos_user", "pos_cut", "user_pos"} - set(teacher.arrays)
         if missing:
             raise LlmkdError(f"{teacher.folder}: teacher cache lacks {sorted(missing)}; rebuild it (build_teacher.py --force)")
-        self.ids = teacher.arrays["topk_ids_kd"][:, :k].to(device)  # (U, K)
-        self.scores = teacher.arrays["topk_scores_kd"][:, :k].to(device) * scale
-        self.user = teacher.arrays["user_kd"].to(device)  # (U, d_t)
+        self.pos_user, self.pos_cut = teacher.arrays["pos_user"].numpy(), teacher.arrays["pos_cut"].numpy()
+        self.user = teacher.arrays["user_pos"].float().to(device)  # (M, d_t)
         self.items = teacher.item_emb.to(device)  # (N, d_t)
-        self.scale = scale
+        self.k, self.scale = min(k, len(self.items)), scale
 
-    def __call__(self, users: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(b,) users and positives -> candidates (b, K+1), teacher scores (b, K+1), mask (b, K+1)."""
-        pos_score = (self.user[users] * self.items[positives]).sum(-1, keepdim=True) * self.scale
-        ids = self.ids[users]  # (b, K), -1 = padding where a user has fewer than K unseen items
-        cand = torch.cat([ids.clamp(min=0), positives[:, None]], 1)
-        scores = torch.cat([self.scores[users].masked_fill(ids < 0, 0.0), pos_score], 1)
-        mask = torch.cat([ids >= 0, ~(ids == positives[:, None]).any(1, keepdim=True)], 1)  # positive once
+    def rows_by_user(self, train: list[np.ndarray]) -> list[np.ndarray]:
+        """Per user, (len + 1,) int64: the row of the teacher vector for history train[:cut], -1 = none."""
+        out = [np.full(len(seq) + 1, -1, dtype=np.int64) for seq in train]
+        for row, (u, cut) in enumerate(zip(self.pos_user, self.pos_cut)):
+            out[u][cut] = row
+        return out
+
+    def __call__(self, rows: torch.Tensor, seen: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(P,) teacher rows, (P, N) bool seen items, (P,) positives -> candidates, teacher scores, mask, each (P, K+1)."""
+        full = self.user[rows] @ self.items.T * self.scale  # (P, N)
+        top = torch.topk(full.masked_fill(seen, float("-inf")), self.k, dim=1)
+        real = torch.isfinite(top.values)  # False where fewer than K items are unseen
+        cand = torch.cat([top.indices, positives[:, None]], 1)
+        scores = torch.cat([top.values.masked_fill(~real, 0.0), full.gather(1, positives[:, None])], 1)
+        mask = torch.cat([real, ~((top.indices == positives[:, None]) & real).any(1, keepdim=True)], 1)  # positive once
         return cand, scores, mask
+
+
+def seen_before(input_ids: torch.Tensor, at: torch.Tensor, num_items: int) -> torch.Tensor:
+    """(B, L) left-padded windows, (B, L) bool positions -> (P, N) bool: for each selected position
+    (row-major order, like `tensor[at]`), the items among the window's inputs up to that position."""
+    b, j = at.nonzero(as_tuple=True)  # (P,), (P,)
+    L = input_ids.shape[1]
+    prefix = input_ids[b].masked_fill(torch.arange(L, device=at.device)[None] > j[:, None], num_items)  # (P, L)
+    seen = torch.zeros(len(b), num_items + 1, dtype=torch.bool, device=at.device)
+    return seen.scatter_(1, prefix, True)[:, :num_items]
+
+
+class TeacherHeads(nn.Module):
+    """Training-only linear heads reading the student's user states and item vectors into the teacher's
+    space, for `distill.user_align` and `distill.item_align`; not part of the exported student."""
+
+    def __init__(self, dim: int, teacher_dim: int, user: bool, item: bool) -> None:
+        super().__init__()
+        self.user = nn.Linear(dim, teacher_dim) if user else None
+        self.item = nn.Linear(dim, teacher_dim) if item else None
+
+    def forward(self, states: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (self.user(states) if self.user is not None else None,
+                self.item(items) if self.item is not None else None)
+
+
+def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log_q: torch.Tensor,
+                 kd_targets: KDTargets | None, kd_loss: nn.Module, heads: nn.Module, accelerator: Accelerator
+                 ) -> torch.Tensor:
+    """Hard-label loss + alpha * KD loss (+ user_align * user-vector and item_align * item-vector
+    alignment with the teacher) for one batch. Each term is a mean over this process's rows,
+    re-weighted by the process's share of the global batch, so the gradient DDP averages equals the
+    one-process gradient of the same global batch."""
+    labels, rows = batch["labels"], batch["teacher_rows"]
+    at = rows >= 0  # (B, L) positions with a teacher vector
+    local = torch.stack([(labels != -100).sum(), at.sum()]).float()
+    share = local * accelerator.num_processes / accelerator.reduce(local.clone(), "sum").clamp(min=1)
+    loss = hard_loss(states, items, labels, dc, log_q) * share[0]
+    h, pos, r = states[at], labels[at], rows[at]  # (P, d), (P,), (P,)
+    if dc.alpha > 0 and len(r):
+        seen = seen_before(batch["input_ids"], at, len(items))  # (P, N)
+        cand, t_scores, mask = kd_targets(r, seen, pos)
+        s_scores = (h @ items.T).gather(1, cand)  # (P, K+1)
+        loss = loss + dc.alpha * kd_loss(s_scores, t_scores, mask) * share[1]
+    if dc.user_align > 0 or dc.item_align > 0:
+        user_proj, item_proj = heads(h, items)  # one call through DDP, every output used
+        if dc.user_align > 0:  # a batch without teacher positions adds 0 (and zero gradients)
+            cos = F.cosine_similarity(user_proj, kd_targets.user[r], dim=-1)
+            loss = loss + dc.user_align * ((1 - cos).mean() if len(r) else 0.0 * user_proj.sum()) * share[1]
+        if dc.item_align > 0:
+            cos = F.cosine_similarity(item_proj, kd_targets.items, dim=-1)
+            loss = loss + dc.item_align * (1 - cos).mean()
+    return loss
 
 
 @torch.no_grad()
@@ -181,17 +252,23 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     accelerator = make_accelerator(cfg, ckpt_dir)
     set_seed(dc.seed)
     data = load_data(out / "data")
-    need_teacher = dc.alpha > 0 or cfg.student.content_features
+    need_teacher = dc.alpha > 0 or dc.user_align > 0 or dc.item_align > 0 or cfg.student.content_features
     teacher = TeacherCache(out / dc.teacher, data) if need_teacher else None
     content_dim = teacher.item_emb.shape[1] if teacher is not None and cfg.student.content_features else 0
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:
         model.item_tower.content[: data.num_items] = teacher.item_emb
-    train_dl, eval_dl = get_loaders(data, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    learns_from_teacher = dc.alpha > 0 or dc.user_align > 0 or dc.item_align > 0
+    kd_targets = KDTargets(teacher, dc.kd_top_k, dc.teacher_scale, accelerator.device) if learns_from_teacher else None
+    train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)
+    heads = TeacherHeads(cfg.student.dim, teacher.item_emb.shape[1] if teacher is not None else 0,
+                         dc.user_align > 0, dc.item_align > 0)
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=dc.lr, weight_decay=dc.weight_decay)
+    if dc.user_align > 0 or dc.item_align > 0:  # DDP refuses a module without parameters
+        model, heads, optimizer, train_dl, eval_dl = accelerator.prepare(model, heads, optimizer, train_dl, eval_dl)
+    else:
+        model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     device = accelerator.device
-    kd_targets = KDTargets(teacher, dc.kd_top_k, dc.teacher_scale, device) if dc.alpha > 0 else None
     kd_loss = dc.make_kd_loss()
     counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
     log_q = (counts / counts.sum()).log()
@@ -222,17 +299,7 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
             for batch in bar:
                 with accelerator.accumulate(model):
                     states, items = model(batch["input_ids"], batch["user"])  # (B, L, d), (N, d)
-                    # Each process's mean is re-weighted by its share of the global batch, so the
-                    # gradient DDP averages equals the one-process gradient of the same global batch.
-                    local = torch.stack([(batch["labels"] != -100).sum(), batch["kd"].sum()]).float()
-                    share = local * accelerator.num_processes / accelerator.reduce(local.clone(), "sum").clamp(min=1)
-                    loss = hard_loss(states, items, batch["labels"], dc, log_q) * share[0]
-                    if kd_targets is not None and batch["kd"].any():
-                        kd = batch["kd"]
-                        users, pos = batch["user"][kd], batch["labels"][kd, -1]
-                        cand, t_scores, mask = kd_targets(users, pos)
-                        s_scores = (states[kd, -1, None, :] * items[cand]).sum(-1)  # (b, K+1)
-                        loss = loss + dc.alpha * kd_loss(s_scores, t_scores, mask) * share[1]
+                    loss = distill_loss(states, items, batch, dc, log_q, kd_targets, kd_loss, heads, accelerator)
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
@@ -259,6 +326,7 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     if accelerator.is_main_process:
         net = TwoTower.from_pretrained(ckpt_dir / "best")
         meta = new_meta("student", cfg.to_dict(), data.fingerprint, **result,
+                        teacher_fingerprint=teacher_fingerprint(out / dc.teacher) if need_teacher else None,
                         num_parameters=net.num_parameters(), num_processes=accelerator.num_processes,
                         distributed_type=str(accelerator.distributed_type), timing=timer.as_dict())
         with atomic_dir(out / dc.name) as tmp:
@@ -267,6 +335,11 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
             write_json(tmp / "resolved_config.json", cfg.to_dict())
     accelerator.wait_for_everyone()
     return result
+
+
+def teacher_fingerprint(folder: Path) -> str:
+    """A short hash of a teacher cache's meta.json: changes whenever the cache is rebuilt."""
+    return hashlib.sha256((folder / "meta.json").read_bytes()).hexdigest()[:16]
 
 
 def end_epoch(state: dict, metrics: dict[str, float], epoch: int, seconds: float) -> None:

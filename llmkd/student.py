@@ -30,20 +30,30 @@ WEIGHTS_NAME = "model.safetensors"
 class ItemTower(nn.Module):
     """Item vectors from an id embedding (+ projected frozen content features)."""
 
-    def __init__(self, num_items: int, dim: int, content_dim: int = 0) -> None:
+    def __init__(self, num_items: int, dim: int, content_dim: int = 0, content_hidden: int = 0,
+                 id_dropout: float = 0.0) -> None:
         super().__init__()
-        self.num_items = num_items
+        self.num_items, self.id_dropout = num_items, id_dropout
         self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=num_items)
         nn.init.normal_(self.embedding.weight, std=0.02)
         with torch.no_grad():
             self.embedding.weight[num_items].zero_()
-        self.content_proj = nn.Linear(content_dim, dim) if content_dim else None
+        if not content_dim:
+            self.content_proj = None
+        elif content_hidden:
+            self.content_proj = nn.Sequential(nn.Linear(content_dim, content_hidden), nn.GELU(),
+                                              nn.Linear(content_hidden, dim))
+        else:
+            self.content_proj = nn.Linear(content_dim, dim)
         self.register_buffer("content", torch.zeros(num_items + 1, content_dim) if content_dim else None)
 
     def forward(self) -> torch.Tensor:
         """All item vectors, (num_items + 1, d); the last row is the padding item (zero)."""
         vectors = self.embedding.weight
         if self.content_proj is not None:
+            if self.training and self.id_dropout > 0:  # whole id rows dropped, unscaled (DropoutNet)
+                keep = torch.rand(self.num_items + 1, 1, device=vectors.device) >= self.id_dropout
+                vectors = vectors * keep
             pad = torch.ones(self.num_items + 1, 1, device=vectors.device)
             pad[-1] = 0
             vectors = vectors + self.content_proj(self.content) * pad
@@ -98,13 +108,14 @@ class TwoTower(nn.Module):
 
     def __init__(self, num_items: int, max_len: int = 50, dim: int = 64, pooling: str = "transformer",
                  num_layers: int = 2, num_heads: int = 2, dropout: float = 0.3, recency_decay: float = 0.0,
-                 num_users: int = 0, content_dim: int = 0) -> None:
+                 num_users: int = 0, content_dim: int = 0, content_hidden: int = 0, id_dropout: float = 0.0) -> None:
         super().__init__()
         self.config = dict(num_items=num_items, max_len=max_len, dim=dim, pooling=pooling, num_layers=num_layers,
                            num_heads=num_heads, dropout=dropout, recency_decay=recency_decay,
-                           num_users=num_users, content_dim=content_dim)
+                           num_users=num_users, content_dim=content_dim, content_hidden=content_hidden,
+                           id_dropout=id_dropout)
         self.num_items, self.max_len = num_items, max_len
-        self.item_tower = ItemTower(num_items, dim, content_dim)
+        self.item_tower = ItemTower(num_items, dim, content_dim, content_hidden, id_dropout)
         self.user_tower = UserTower(dim, max_len, pooling, num_layers, num_heads, dropout, recency_decay, num_users)
 
     @classmethod

@@ -8,7 +8,10 @@ Artifact `teacher/` (a cache, reused while model, data and teacher config are un
     meta.json                 stage, config, data fingerprint, model fingerprint, timing
     embeddings.safetensors    item_emb (n_items, d) float32;
                               for each state in STATES: user_{state} (n_users, d) float32,
-                              topk_ids_{state} (n_users, K) int64, topk_scores_{state} (n_users, K) float32
+                              topk_ids_{state} (n_users, K) int64, topk_scores_{state} (n_users, K) float32;
+                              positions: pos_user (M,) int64, pos_cut (M,) int64, user_pos (M, d) float16 =
+                              the user vector of history train[u][:cut] (every user's 'kd' cut, plus every
+                              `position_stride`-th cut before it), the KD targets at many positions
 """
 
 from __future__ import annotations
@@ -252,6 +255,20 @@ def state_histories(data: RecData) -> dict[str, list[np.ndarray]]:
     }
 
 
+def kd_cuts(data: RecData, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user, cut) pairs the teacher encodes for KD: history train[u][:cut] predicts train[u][cut].
+
+    Each user with >= 2 train items gets the 'kd' cut (len - 1); stride > 0 adds every stride-th cut
+    before it, down to 1. Returns users (M,) and cuts (M,) int64, sorted by user then cut.
+    """
+    users, cuts = [], []
+    for u, seq in enumerate(data.train):
+        c = list(range(len(seq) - 1, 0, -stride)) if stride else ([len(seq) - 1] if len(seq) > 1 else [])
+        users += [u] * len(c)
+        cuts += c[::-1]
+    return np.asarray(users, dtype=np.int64), np.asarray(cuts, dtype=np.int64)
+
+
 def top_k(user_emb: np.ndarray, item_emb: np.ndarray, histories: list[np.ndarray], k: int,
           batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Top-k unseen items per user by cosine: ids (n_users, k) int64, scores (n_users, k) float32.
@@ -302,6 +319,13 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
             user = encode_users(encoder, data, item_emb, hists, cfg, desc=f"teacher: users ({state})")
             ids, scores = top_k(user, item_emb, hists, cfg.top_k)
             arrays.update({f"user_{state}": user, f"topk_ids_{state}": ids, f"topk_scores_{state}": scores})
+        pos_user, pos_cut = kd_cuts(data, cfg.position_stride)
+        if cfg.position_stride:
+            hists = [data.train[u][:c] for u, c in zip(pos_user, pos_cut)]
+            user_pos = encode_users(encoder, data, item_emb, hists, cfg, desc="teacher: users (positions)")
+        else:  # the 'kd' cut of each user is the 'kd' state
+            user_pos = arrays["user_kd"][pos_user]
+        arrays.update(pos_user=pos_user, pos_cut=pos_cut, user_pos=user_pos.astype(np.float16))
     meta = new_meta("teacher", key["config"], data.fingerprint, model_path=path,
                     model_fingerprint=key["model_fingerprint"], adapter=str(adapter) if adapter else None,
                     adapter_fingerprint=key["adapter_fingerprint"], pooling=encoder.pooling,

@@ -286,3 +286,37 @@ def test_ml100k_split_and_popularity_match_peers():
     assert len(test) == 943
     assert test.mean() == pytest.approx(0.0449, abs=1e-4)
     assert valid.mean() == pytest.approx(0.0345, abs=1e-4)
+
+
+def test_cold_items_are_withheld_from_every_split(synthetic, synthetic_data, tmp_path):
+    """data.cold_items removes a fraction of items with all their interactions; they are kept aside with
+    the users who interacted with them, and survive a save / load round trip."""
+    data = build_data(synthetic.data_config(cold_items=0.25, cold_seed=1))
+    cold = set(data.cold_item_ids)
+    interacted = set(synthetic.inter_df["item_id"].astype(str))
+    assert len(cold) == round(0.25 * len(interacted)) and cold <= interacted
+    assert not cold & set(data.item_ids)
+    assert set(data.item_ids) | cold == set(synthetic_data.item_ids)
+    seen = {data.item_ids[i] for seq in data.train for i in seq}
+    seen |= {data.item_ids[i] for i in np.concatenate([data.valid_item, data.test_item]) if i >= 0}
+    assert not seen & cold
+    inter = synthetic.inter_df.astype({"user_id": str, "item_id": str})
+    for iid, users in zip(data.cold_item_ids, data.cold_item_users):
+        expected = {data.user_ids.index(u) for u in inter.loc[inter["item_id"] == iid, "user_id"] if u in data.user_ids}
+        assert set(users) == expected and users
+    n_warm_inter = len(inter) - int(inter["item_id"].isin(cold).sum())
+    assert sum(len(t) for t in data.train) + (data.valid_item >= 0).sum() + (data.test_item >= 0).sum() == n_warm_inter
+    assert data.fingerprint != synthetic_data.fingerprint
+    assert build_data(synthetic.data_config(cold_items=0.25, cold_seed=2)).cold_item_ids != data.cold_item_ids
+    save_data(data, tmp_path / "d", synthetic.data_config(cold_items=0.25, cold_seed=1))
+    back = load_data(tmp_path / "d")
+    assert (back.cold_item_ids, back.cold_item_texts, back.cold_item_users) == (
+        data.cold_item_ids, data.cold_item_texts, data.cold_item_users)
+    save_data(synthetic_data, tmp_path / "warm", synthetic.data_config())  # without cold items: no cold file
+    assert not (tmp_path / "warm" / "cold_items.jsonl").exists() and load_data(tmp_path / "warm").cold_item_ids == []
+
+
+@pytest.mark.parametrize("fraction", [1e-6, 0.999])
+def test_cold_fraction_that_leaves_no_cold_or_no_warm_item_is_refused(synthetic, fraction):
+    with pytest.raises(LlmkdError, match="expected at least one cold and one warm item"):
+        build_data(synthetic.data_config(cold_items=fraction))

@@ -8,56 +8,90 @@ import numpy as np
 import pytest
 import torch
 
-from llmkd.distill import KDTargets, WindowDataset, hard_loss
+from llmkd.distill import KDTargets, WindowDataset, hard_loss, seen_before
+from llmkd.teacher import kd_cuts
 
 
 def test_windows_cover_every_next_item_once():
     train = [np.arange(100, 113), np.array([5]), np.array([7, 8]), np.arange(20, 25)]
     ds = WindowDataset(train, num_items=200, max_len=5)
     labels: dict[int, list[int]] = {}
-    kd_rows = []
     for i in range(len(ds)):
         row = ds[i]
         x, y, u = row["input_ids"], row["labels"], int(row["user"])
-        assert x.shape == y.shape == (5,)
+        assert x.shape == y.shape == row["teacher_rows"].shape == (5,)
         real = x != 200
         assert torch.equal(real, y != -100)  # a label exactly where there is an input
         assert not real[: int((~real).sum())].any()  # left padded
+        assert (row["teacher_rows"] == -1).all()  # no teacher: no KD position
         labels.setdefault(u, []).extend(y[y != -100].tolist())
-        if row["kd"]:
-            kd_rows.append(u)
-            assert y[-1].item() == train[u][-1]  # the KD positive: the last train item
-            assert x[-1].item() == train[u][-2]  # after history train[:-1]
     for u, seq in enumerate(train):
         assert sorted(labels.get(u, [])) == sorted(seq[1:].tolist()), u
-    assert sorted(kd_rows) == [0, 2, 3]  # one newest window per user with >= 2 train items
 
 
-def make_cache(n_users=4, n_items=9, d=6, k=3, seed=0):
+def make_cache(train, n_items=9, d=6, stride=0, seed=0):
+    """A teacher cache with a random user vector at each (user, cut) of `kd_cuts`."""
     g = torch.Generator().manual_seed(seed)
+    data = SimpleNamespace(train=train)
+    pos_user, pos_cut = kd_cuts(data, stride)
     items = torch.nn.functional.normalize(torch.randn(n_items, d, generator=g), dim=1)
-    user = torch.nn.functional.normalize(torch.randn(n_users, d, generator=g), dim=1)
-    top = torch.topk(user @ items.T, k, dim=1)
-    arrays = {"item_emb": items, "user_kd": user, "topk_ids_kd": top.indices, "topk_scores_kd": top.values}
-    return SimpleNamespace(arrays=arrays, item_emb=items)
+    user = torch.nn.functional.normalize(torch.randn(len(pos_user), d, generator=g), dim=1)
+    arrays = {"item_emb": items, "user_pos": user.half(), "pos_user": torch.as_tensor(pos_user),
+              "pos_cut": torch.as_tensor(pos_cut)}
+    return SimpleNamespace(arrays=arrays, item_emb=items, folder="teacher")
 
 
-def test_kd_targets():
-    cache = make_cache()
+@pytest.mark.parametrize("stride", [0, 1, 3])
+def test_teacher_rows_point_at_the_history_each_position_has_seen(stride):
+    train = [np.arange(10, 23), np.array([5]), np.array([7, 8]), np.arange(20, 25)]
+    cache = make_cache(train, n_items=30, stride=stride)
+    kd = KDTargets(cache, k=3, scale=20.0, device=torch.device("cpu"))
+    ds = WindowDataset(train, num_items=30, max_len=5, teacher_rows=kd.rows_by_user(train))
+    seen_cuts: dict[int, list[int]] = {}
+    for i in range(len(ds)):
+        row = ds[i]
+        u, x, y, r = int(row["user"]), row["input_ids"], row["labels"], row["teacher_rows"]
+        for j in torch.nonzero(r >= 0).flatten().tolist():
+            cut = int(cache.arrays["pos_cut"][r[j]])
+            assert int(cache.arrays["pos_user"][r[j]]) == u
+            assert x[j].item() == train[u][cut - 1] and y[j].item() == train[u][cut]  # history train[:cut] -> train[cut]
+            seen_cuts.setdefault(u, []).append(cut)
+    for u, seq in enumerate(train):
+        expected = [] if len(seq) < 2 else sorted(range(len(seq) - 1, 0, -stride)) if stride else [len(seq) - 1]
+        assert sorted(seen_cuts.get(u, [])) == expected, u
+
+
+def test_kd_targets_exclude_seen_items_and_add_the_positive_once():
+    train = [np.arange(0, 6), np.arange(3, 9)]
+    cache = make_cache(train, n_items=9, stride=1)
     kd = KDTargets(cache, k=2, scale=20.0, device=torch.device("cpu"))
-    users = torch.tensor([0, 1, 3])
-    in_topk = cache.arrays["topk_ids_kd"][1, 0]
-    positives = torch.tensor([8, int(in_topk), 0])
-    cand, scores, mask = kd(users, positives)
+    rows = torch.tensor([0, 1, 7])
+    full = cache.arrays["user_pos"][rows].float() @ cache.item_emb.T * 20.0
+    seen = torch.zeros(3, 9, dtype=torch.bool)
+    seen[0, full[0].argmax()] = True  # the teacher's favourite is already seen in row 0
+    seen[2, :8] = True  # row 2: a single unseen item, fewer than K
+    in_top = int(full[1].argmax())
+    positives = torch.tensor([int(full[0].argmin()), in_top, 8])
+    cand, scores, mask = kd(rows, seen, positives)
     assert cand.shape == scores.shape == mask.shape == (3, 3)
-    torch.testing.assert_close(cand[:, :2], cache.arrays["topk_ids_kd"][users, :2])
+    assert int(full[0].argmax()) not in cand[0, :2].tolist()
+    expected0 = torch.topk(full[0].masked_fill(seen[0], float("-inf")), 2).indices
+    assert cand[0, :2].tolist() == expected0.tolist() and mask[0].all()
+    torch.testing.assert_close(scores[mask], full.gather(1, cand)[mask])  # exact teacher scores
     assert cand[:, -1].tolist() == positives.tolist()
-    full = cache.arrays["user_kd"][users] @ cache.item_emb.T * 20.0
-    torch.testing.assert_close(scores, full.gather(1, cand))  # cached and exact scores agree
-    assert mask[:, :2].all()
     assert mask[1, -1].item() is False  # the positive is already a top-K candidate: not counted twice
-    expected_row0 = 8 not in cache.arrays["topk_ids_kd"][0, :2].tolist()
-    assert mask[0, -1].item() is expected_row0
+    assert mask[2].tolist() == [True, False, False]  # one real unseen item; the positive (8) is it
+
+
+def test_seen_before_is_causal():
+    x = torch.tensor([[4, 4, 0, 2, 1], [3, 0, 1, 2, 0]])  # left-padded with num_items = 4
+    at = torch.tensor([[False, True, True, False, True], [False, False, False, True, False]])
+    seen = seen_before(x, at, 4)
+    assert seen.shape == (4, 4)  # one row per selected position, row-major
+    assert not seen[0].any()  # only padding so far
+    assert seen[1].tolist() == [True, False, False, False]
+    assert seen[2].tolist() == [True, True, True, False]
+    assert seen[3].tolist() == [True, True, True, True]
 
 
 @pytest.mark.parametrize("loss", ["full_softmax", "sampled_softmax"])

@@ -190,7 +190,8 @@ def test_two_processes_form_one_run(pipeline):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: one MULTI_CPU run, not two copies."""
     out = pipeline["out"]
     proc = run(distill(pipeline["cfg"], "--set", "distill.name=student_mp", "--set", "distill.epochs=1",
-                       "--set", "distill.eval_batch_size=4", processes=2), pipeline["home"])
+                       "--set", "distill.eval_batch_size=4", "--set", "distill.user_align=1.0",
+                       "--set", "distill.item_align=1.0", processes=2), pipeline["home"])  # + DDP-wrapped heads
     meta = json.loads((out / "student_mp" / "meta.json").read_text())
     assert meta["num_processes"] == 2, proc.stdout
     assert "MULTI_CPU" in meta["distributed_type"]
@@ -304,3 +305,106 @@ def test_seeds_report_and_reuse_of_the_no_teacher_twin(pipeline):
     assert twin.stat().st_mtime_ns == stamps[0]  # the no-teacher twin is reused ...
     assert kd.stat().st_mtime_ns != stamps[1]  # ... a student that learns from a teacher is not
     assert second["rows"]["student_no_kd"] == first["rows"]["student_no_kd"]
+
+
+def test_alignment_terms_train_and_are_not_exported(pipeline):
+    """user_align (multi-task: predict the teacher's user vector) and item_align (embedding alignment)
+    change training; their heads are training-only, so the exported student has the no-KD layout."""
+    from safetensors import safe_open
+
+    from llmkd.config import load_config
+    from llmkd.distill import train
+
+    out = pipeline["out"]
+    common = ["distill.alpha=0", "distill.epochs=1", "student.dropout=0.0", "distill.drop_last=true"]
+    base = train(load_config(pipeline["cfg"], [*common, "distill.name=align_none"]))
+    for key in ("user_align", "item_align"):
+        run_ = train(load_config(pipeline["cfg"], [*common, f"distill.{key}=1.0", f"distill.name=align_{key}"]))
+        assert run_["history"][0]["train_loss"] > base["history"][0]["train_loss"]  # a non-negative term added
+        with safe_open(str(out / f"align_{key}" / "model.safetensors"), "pt") as a, \
+                safe_open(str(out / "align_none" / "model.safetensors"), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+
+
+def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
+    """Search on valid picks the best grid point; its run is reused for that seed; the report has the
+    teacher and popularity rows, the target checks and the diagnostics."""
+    from llmkd.config import load_config
+    from llmkd.kd_benchmark import run_kd_benchmark
+
+    out = pipeline["out"]
+    cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]"])
+    families = {
+        "listwise_kl": (["distill.kd_loss=listwise_kl"], {"distill.alpha": [0.5, 2.0]}),
+        "margin_mse": (["distill.kd_loss=margin_mse"], {"distill.alpha": [0.1]}),
+        "content_features": (["distill.alpha=0", "student.content_features=true"], {}),
+        "user_align": (["distill.alpha=0"], {"distill.user_align": [1.0]}),
+    }
+    result = run_kd_benchmark(cfg, [0, 1], families)
+    summary = json.loads((out / "kd_benchmark" / "summary" / "results.json").read_text())
+    runs = summary["search"]["listwise_kl"]["runs"]
+    assert [r["overrides"] for r in runs] == [["distill.alpha=0.5"], ["distill.alpha=2.0"]]
+    chosen = summary["search"]["listwise_kl"]["chosen"]
+    assert chosen["valid_ndcg@10"] == max(r["valid_ndcg@10"] for r in runs)
+    copied = out / "seeds" / "listwise_kl_s0" / "model.safetensors"
+    assert copied.read_bytes() == (out / chosen["folder"] / "model.safetensors").read_bytes()  # reused, not retrained
+    assert set(summary["rows"]) == {"popularity", "teacher", "student_no_kd", *families, "combined"}
+    combined = load_config(pipeline["cfg"], summary["variants"]["combined"])
+    assert combined.student.content_features and combined.distill.user_align == 1.0
+    diag = summary["diagnostics"]
+    assert diag["best"] in families or diag["best"] == "combined"
+    assert all(0.0 <= o["mean"] <= 1.0 for o in diag["overlap@10"].values())
+    users = len(json.loads((out / "data" / "users.json").read_text()))
+    lift = diag["lift"]
+    assert lift["head items"]["users"] + lift["tail items"]["users"] <= users
+    assert lift["short histories"]["users"] + lift["long histories"]["users"] == lift["head items"]["users"] + lift["tail items"]["users"]
+    assert len(summary["targets"]) == 4 and "1.10x" in summary["targets"][0]
+    assert "## Search on valid" in result["markdown"] and (out / "kd_benchmark" / "summary" / "seeds.png").is_file()
+
+
+def test_online_cost_benchmark(pipeline):
+    from llmkd.config import load_config
+    from llmkd.online import measure_online_cost
+
+    cfg = load_config(pipeline["cfg"])
+    r = measure_online_cost(cfg, "student_kd", latency_users=4, throughput_users=8, batch_size=4, repeats=1)
+    for system in ("teacher", "student"):
+        assert r[system]["parameters"] > 0 and r[system]["latency_ms_p50"] > 0 and r[system]["users_per_second"] > 0
+    assert r["ratios"]["parameters"] == pytest.approx(r["teacher"]["parameters"] / r["student"]["parameters"])
+    proc = run(script("benchmark_online.py", pipeline["cfg"], "--latency-users", "3", "--throughput-users", "6",
+                      "--batch-size", "3", "--repeats", "1", "--out", str(pipeline["root"] / "online.json")),
+               pipeline["home"])
+    assert "teacher / student" in proc.stdout and (pipeline["root"] / "online.md").is_file()
+
+
+def test_cold_start_items(tmp_path_factory, synthetic, tiny_bert):
+    """Withheld items are embedded from text by the teacher and the student's content projection and
+    retrieved; an exact FAISS index agrees with exact scoring; an id-only student is refused."""
+    root = tmp_path_factory.mktemp("cold")
+    home, out = root / "hf_home", root / "run"
+    cfg = write_config(root / "cfg.yaml", out, synthetic, tiny_bert, alpha=0.0, name="student_content")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["cold_items"] = 0.2
+    raw["student"]["content_features"] = True
+    cfg.write_text(yaml.safe_dump(raw))
+    run(script("prepare_data.py", cfg), home)
+    run(script("build_teacher.py", cfg), home)
+    run(distill(cfg), home)
+    proc = run(script("cold_start.py", cfg), home)
+    assert "Ranking cold items only" in proc.stdout
+    r = json.loads((out / "cold_start" / "results.json").read_text())
+    assert r["cold_items"] == round(0.2 * 40) and r["users"] > 0
+    systems = r["systems"]
+    assert set(systems) == {"teacher", "student_content", "student_content (FAISS flat)",
+                            "popularity (no interactions: random order)"}
+    for name, by_view in systems.items():
+        for m in by_view.values():
+            assert all(0.0 <= v <= 1.0 for v in m.values()), name
+            assert m["recall@10"] <= m["recall@20"] <= m["recall@50"], name
+    for k in ("recall@10", "recall@20", "recall@50"):
+        assert systems["student_content (FAISS flat)"]["whole catalog"][k] == pytest.approx(
+            systems["student_content"]["whole catalog"][k])
+    assert systems["teacher"]["cold items only"]["recall@50"] == pytest.approx(1.0)  # 50 > 8 cold items: all ranked
+    run(distill(cfg, "--set", "distill.name=id_only", "--set", "student.content_features=false"), home)
+    bad = run(script("cold_start.py", cfg, "--students", "id_only"), home, check=False)
+    assert bad.returncode == 2 and "cannot embed unseen items" in bad.stderr and "Traceback" not in bad.stderr

@@ -177,3 +177,17 @@ def test_paired_bootstrap():
     noise = paired_bootstrap(b + 0.1 * rng.standard_normal(500), b, n=500, seed=1)
     assert noise["lo"] < 0 < noise["hi"]
     assert paired_bootstrap(a, b, n=300, seed=7) == paired_bootstrap(a, b, n=300, seed=7)
+
+
+def test_cold_start_set_metrics_by_hand():
+    from llmkd.coldstart import set_metrics
+
+    top = np.array([[3, 1, 4, 0], [2, 0, 1, 3]])
+    relevant = [{1, 0}, {5}]  # user 0: hits at ranks 2 and 4; user 1: its item is not among the candidates
+    m = set_metrics(top, relevant, [2, 10])
+    assert m["recall@2"] == pytest.approx((1 / 2 + 0) / 2)
+    ndcg0 = (1 / np.log2(3)) / (1 + 1 / np.log2(3))
+    assert m["ndcg@2"] == pytest.approx(ndcg0 / 2)
+    assert m["recall@10"] == pytest.approx((1.0 + 0) / 2)  # a list shorter than K counts what it has
+    ndcg0_10 = (1 / np.log2(3) + 1 / np.log2(5)) / (1 + 1 / np.log2(3))
+    assert m["ndcg@10"] == pytest.approx(ndcg0_10 / 2)

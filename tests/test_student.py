@@ -19,6 +19,8 @@ VARIANTS = {
     "transformer_content_users": {"pooling": "transformer", "num_layers": 2, "content_dim": 12, "num_users": N_USERS},
     "mean": {"pooling": "mean", "recency_decay": 0.3},
     "mean_content_users": {"pooling": "mean", "recency_decay": 0.0, "content_dim": 12, "num_users": N_USERS},
+    "transformer_content_mlp": {"pooling": "transformer", "num_layers": 1, "content_dim": 12, "content_hidden": 20,
+                                "id_dropout": 0.5},
 }
 
 
@@ -159,3 +161,21 @@ def test_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_id_dropout_drops_whole_id_rows_in_training_only():
+    """DropoutNet-style: in training some items lose their id embedding and are their text path alone;
+    in eval every item has both (deterministic)."""
+    model = make("transformer_content_mlp")
+    tower = model.item_tower
+    text_only = tower.content_proj(tower.content)[:N_ITEMS]
+    both = text_only + tower.embedding.weight[:N_ITEMS]
+    with torch.no_grad():
+        torch.testing.assert_close(model.item_vectors(), both)
+        model.train()
+        torch.manual_seed(0)
+        vectors = tower()[:N_ITEMS]
+    dropped = torch.isclose(vectors, text_only).all(1)
+    kept = torch.isclose(vectors, both).all(1)
+    assert (dropped | kept).all() and 0 < int(dropped.sum()) < N_ITEMS
+    assert torch.equal(tower()[N_ITEMS], torch.zeros(16))  # the padding row stays zero

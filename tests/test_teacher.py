@@ -13,7 +13,15 @@ from transformers import AutoModel, AutoTokenizer
 from llmkd.artifacts import LlmkdError
 from llmkd.config import TeacherConfig
 from llmkd.data import build_data
-from llmkd.teacher import TeacherCache, TextEncoder, build_teacher_cache, history_text, state_histories, top_k
+from llmkd.teacher import (
+    TeacherCache,
+    TextEncoder,
+    build_teacher_cache,
+    history_text,
+    state_histories,
+    top_k,
+    user_prompt,
+)
 
 TEXTS = [
     "alpha", "bravo charlie delta | drama", "echo foxtrot ; golf hotel india juliet | comedy", "kilo lima",
@@ -258,3 +266,27 @@ def test_packaged_minilm_teacher():
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2]
     np.testing.assert_allclose(v, np.concatenate([enc.encode([t]) for t in texts]), atol=1e-5)
+
+
+def test_positions_cache_encodes_each_cut(built_cache, tiny_bert, synthetic_data, tmp_path):
+    """position_stride 0: the 'kd' state per user; stride 3: every 3rd cut back from it, each the history
+    train[:cut] encoded like any user history (stored as float16)."""
+    folder, cfg, _ = built_cache
+    data = synthetic_data
+    cache = TeacherCache(folder, data).arrays
+    users_kd = [u for u, t in enumerate(data.train) if len(t) > 1]
+    assert cache["pos_user"].tolist() == users_kd
+    assert cache["pos_cut"].tolist() == [len(data.train[u]) - 1 for u in users_kd]
+    torch.testing.assert_close(cache["user_pos"].float(), cache["user_kd"][users_kd], atol=1e-3, rtol=0)
+
+    cfg3 = teacher_cfg(tiny_bert, position_stride=3)
+    build_teacher_cache(data, cfg3, tmp_path / "t3")
+    arrays = TeacherCache(tmp_path / "t3", data).arrays
+    users, cuts = arrays["pos_user"].numpy(), arrays["pos_cut"].numpy()
+    for u in users_kd:
+        n = len(data.train[u])
+        assert sorted(cuts[users == u].tolist()) == sorted(range(n - 1, 0, -3))
+    enc = TextEncoder(str(tiny_bert), device="cpu")
+    rows = [0, len(users) // 2, len(users) - 1]
+    texts = [user_prompt(data.item_texts, data.train[users[r]][: cuts[r]], cfg3) for r in rows]
+    np.testing.assert_allclose(arrays["user_pos"][rows].float().numpy(), enc.encode(texts, 128), atol=2e-3)

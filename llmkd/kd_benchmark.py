@@ -1,0 +1,197 @@
+"""Which distillation helps: the no-KD student against every KD variant, searched on valid, over seeds.
+
+1. Search: each variant family (a KD loss, embedding distillation, alignment, the multi-task head) is
+   trained at one seed for every point of its grid; the point with the best valid NDCG@10 (early
+   stopping is on valid too) is chosen. Test is never looked at here.
+2. The no-KD twin and every family at its chosen point (plus `combined`: the teacher's item features
+   and the multi-task head, each at its chosen point) are trained at every seed (`llmkd.benchmark.run_seeds`; the search
+   run is reused for its seed) and evaluated on test once.
+3. Diagnostics: teacher-student top-10 overlap, and the lift of the best variant (chosen on valid)
+   split by the test item's popularity (head / tail) and by the user's history length (short / long).
+
+Writes `<out_dir>/kd_benchmark/`: results.md, results.json, seeds.png (test NDCG@10 per system).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkd.artifacts import atomic_dir, write_json
+from llmkd.benchmark import reuse, run_seeds, train_many, variant_config
+from llmkd.config import Config
+from llmkd.data import RecData, load_data
+from llmkd.evaluate import mask_seen, paired_bootstrap
+from llmkd.report import load_student, student_scorer
+from llmkd.teacher import TeacherCache
+
+NO_KD = "student_no_kd"
+SCORE_KD = ("listwise_kl", "ranking_distillation", "relaxed_ranking", "margin_mse", "pairwise_hinge", "infonce")
+
+# family -> (fixed overrides, grid searched on valid); alpha weighs a score-KD loss against the hard loss
+FAMILIES: dict[str, tuple[list[str], dict[str, list]]] = {
+    **{name: ([f"distill.kd_loss={name}"], {"distill.alpha": [0.1, 1.0]}) for name in SCORE_KD},
+    # squared margins of scores scaled by teacher_scale (20) run ~10-100x the other losses: smaller weights
+    "margin_mse": (["distill.kd_loss=margin_mse"], {"distill.alpha": [0.01, 0.1]}),
+    # embedding distillation: the teacher's item-text vectors through a learned projection into the item tower
+    "content_features": (["distill.alpha=0", "student.content_features=true"], {"student.content_hidden": [0, 256]}),
+    # embedding alignment: the student's item vectors, through a head, match the teacher's
+    "item_align": (["distill.alpha=0"], {"distill.item_align": [0.1, 1.0]}),
+    # multi-task: the student's user state, through a head, predicts the teacher's user vector
+    "user_align": (["distill.alpha=0"], {"distill.user_align": [0.3, 1.0, 3.0]}),
+}
+
+
+def grid_points(grid: dict[str, list]) -> list[list[str]]:
+    """Every combination of a grid as override lists ([[]] for an empty grid)."""
+    keys = list(grid)
+    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*grid.values())]
+
+
+def run_name(family: str, point: list[str]) -> str:
+    """The search run's folder name, e.g. search/listwise_kl_alpha=0.1 (stable when the grid grows)."""
+    return "_".join([f"search/{family}", *(o.partition("=")[0].split(".")[-1] + "=" + o.partition("=")[2] for o in point)])
+
+
+def search(cfg: Config, families: dict[str, tuple[list[str], dict[str, list]]], seed: int, data: RecData,
+           jobs: int = 1) -> dict:
+    """Train every grid point of every family at `seed`; per family the runs and the valid-best point."""
+    points = {family: [(run_name(family, p), [*fixed, *p]) for p in grid_points(grid)]
+              for family, (fixed, grid) in families.items()}
+    train_many([c for runs in points.values() for name, o in runs
+                if not reuse(c := variant_config(cfg, name, o, seed), data.fingerprint)], jobs)
+    out = {}
+    for family, (fixed, grid) in families.items():
+        runs = []
+        for (name, _), point in zip(points[family], grid_points(grid)):
+            folder = Path(cfg.out_dir) / variant_config(cfg, name, [], seed).distill.name
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            runs.append({"overrides": point, "folder": str(folder.relative_to(cfg.out_dir)),
+                         "valid_ndcg@10": meta["best_valid_ndcg@10"], "best_epoch": meta["best_epoch"]})
+        best = max(runs, key=lambda r: r["valid_ndcg@10"])
+        out[family] = {"fixed": fixed, "runs": runs, "chosen": best}
+    return out
+
+
+def topk_lists(data: RecData, split: str, score_fn, k: int = 10, batch_size: int = 512) -> np.ndarray:
+    """(n_eval_users, k) top-k unseen items of a full-catalog scorer."""
+    users = data.eval_users(split)
+    out = []
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        scores = mask_seen(score_fn(batch, split).float().clone(), [data.history(u, split) for u in batch])
+        out.append(torch.topk(scores, k, dim=1).indices.numpy())
+    return np.concatenate(out)
+
+
+def overlap_at_k(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over users of |top-k(a) & top-k(b)| / k."""
+    return float(np.mean([len(set(x) & set(y)) / a.shape[1] for x, y in zip(a, b)]))
+
+
+def groups(data: RecData, head_share: float = 0.2) -> dict[str, np.ndarray]:
+    """Boolean masks over test users: test item in the head (the `head_share` most-interacted items in
+    train) or tail; history (train + valid) at most the median length (short) or longer (long)."""
+    users = data.eval_users("test")
+    counts = data.item_counts()
+    head_items = np.argsort(-counts, kind="stable")[: max(1, int(round(head_share * data.num_items)))]
+    head = np.isin(data.targets("test")[users], head_items)
+    length = np.array([len(data.history(u, "test")) for u in users])
+    short = length <= np.median(length)
+    return {"head items": head, "tail items": ~head, "short histories": short, "long histories": ~short}
+
+
+def diagnostics(cfg: Config, data: RecData, variants: dict[str, list[str]], seeds: list[int], per_user: dict,
+                best: str) -> dict:
+    """Top-10 overlap with the teacher per system (mean over seeds), and `best`'s lift by group."""
+    out = Path(cfg.out_dir)
+    teacher = TeacherCache(out / cfg.distill.teacher, data)
+    t_top = topk_lists(data, "test", teacher.scorer())
+    overlap = {}
+    for name, overrides in variants.items():
+        vals = []
+        for seed in seeds:
+            model = load_student(out / variant_config(cfg, name, overrides, seed).distill.name, data)
+            vals.append(overlap_at_k(t_top, topk_lists(data, "test", student_scorer(model, data))))
+        overlap[name] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    a = np.mean([per_user[best][s]["test"]["ndcg@10"] for s in seeds], 0)
+    b = np.mean([per_user[NO_KD][s]["test"]["ndcg@10"] for s in seeds], 0)
+    lift = {}
+    for group, mask in groups(data).items():
+        lift[group] = {"users": int(mask.sum()), "no_kd": float(b[mask].mean()), best: float(a[mask].mean()),
+                       "relative": float(a[mask].mean() / max(b[mask].mean(), 1e-12)),
+                       "paired": paired_bootstrap(a[mask], b[mask], cfg.eval.bootstrap)}
+    return {"overlap@10": overlap, "lift": lift, "best": best}
+
+
+def targets(rows: dict, best: str, teacher: str, peer: tuple[str, float]) -> list[str]:
+    """The issue's targets, each checked from the measured rows."""
+    m = lambda n: rows[n]["test"]["ndcg@10"]["mean"]  # noqa: E731
+    sd = lambda n: rows[n]["test"]["ndcg@10"]["std"]  # noqa: E731
+    ratio, gap = m(best) / m(NO_KD), m(best) - m(NO_KD)
+    ok = lambda c: "met" if c else "NOT met"  # noqa: E731
+    return [
+        f"- best variant on valid: **{best}**; test NDCG@10 {m(best):.4f} vs no-KD {m(NO_KD):.4f} = {ratio:.3f}x "
+        f"(target >= 1.10x: {ok(ratio >= 1.10)}; stretch 1.20x: {ok(ratio >= 1.20)})",
+        f"- gap {gap:+.4f} vs the two stds added {sd(best) + sd(NO_KD):.4f}: {ok(gap > sd(best) + sd(NO_KD))}",
+        f"- vs {peer[0]} {peer[1]:.4f}: {ok(m(best) >= peer[1])}",
+        f"- vs its own teacher {m(teacher):.4f}: {ok(m(best) >= m(teacher))}",
+    ]
+
+
+def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], seeds: list[int],
+                search_seed: int) -> str:
+    lines = [f"## Search on valid (seed {search_seed}; the chosen point per family in bold)", "",
+             "| family | overrides | valid NDCG@10 | best epoch |", "|---|---|---|---|"]
+    for family, f in found.items():
+        for r in f["runs"]:
+            cells = [", ".join(f["fixed"] + r["overrides"]), f"{r['valid_ndcg@10']:.4f}", str(r["best_epoch"])]
+            if r is f["chosen"]:
+                cells = [f"**{c}**" for c in cells]
+            lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Test, chosen points, seeds {seeds}", "", report["markdown"], "", "## Targets", "", *target_lines,
+              "", "## Diagnostics (test)", "", "Top-10 overlap with the teacher (mean over seeds):", "",
+              "| system | overlap@10 |", "|---|---|"]
+    for name, o in diag["overlap@10"].items():
+        lines.append(f"| {name} | {o['mean']:.3f} ± {o['std']:.3f} |")
+    best = diag["best"]
+    lines += ["", f"Lift of {best} over {NO_KD} by group (per-user NDCG@10 averaged over seeds; 95% paired bootstrap):", "",
+              f"| group | users | {NO_KD} | {best} | relative | paired difference |", "|---|---|---|---|---|---|"]
+    for group, g in diag["lift"].items():
+        p = g["paired"]
+        lines.append(f"| {group} | {g['users']} | {g['no_kd']:.4f} | {g[best]:.4f} | {g['relative']:.3f}x | "
+                     f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] |")
+    return "\n".join(lines)
+
+
+def run_kd_benchmark(cfg: Config, seeds: list[int], families: dict | None = None, search_seed: int | None = None,
+                     peer: tuple[str, float] = ("SASRec (RecBole, PEERS.md)", 0.0959), jobs: int = 1) -> dict:
+    """Search, seeds, diagnostics; writes `<out_dir>/kd_benchmark/`."""
+    families = families or FAMILIES
+    search_seed = seeds[0] if search_seed is None else search_seed
+    data = load_data(Path(cfg.out_dir) / "data")
+    found = search(cfg, families, search_seed, data, jobs)
+    variants = {NO_KD: ["distill.alpha=0"]}
+    aliases = {}
+    for family, f in found.items():
+        variants[family] = [*f["fixed"], *f["chosen"]["overrides"]]
+        aliases[(family, search_seed)] = [f["chosen"]["folder"]]
+    if "content_features" in found and "user_align" in found:  # embedding distillation + the multi-task head
+        variants["combined"] = [*variants["content_features"], *variants["user_align"]]
+    report = run_seeds(cfg, seeds, variants, aliases, report="kd_benchmark/seeds", jobs=jobs)
+    rows = report["rows"]
+    best = max((v for v in variants if v != NO_KD), key=lambda v: rows[v]["valid"]["ndcg@10"]["mean"])
+    diag = diagnostics(cfg, data, variants, seeds, report["per_user"], best)
+    target_lines = targets(rows, best, cfg.distill.teacher, peer)
+    md = kd_markdown(found, report, diag, target_lines, seeds, search_seed)
+    folder = Path(cfg.out_dir) / "kd_benchmark" / "summary"
+    with atomic_dir(folder) as tmp:
+        write_json(tmp / "results.json", {"search": found, "variants": variants, "rows": rows,
+                                          "paired": report["paired"], "diagnostics": diag, "targets": target_lines})
+        (tmp / "results.md").write_text(md + "\n", encoding="utf-8")
+        (tmp / "seeds.png").write_bytes((report["folder"] / "seeds.png").read_bytes())
+    return {"markdown": md, "folder": folder, "rows": rows, "diagnostics": diag}

@@ -1,0 +1,116 @@
+"""Online cost: what it takes to recommend for one user with the teacher vs with the student.
+
+Teacher: render the user's history as text, encode it with the language model, score the whole
+catalog against the (offline, cached) teacher item vectors, take the top K.
+Student: pad the history of item ids, run the user tower, search the FAISS index for the top K.
+Both start from the same raw history (item ids) and end with K item ids; item vectors are
+precomputed for both, as they would be in serving. Both run in this one process, alternating, so a
+noisy shared machine slows both alike; medians over repeats are compared.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llmkd.config import Config
+from llmkd.data import RecData, load_data
+from llmkd.index import build_index, search
+from llmkd.report import load_student
+from llmkd.teacher import TeacherCache, TextEncoder, adapter_path, user_prompt
+
+Recommender = Callable[[np.ndarray], np.ndarray]  # (B,) users -> (B, K) item ids
+
+
+def teacher_recommender(cfg: Config, data: RecData, k: int) -> tuple[Recommender, int]:
+    """The teacher as an online recommender (history text -> LM -> catalog scores -> top K); its parameter count."""
+    out = Path(cfg.out_dir)
+    tc = cfg.teacher
+    encoder = TextEncoder(tc.model, tc.pooling, tc.batch_size, adapter=adapter_path(tc, out))
+    items = TeacherCache(out / cfg.distill.teacher, data).item_emb  # (N, d_t), precomputed offline
+
+    @torch.inference_mode()
+    def recommend(users: np.ndarray) -> np.ndarray:
+        texts = [user_prompt(data.item_texts, data.history(int(u), "test"), tc) for u in users]
+        vectors = torch.as_tensor(encoder.encode(texts, tc.max_history_tokens))
+        return torch.topk(vectors @ items.T, k, dim=1).indices.numpy()
+
+    return recommend, encoder.num_parameters()
+
+
+def student_recommender(cfg: Config, data: RecData, k: int, student: str) -> tuple[Recommender, int]:
+    """The student as an online recommender (user tower -> FAISS top K over its item vectors)."""
+    model = load_student(Path(cfg.out_dir) / student, data)
+    index = build_index(model.item_vectors().detach().numpy(), cfg.index)
+
+    @torch.inference_mode()
+    def recommend(users: np.ndarray) -> np.ndarray:
+        hist = model.pad_histories([data.history(int(u), "test") for u in users])
+        return search(index, model.user_vectors(hist, torch.as_tensor(users)).numpy(), k)[1]
+
+    return recommend, model.num_parameters(trainable_only=False)
+
+
+def time_calls(fn: Recommender, batches: list[np.ndarray]) -> list[float]:
+    """Seconds per call of `fn` on each batch."""
+    out = []
+    for b in batches:
+        t = time.perf_counter()
+        fn(b)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def measure_online_cost(cfg: Config, student: str, latency_users: int = 100, throughput_users: int = 512,
+                        batch_size: int = 256, repeats: int = 3, k: int = 10) -> dict:
+    """Per-user latency (batch of 1, median) and throughput (users/s at `batch_size`) of teacher and student."""
+    data = load_data(Path(cfg.out_dir) / "data")
+    users = data.eval_users("test")
+    rng = np.random.default_rng(0)
+    lat_users = rng.choice(users, min(latency_users, len(users)), replace=False)
+    thr_users = rng.choice(users, min(throughput_users, len(users)), replace=False)
+    systems = {"teacher": teacher_recommender(cfg, data, k), "student": student_recommender(cfg, data, k, student)}
+    singles = [np.array([u]) for u in lat_users]
+    chunks = [thr_users[i : i + batch_size] for i in range(0, len(thr_users), batch_size)]
+    latency: dict[str, list[float]] = {name: [] for name in systems}
+    throughput: dict[str, list[float]] = {name: [] for name in systems}
+    for name, (fn, _) in systems.items():  # warm-up: first calls allocate and load lazily
+        time_calls(fn, singles[:3] + chunks[:1])
+    for _ in tqdm(range(repeats), desc="online cost (teacher and student, alternating)"):
+        for name, (fn, _) in systems.items():
+            latency[name] += time_calls(fn, singles)
+            throughput[name].append(len(thr_users) / sum(time_calls(fn, chunks)))
+    result = {"users_latency": len(lat_users), "users_throughput": len(thr_users), "batch_size": batch_size,
+              "repeats": repeats, "k": k, "threads": torch.get_num_threads(), "student": student,
+              "index_type": cfg.index.type, "num_items": data.num_items}
+    for name, (_, params) in systems.items():
+        result[name] = {"parameters": params,
+                        "latency_ms_p50": 1000 * statistics.median(latency[name]),
+                        "latency_ms_p90": 1000 * float(np.percentile(latency[name], 90)),
+                        "users_per_second": statistics.median(throughput[name])}
+    t, s = result["teacher"], result["student"]
+    result["ratios"] = {"latency": t["latency_ms_p50"] / s["latency_ms_p50"],
+                        "throughput": s["users_per_second"] / t["users_per_second"],
+                        "parameters": t["parameters"] / s["parameters"]}
+    return result
+
+
+def online_markdown(r: dict) -> str:
+    t, s, x = r["teacher"], r["student"], r["ratios"]
+    return "\n".join([
+        f"Online cost per user on this CPU ({r['threads']} threads; top-{r['k']} of {r['num_items']} items; "
+        f"median of {r['repeats']} alternating repeats).", "",
+        "| system | parameters | latency p50 (batch 1) | latency p90 | throughput (batch " + str(r["batch_size"]) + ") |",
+        "|---|---|---|---|---|",
+        f"| teacher (LM on history text + catalog scoring) | {t['parameters']:,} | {t['latency_ms_p50']:.2f} ms | "
+        f"{t['latency_ms_p90']:.2f} ms | {t['users_per_second']:,.0f} users/s |",
+        f"| student ({r['student']}: user tower + FAISS {r['index_type']}) | {s['parameters']:,} | "
+        f"{s['latency_ms_p50']:.3f} ms | {s['latency_ms_p90']:.3f} ms | {s['users_per_second']:,.0f} users/s |",
+        f"| teacher / student | {x['parameters']:,.0f}x | {x['latency']:,.0f}x | | {x['throughput']:,.0f}x |",
+    ])

@@ -1,0 +1,45 @@
+"""Which distillation lifts the student: no-KD vs every KD variant, chosen on valid, over seeds.
+
+    python scripts/benchmark_kd.py --config configs/ml100k_lora_long.yaml --seeds 0 1 2
+    python scripts/benchmark_kd.py --config ... --families listwise_kl content_features --grid listwise_kl:distill.alpha=0.1,0.3,1
+
+Writes <out_dir>/kd_benchmark/summary/results.md (search, table, targets, diagnostics), results.json and
+seeds.png; every student lands in <out_dir>/seeds/ (search runs in seeds/search/) and is reused on a rerun.
+"""
+
+import copy
+
+import yaml
+
+from llmkd.artifacts import LlmkdError
+from llmkd.cli import config_from, parser, run
+from llmkd.kd_benchmark import FAMILIES, run_kd_benchmark
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--search-seed", type=int, default=None, help="seed of the valid search (default: the first seed)")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), help=f"subset of: {', '.join(FAMILIES)}")
+    p.add_argument("--jobs", type=int, default=1, help="students trained at a time (worker processes share the cores)")
+    p.add_argument("--grid", action="append", default=[], metavar="FAMILY:KEY=V1,V2",
+                   help="replace one key of a family's search grid (values parsed as YAML)")
+    args = p.parse_args()
+    unknown = sorted(set(args.families) - set(FAMILIES))
+    if unknown:
+        raise LlmkdError(f"--families: unknown {unknown}; known: {', '.join(FAMILIES)}")
+    families = {f: copy.deepcopy(FAMILIES[f]) for f in args.families}
+    for g in args.grid:
+        family, _, rest = g.partition(":")
+        key, _, values = rest.partition("=")
+        if family not in families or not key or not values:
+            raise LlmkdError(f"--grid {g!r}: expected FAMILY:KEY=V1,V2 with FAMILY among {', '.join(families)}")
+        families[family][1][key] = [yaml.safe_load(v) for v in values.split(",")]
+    cfg = config_from(args)
+    result = run_kd_benchmark(cfg, args.seeds, families, args.search_seed, jobs=args.jobs)
+    print(result["markdown"])
+    print(f"\nwritten to {result['folder']}")
+
+
+if __name__ == "__main__":
+    run(main)
