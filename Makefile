@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test seeds clean
+.PHONY: install install-gpt demo test seeds benchmark-kd cold-start clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,26 @@ seeds: install
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
 	$(RUN) scripts/seeds.py $(SET) --seeds $(SEEDS)
+
+# Every KD variant searched on valid, 3 seeds each, diagnostics, then the online cost of teacher vs the
+# best student; with the longer teacher recipe (README "Which distillation lifts the student").
+KD_CONFIG ?= configs/ml100k_lora_long.yaml
+KD_SET = --config $(KD_CONFIG)
+benchmark-kd: install
+	$(RUN) scripts/prepare_data.py $(KD_SET)
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(KD_SET)
+	$(RUN) scripts/build_teacher.py $(KD_SET)
+	$(RUN) scripts/benchmark_kd.py $(KD_SET) --seeds $(SEEDS) --jobs 2
+	$(RUN) scripts/benchmark_online.py $(KD_SET) --student seeds/combined_s0
+
+# Cold-start items: 10% of the items withheld from every stage, then embedded from their text.
+COLD_SET = --config configs/ml100k_cold.yaml
+cold-start: install
+	$(RUN) scripts/prepare_data.py $(COLD_SET)
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(COLD_SET)
+	$(RUN) scripts/build_teacher.py $(COLD_SET)
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(COLD_SET)
+	$(RUN) scripts/cold_start.py $(COLD_SET)
 
 test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
