@@ -25,7 +25,7 @@ from llmkd.artifacts import atomic_dir, write_json
 from llmkd.benchmark import reuse, run_seeds, train_many, variant_config
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import mask_seen, paired_bootstrap
+from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap
 from llmkd.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
 
@@ -97,14 +97,17 @@ def overlap_at_k(a: np.ndarray, b: np.ndarray) -> float:
 
 def groups(data: RecData, head_share: float = 0.2) -> dict[str, np.ndarray]:
     """Boolean masks over test users: test item in the head (the `head_share` most-interacted items in
-    train) or tail; history (train + valid) at most the median length (short) or longer (long)."""
+    train) or tail, and the rarest tail (items with < 10 train interactions); history (train + valid) at
+    most the median length (short) or longer (long)."""
     users = data.eval_users("test")
     counts = data.item_counts()
-    head_items = np.argsort(-counts, kind="stable")[: max(1, int(round(head_share * data.num_items)))]
-    head = np.isin(data.targets("test")[users], head_items)
+    head_items = np.argsort(-counts, kind="stable")[: max(1, round(head_share * data.num_items))]
+    target = data.targets("test")[users]
+    head = np.isin(target, head_items)
     length = np.array([len(data.history(u, "test")) for u in users])
     short = length <= np.median(length)
-    return {"head items": head, "tail items": ~head, "short histories": short, "long histories": ~short}
+    return {"head items": head, "tail items": ~head, "rare items (< 10 train interactions)": counts[target] < 10,
+            "short histories": short, "long histories": ~short}
 
 
 def diagnostics(cfg: Config, data: RecData, variants: dict[str, list[str]], seeds: list[int], per_user: dict,
@@ -122,9 +125,13 @@ def diagnostics(cfg: Config, data: RecData, variants: dict[str, list[str]], seed
         overlap[name] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
     a = np.mean([per_user[best][s]["test"]["ndcg@10"] for s in seeds], 0)
     b = np.mean([per_user[NO_KD][s]["test"]["ndcg@10"] for s in seeds], 0)
+    t = evaluate_scores(data, "test", teacher.scorer(), (10,))["ndcg@10"]
     lift = {}
     for group, mask in groups(data).items():
-        lift[group] = {"users": int(mask.sum()), "no_kd": float(b[mask].mean()), best: float(a[mask].mean()),
+        if not mask.any():  # e.g. no test item is rare
+            continue
+        lift[group] = {"users": int(mask.sum()), "teacher": float(t[mask].mean()), "no_kd": float(b[mask].mean()),
+                       best: float(a[mask].mean()),
                        "relative": float(a[mask].mean() / max(b[mask].mean(), 1e-12)),
                        "paired": paired_bootstrap(a[mask], b[mask], cfg.eval.bootstrap)}
     return {"overlap@10": overlap, "lift": lift, "best": best}
@@ -165,10 +172,10 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
         lines.append(f"| {name} | {o['mean']:.3f} ± {o['std']:.3f} |")
     best = diag["best"]
     lines += ["", f"Lift of {best} over {NO_KD} by group (per-user NDCG@10 averaged over seeds; 95% paired bootstrap):", "",
-              f"| group | users | {NO_KD} | {best} | relative | paired difference |", "|---|---|---|---|---|---|"]
+              f"| group | users | teacher | {NO_KD} | {best} | relative | paired difference |", "|---|---|---|---|---|---|---|"]
     for group, g in diag["lift"].items():
         p = g["paired"]
-        lines.append(f"| {group} | {g['users']} | {g['no_kd']:.4f} | {g[best]:.4f} | {g['relative']:.3f}x | "
+        lines.append(f"| {group} | {g['users']} | {g['teacher']:.4f} | {g['no_kd']:.4f} | {g[best]:.4f} | {g['relative']:.3f}x | "
                      f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] |")
     return "\n".join(lines)
 

@@ -361,6 +361,7 @@ def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
     lift = diag["lift"]
     assert lift["head items"]["users"] + lift["tail items"]["users"] <= users
     assert lift["short histories"]["users"] + lift["long histories"]["users"] == lift["head items"]["users"] + lift["tail items"]["users"]
+    assert all(0.0 <= g["teacher"] <= 1.0 for g in lift.values())
     assert len(summary["targets"]) == 4 and "1.10x" in summary["targets"][0]
     assert "## Search on valid" in result["markdown"] and (out / "kd_benchmark" / "summary" / "seeds.png").is_file()
 
