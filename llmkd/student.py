@@ -137,9 +137,18 @@ class TwoTower(nn.Module):
         states = self.user_tower(table[history], history != self.num_items, users)
         return states, table[: self.num_items]
 
-    def user_vectors(self, history: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) left-padded histories -> (B, d) user vectors (the last state)."""
-        return self(history, users)[0][:, -1]
+    def user_vectors(self, history: torch.Tensor, users: torch.Tensor | None = None,
+                     table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) left-padded histories -> (B, d) user vectors (the last state).
+
+        `table` is the item tower's output (`item_tower()`), e.g. computed once for serving. Columns
+        that are padding in every row are dropped first: positions count from the right, and padding is
+        never attended to, so the last state is unchanged and short histories cost less."""
+        table = self.item_tower() if table is None else table
+        real = history != self.num_items
+        first = int(real.any(0).to(torch.int8).argmax()) if real.any() else history.shape[1] - 1
+        history, real = history[:, first:], real[:, first:]
+        return self.user_tower(table[history], real, users)[:, -1]
 
     def pad_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
         """Histories -> (B, max_len) int64, the most recent `max_len` items, left-padded."""

@@ -1,8 +1,8 @@
 """Online cost of the teacher vs the student, side by side in one run on this machine.
 
 Per-user latency (batch of one) and throughput (batches of --batch-size) of the teacher (history text
--> language model -> catalog scores -> top K) and the student (user tower -> FAISS top K), plus
-parameter counts; teacher and student alternate, medians over --repeats.
+-> language model -> catalog scores -> top K) and each student (user tower -> FAISS top K), plus
+parameter counts; the systems alternate, medians over --repeats.
 
     python scripts/benchmark_online.py --config configs/ml100k_lora_long.yaml --student seeds/student_no_kd_s0
 """
@@ -16,7 +16,7 @@ from llmkd.online import measure_online_cost, online_markdown
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--student", default="student_kd", help="student folder under out_dir")
+    p.add_argument("--student", nargs="+", default=["student_kd"], help="student folder(s) under out_dir")
     p.add_argument("--latency-users", type=int, default=100)
     p.add_argument("--throughput-users", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=256)

@@ -371,10 +371,15 @@ def test_online_cost_benchmark(pipeline):
     from llmkd.online import measure_online_cost
 
     cfg = load_config(pipeline["cfg"])
-    r = measure_online_cost(cfg, "student_kd", latency_users=4, throughput_users=8, batch_size=4, repeats=1)
-    for system in ("teacher", "student"):
-        assert r[system]["parameters"] > 0 and r[system]["latency_ms_p50"] > 0 and r[system]["users_per_second"] > 0
-    assert r["ratios"]["parameters"] == pytest.approx(r["teacher"]["parameters"] / r["student"]["parameters"])
+    r = measure_online_cost(cfg, ["student_kd", "student_no_kd"], latency_users=4, throughput_users=8, batch_size=4,
+                            repeats=1)
+    systems = r["systems"]
+    assert list(systems) == ["teacher", "student_kd", "student_no_kd"]
+    for s in systems.values():
+        assert s["parameters"] > 0 and s["latency_ms_p50"] > 0 and s["users_per_second"] > 0
+    ratio = systems["student_kd"]["teacher_over_student"]
+    assert ratio["parameters"] == pytest.approx(systems["teacher"]["parameters"] / systems["student_kd"]["parameters"])
+    assert ratio["throughput"] == pytest.approx(systems["student_kd"]["users_per_second"] / systems["teacher"]["users_per_second"])
     proc = run(script("benchmark_online.py", pipeline["cfg"], "--latency-users", "3", "--throughput-users", "6",
                       "--batch-size", "3", "--repeats", "1", "--out", str(pipeline["root"] / "online.json")),
                pipeline["home"])

@@ -179,3 +179,17 @@ def test_id_dropout_drops_whole_id_rows_in_training_only():
     kept = torch.isclose(vectors, both).all(1)
     assert (dropped | kept).all() and 0 < int(dropped.sum()) < N_ITEMS
     assert torch.equal(tower()[N_ITEMS], torch.zeros(16))  # the padding row stays zero
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_user_vectors_with_a_precomputed_table_and_trimmed_padding(variant):
+    """Serving path: the item table computed once, and all-padding columns dropped, change nothing."""
+    model = make(variant)
+    h = torch.full((3, MAX_LEN), N_ITEMS, dtype=torch.long)
+    h[0, -3:] = torch.tensor([1, 2, 3])
+    h[1, -1:] = torch.tensor([4])  # the batch's longest history is 3 items: 5 columns are padding for all
+    u = users(3)
+    with torch.no_grad():
+        full = model(h, u)[0][:, -1]
+        fast = model.user_vectors(h, u, table=model.item_tower())
+    torch.testing.assert_close(fast, full)
