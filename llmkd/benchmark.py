@@ -153,7 +153,7 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
     with atomic_dir(out / report) as tmp:
         write_json(tmp / "results.json", {"seeds": seeds, "variants": variants, "rows": rows, "paired": paired})
         (tmp / "results.md").write_text(md + "\n", encoding="utf-8")
-        plot_seeds(rows, per_user, tmp / "seeds.png")
+        plot_seeds(rows, tmp / "seeds.png")
     return {"rows": rows, "paired": paired, "markdown": md, "per_user": per_user, "folder": out / report}
 
 
@@ -173,20 +173,21 @@ def seeds_markdown(rows: dict, paired: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot_seeds(rows: dict, per_user: dict, path: Path) -> None:
+def plot_seeds(rows: dict, path: Path) -> None:
+    """Bars: test NDCG@10 mean +- std per system; dots: each seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 1.5), 4.0))
     for i, name in enumerate(names):
-        if name in per_user:
-            vals = [summarize(r["test"])["ndcg@10"] for r in per_user[name].values()]
+        if "per_seed" in rows[name]:
+            vals = [r["test"]["ndcg@10"] for r in rows[name]["per_seed"].values()]
             ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
         ax.bar(i, rows[name]["test"]["ndcg@10"]["mean"], yerr=rows[name]["test"]["ndcg@10"]["std"], alpha=0.6)
-    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
     ax.set_ylabel("test NDCG@10")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
