@@ -39,19 +39,14 @@ def variant_config(cfg: Config, name: str, overrides: list[str], seed: int) -> C
 TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
 
 
-def uses_teacher(cfg: Config) -> bool:
-    dc = cfg.distill
-    return dc.alpha > 0 or dc.user_align > 0 or dc.item_align > 0 or cfg.student.content_features
-
-
 def training_key(cfg: Config) -> dict:
     """What a student's training depends on, besides the data and the teacher cache's contents: the data,
     student and distill settings (not the run's name; without the teacher fields when it uses no teacher,
     so the no-KD twin is the same whatever teacher the KD variants learn from) and the teacher config."""
     d = cfg.to_dict()
-    skip = ("name",) if uses_teacher(cfg) else ("name", *TEACHER_ONLY)
+    skip = ("name",) if cfg.uses_teacher else ("name", *TEACHER_ONLY)
     key = {"data": d["data"], "student": d["student"], "distill": {k: v for k, v in d["distill"].items() if k not in skip}}
-    if uses_teacher(cfg):
+    if cfg.uses_teacher:
         key["teacher"] = d["teacher"]
     return key
 
@@ -69,7 +64,7 @@ def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
         return False
     if training_key(then) != training_key(cfg) or meta.get("data_fingerprint") != data_fingerprint:
         return False
-    if uses_teacher(cfg):
+    if cfg.uses_teacher:
         teacher = Path(cfg.out_dir) / cfg.distill.teacher
         return (teacher / "meta.json").is_file() and meta.get("teacher_fingerprint") == teacher_fingerprint(teacher)
     return True

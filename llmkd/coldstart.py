@@ -105,7 +105,8 @@ def cold_start_eval(cfg: Config, students: list[str], ks: tuple[int, ...] = (10,
         add(name, s_user, s_warm, s_cold)
         index = build_index(torch.cat([s_warm, s_cold]).numpy(), cfg.index)  # served: warm + cold in one index
         faiss_top = search(index, s_user.numpy(), kmax + max(len(h) for h in hists))[1]
-        faiss_top = [[i for i in row if i >= 0 and i not in set(h.tolist())][:kmax] for row, h in zip(faiss_top, hists)]
+        faiss_top = [[i for i in row if i >= 0 and i not in seen][:kmax]
+                     for row, seen in zip(faiss_top, (set(h.tolist()) for h in hists))]
         systems[f"{name} (FAISS {cfg.index.type})"] = {"whole catalog": set_metrics(faiss_top, relevant_all, list(ks))}
     rng = np.random.default_rng(0)  # popularity = no signal: a random order of the cold items
     systems["popularity (no interactions: random order)"] = {

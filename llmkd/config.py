@@ -223,6 +223,11 @@ class DistillConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise LlmkdError("distill: epochs, batch_size and grad_accum must be >= 1")
 
+    @property
+    def learns_from_teacher(self) -> bool:
+        """True when a loss term reads the teacher's scores or vectors (KD or an alignment head)."""
+        return self.alpha > 0 or self.user_align > 0 or self.item_align > 0
+
     def make_kd_loss(self):
         """The configured KD loss module (`llmkd.losses.build_kd_loss`)."""
         from llmkd.losses import build_kd_loss
@@ -282,6 +287,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """True when training reads the teacher cache: a teacher loss term or its item vectors as features."""
+        return self.distill.learns_from_teacher or self.student.content_features
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

@@ -252,14 +252,13 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     accelerator = make_accelerator(cfg, ckpt_dir)
     set_seed(dc.seed)
     data = load_data(out / "data")
-    need_teacher = dc.alpha > 0 or dc.user_align > 0 or dc.item_align > 0 or cfg.student.content_features
-    teacher = TeacherCache(out / dc.teacher, data) if need_teacher else None
+    teacher = TeacherCache(out / dc.teacher, data) if cfg.uses_teacher else None
     content_dim = teacher.item_emb.shape[1] if teacher is not None and cfg.student.content_features else 0
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:
         model.item_tower.content[: data.num_items] = teacher.item_emb
-    learns_from_teacher = dc.alpha > 0 or dc.user_align > 0 or dc.item_align > 0
-    kd_targets = KDTargets(teacher, dc.kd_top_k, dc.teacher_scale, accelerator.device) if learns_from_teacher else None
+    kd_targets = (KDTargets(teacher, dc.kd_top_k, dc.teacher_scale, accelerator.device)
+                  if dc.learns_from_teacher else None)
     train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)
     heads = TeacherHeads(cfg.student.dim, teacher.item_emb.shape[1] if teacher is not None else 0,
                          dc.user_align > 0, dc.item_align > 0)
@@ -326,7 +325,7 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     if accelerator.is_main_process:
         net = TwoTower.from_pretrained(ckpt_dir / "best")
         meta = new_meta("student", cfg.to_dict(), data.fingerprint, **result,
-                        teacher_fingerprint=teacher_fingerprint(out / dc.teacher) if need_teacher else None,
+                        teacher_fingerprint=teacher_fingerprint(out / dc.teacher) if cfg.uses_teacher else None,
                         num_parameters=net.num_parameters(), num_processes=accelerator.num_processes,
                         distributed_type=str(accelerator.distributed_type), timing=timer.as_dict())
         with atomic_dir(out / dc.name) as tmp:
