@@ -6,8 +6,9 @@
 2. The no-KD twin and every family at its chosen point (plus `combined`: the teacher's item features
    and the multi-task head, each at its chosen point) are trained at every seed (`llmkd.benchmark.run_seeds`; the search
    run is reused for its seed) and evaluated on test once.
-3. Diagnostics: teacher-student top-10 overlap, and the lift of the best variant (chosen on valid)
-   split by the test item's popularity (head / tail) and by the user's history length (short / long).
+3. Diagnostics: teacher-student top-10 overlap; the lift of the best variant (chosen on valid)
+   split by the test item's popularity (head / tail) and by the user's history length (short / long);
+   the teacher's headroom (student + teacher scores ranked together, the weight chosen on valid).
 
 Writes `<out_dir>/kd_benchmark/`: results.md, results.json, seeds.png (test NDCG@10 per system).
 """
@@ -30,6 +31,7 @@ from llmkd.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
 
 NO_KD = "student_no_kd"
+HEADROOM_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)  # teacher-score weights of the serving-time ensemble
 SCORE_KD = ("listwise_kl", "ranking_distillation", "relaxed_ranking", "margin_mse", "pairwise_hinge", "infonce")
 
 # family -> (fixed overrides, grid searched on valid); alpha weighs a score-KD loss against the hard loss
@@ -134,7 +136,53 @@ def diagnostics(cfg: Config, data: RecData, variants: dict[str, list[str]], seed
                        best: float(a[mask].mean()),
                        "relative": float(a[mask].mean() / max(b[mask].mean(), 1e-12)),
                        "paired": paired_bootstrap(a[mask], b[mask], cfg.eval.bootstrap)}
-    return {"overlap@10": overlap, "lift": lift, "best": best}
+    headroom = teacher_headroom(cfg, data, variants, seeds, list(dict.fromkeys([NO_KD, best])))
+    for h in headroom.values():
+        ens = h["test"].pop("per_user")
+        h["valid"].pop("per_user")
+        h["relative"] = float(ens.mean() / max(b.mean(), 1e-12))
+        h["paired"] = paired_bootstrap(ens, b, cfg.eval.bootstrap)
+    return {"overlap@10": overlap, "lift": lift, "best": best, "teacher_headroom": headroom}
+
+
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row z-scores, so scores on different scales (teacher cosine, student dot product) can be added."""
+    return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+
+
+def teacher_headroom(cfg: Config, data: RecData, variants: dict[str, list[str]], seeds: list[int], systems: list[str],
+                     weights: tuple[float, ...] = HEADROOM_WEIGHTS) -> dict:
+    """What the teacher's scores add to a trained student when both are at hand: rank by
+    standardize(student) + w * standardize(teacher), w chosen on valid per seed (w = 0 is the student
+    alone), test reported. An ensemble that barely beats the student says the teacher's rankings hold
+    little the student lacks, so score distillation has little to transfer (a yardstick, not a bound)."""
+    out = Path(cfg.out_dir)
+    teacher = TeacherCache(out / cfg.distill.teacher, data).scorer()
+    users = {split: data.eval_users(split) for split in ("valid", "test")}
+    row = {split: np.full(data.num_users, -1) for split in users}
+    for split, u in users.items():
+        row[split][u] = np.arange(len(u))
+    t = {split: standardize(teacher(u, split).float()) for split, u in users.items()}
+    result = {}
+    for name in systems:
+        chosen, per_user = [], {"valid": [], "test": []}
+        for seed in seeds:
+            model = load_student(out / variant_config(cfg, name, variants[name], seed).distill.name, data)
+            s = {split: standardize(student_scorer(model, data)(u, split).float()) for split, u in users.items()}
+
+            def ndcg(split: str, w: float) -> np.ndarray:
+                mixed = s[split] + w * t[split]
+                return evaluate_scores(data, split, lambda b, sp: mixed[row[sp][b]], (10,))["ndcg@10"]
+
+            w = max(weights, key=lambda w: ndcg("valid", w).mean())  # first (smallest) weight on ties
+            chosen.append(w)
+            for split in per_user:
+                per_user[split].append(ndcg(split, w))
+        result[name] = {"weights": chosen, **{split: {"mean": float(np.mean([v.mean() for v in vals])),
+                                                      "std": float(np.std([v.mean() for v in vals], ddof=1))
+                                                      if len(vals) > 1 else 0.0, "per_user": np.mean(vals, 0)}
+                                              for split, vals in per_user.items()}}
+    return result
 
 
 def targets(rows: dict, best: str, teacher: str, peer: tuple[str, float]) -> list[str]:
@@ -177,6 +225,16 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
         p = g["paired"]
         lines.append(f"| {group} | {g['users']} | {g['teacher']:.4f} | {g['no_kd']:.4f} | {g[best]:.4f} | {g['relative']:.3f}x | "
                      f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] |")
+    lines += ["", "Teacher headroom: rank by standardized student scores + w x standardized teacher scores, w chosen on "
+              f"valid per seed from {list(HEADROOM_WEIGHTS)} (w = 0: the student alone); an ensemble that barely beats "
+              "the student means the teacher's rankings hold little the student lacks.", "",
+              f"| student + teacher scores | w per seed | valid NDCG@10 | test NDCG@10 | vs {NO_KD} alone | paired difference |",
+              "|---|---|---|---|---|---|"]
+    for name, h in diag["teacher_headroom"].items():
+        p = h["paired"]
+        lines.append(f"| {name} + teacher | {', '.join(f'{w:g}' for w in h['weights'])} | "
+                     f"{h['valid']['mean']:.4f} ± {h['valid']['std']:.4f} | {h['test']['mean']:.4f} ± {h['test']['std']:.4f} | "
+                     f"{h['relative']:.3f}x | {p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] |")
     return "\n".join(lines)
 
 

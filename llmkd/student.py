@@ -81,8 +81,10 @@ class UserTower(nn.Module):
         if self.user_embedding is not None:
             nn.init.normal_(self.user_embedding.weight, std=0.02)
 
-    def forward(self, seq: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, d) history vectors, (B, L) bool real-item mask -> (B, L, d) user states."""
+    def forward(self, seq: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """(B, L, d) history vectors, (B, L) bool real-item mask -> (B, L, d) user states, or (B, 1, d)
+        with `last_only` (serving: the mean pooling then computes only the newest state)."""
         B, L, d = seq.shape
         causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L) query t sees keys <= t
         allowed = causal & real[:, None, :]  # (B, L, L)
@@ -91,10 +93,12 @@ class UserTower(nn.Module):
             allowed = allowed | torch.eye(L, dtype=torch.bool, device=seq.device)  # pads see themselves
             mask = (~allowed).repeat_interleave(self.num_heads, dim=0)  # (B*H, L, L), True = blocked
             x = self.encoder(x, mask=mask)
+            x = x[:, -1:] if last_only else x
         else:
             steps = torch.arange(L, device=seq.device, dtype=seq.dtype)
-            w = torch.exp(-self.recency_decay * (steps[:, None] - steps[None, :]).clamp(min=0))
-            w = w * allowed  # (B, L, L)
+            queries = steps[-1:] if last_only else steps
+            w = torch.exp(-self.recency_decay * (queries[:, None] - steps[None, :]).clamp(min=0))  # (Q, L)
+            w = w * allowed[:, -len(queries) :]  # (B, Q, L)
             x = torch.einsum("bts,bsd->btd", w, seq) / w.sum(-1, keepdim=True).clamp(min=1e-9)
         x = self.norm(x)
         x = x + self.mlp(x)
@@ -148,16 +152,16 @@ class TwoTower(nn.Module):
         real = history != self.num_items
         first = int(real.any(0).to(torch.int8).argmax()) if real.any() else history.shape[1] - 1
         history, real = history[:, first:], real[:, first:]
-        return self.user_tower(table[history], real, users)[:, -1]
+        return self.user_tower(table[history], real, users, last_only=True)[:, -1]
 
     def pad_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
         """Histories -> (B, max_len) int64, the most recent `max_len` items, left-padded."""
-        out = torch.full((len(histories), self.max_len), self.num_items, dtype=torch.long)
-        for row, h in enumerate(histories):
-            h = h[-self.max_len :]
-            if len(h):
-                out[row, -len(h) :] = torch.as_tensor(h)
-        return out
+        recent = [np.asarray(h, dtype=np.int64)[-self.max_len :] for h in histories]
+        lengths = np.array([len(h) for h in recent], dtype=np.int64)
+        out = np.full((len(recent), self.max_len), self.num_items, dtype=np.int64)
+        filled = np.arange(self.max_len) >= self.max_len - lengths[:, None]  # (B, max_len), True where an item goes
+        out[filled] = np.concatenate(recent) if len(recent) else []  # row-major order = each history in turn
+        return torch.from_numpy(out)
 
     def save_pretrained(self, folder: str | Path, is_main_process: bool = True,
                         save_function: Callable[..., Any] | None = None, extra: dict | None = None) -> None:

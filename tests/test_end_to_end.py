@@ -333,7 +333,7 @@ def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
     """Search on valid picks the best grid point; its run is reused for that seed; the report has the
     teacher and popularity rows, the target checks and the diagnostics."""
     from llmkd.config import load_config
-    from llmkd.kd_benchmark import run_kd_benchmark
+    from llmkd.kd_benchmark import HEADROOM_WEIGHTS, run_kd_benchmark, teacher_headroom
 
     out = pipeline["out"]
     cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]"])
@@ -363,6 +363,16 @@ def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
     assert lift["short histories"]["users"] + lift["long histories"]["users"] == lift["head items"]["users"] + lift["tail items"]["users"]
     assert all(0.0 <= g["teacher"] <= 1.0 for g in lift.values())
     assert len(summary["targets"]) == 4 and "1.10x" in summary["targets"][0]
+    head = diag["teacher_headroom"]
+    assert set(head) == {"student_no_kd", diag["best"]}
+    for name, h in head.items():
+        assert len(h["weights"]) == 2 and set(h["weights"]) <= set(HEADROOM_WEIGHTS)
+        assert h["valid"]["mean"] >= summary["rows"][name]["valid"]["ndcg@10"]["mean"] - 1e-6  # w = 0 is a candidate
+    # w = 0 ranks by the student alone: the ensemble path reproduces the student's own test rows
+    from llmkd.data import load_data
+    alone = teacher_headroom(cfg, load_data(out / "data"), summary["variants"], [0, 1], ["student_no_kd"], weights=(0.0,))
+    for split in ("valid", "test"):
+        assert alone["student_no_kd"][split]["mean"] == pytest.approx(summary["rows"]["student_no_kd"][split]["ndcg@10"]["mean"], abs=1e-6)
     assert "## Search on valid" in result["markdown"] and (out / "kd_benchmark" / "summary" / "seeds.png").is_file()
 
 
