@@ -59,7 +59,7 @@ benchmark-kd: install
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(KD_SET)
 	$(RUN) scripts/build_teacher.py $(KD_SET)
 	$(RUN) scripts/benchmark_kd.py $(KD_SET) --seeds $(SEEDS) --jobs 2
-	$(RUN) scripts/benchmark_online.py $(KD_SET) --student seeds/combined_s0 seeds/student_no_kd_s0
+	$(RUN) scripts/benchmark_online.py $(KD_SET) --student seeds/content_features_s0 seeds/combined_s0 seeds/student_no_kd_s0
 
 # Cold-start items: 10% of the items withheld from every stage, then embedded from their text.
 COLD_SET = --config configs/ml100k_cold.yaml
