@@ -168,16 +168,18 @@ def teacher_headroom(cfg: Config, data: RecData, variants: dict[str, list[str]],
         chosen, per_user = [], {"valid": [], "test": []}
         for seed in seeds:
             model = load_student(out / variant_config(cfg, name, variants[name], seed).distill.name, data)
-            s = {split: standardize(student_scorer(model, data)(u, split).float()) for split, u in users.items()}
+            scorer = student_scorer(model, data)
+            s = {split: standardize(scorer(u, split).float()) for split, u in users.items()}
 
             def ndcg(split: str, w: float) -> np.ndarray:
                 mixed = s[split] + w * t[split]
                 return evaluate_scores(data, split, lambda b, sp: mixed[row[sp][b]], (10,))["ndcg@10"]
 
-            w = max(weights, key=lambda w: ndcg("valid", w).mean())  # first (smallest) weight on ties
+            valid = {w: ndcg("valid", w) for w in weights}
+            w = max(weights, key=lambda w: valid[w].mean())  # first (smallest) weight on ties
             chosen.append(w)
-            for split in per_user:
-                per_user[split].append(ndcg(split, w))
+            per_user["valid"].append(valid[w])
+            per_user["test"].append(ndcg("test", w))
         result[name] = {"weights": chosen, **{split: {"mean": float(np.mean([v.mean() for v in vals])),
                                                       "std": float(np.std([v.mean() for v in vals], ddof=1))
                                                       if len(vals) > 1 else 0.0, "per_user": np.mean(vals, 0)}

@@ -87,10 +87,9 @@ class UserTower(nn.Module):
         with `last_only` (serving: the mean pooling then computes only the newest state)."""
         B, L, d = seq.shape
         causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L) query t sees keys <= t
-        allowed = causal & real[:, None, :]  # (B, L, L)
         if self.pooling == "transformer":
             x = self.dropout(self.input_norm(seq + self.position.weight[-L:]))  # left-padded: last = newest
-            allowed = allowed | torch.eye(L, dtype=torch.bool, device=seq.device)  # pads see themselves
+            allowed = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=seq.device)  # pads see themselves
             mask = (~allowed).repeat_interleave(self.num_heads, dim=0)  # (B*H, L, L), True = blocked
             x = self.encoder(x, mask=mask)
             x = x[:, -1:] if last_only else x
@@ -98,7 +97,7 @@ class UserTower(nn.Module):
             steps = torch.arange(L, device=seq.device, dtype=seq.dtype)
             queries = steps[-1:] if last_only else steps
             w = torch.exp(-self.recency_decay * (queries[:, None] - steps[None, :]).clamp(min=0))  # (Q, L)
-            w = w * allowed[:, -len(queries) :]  # (B, Q, L)
+            w = w * (causal[-len(queries) :] & real[:, None, :])  # (B, Q, L)
             x = torch.einsum("bts,bsd->btd", w, seq) / w.sum(-1, keepdim=True).clamp(min=1e-9)
         x = self.norm(x)
         x = x + self.mlp(x)
