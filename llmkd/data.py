@@ -1,6 +1,6 @@
 """Interactions + item text: loading, validation, the leave-last-out split, and the `data/` artifact.
 
-Split (DESIGN.md): per user, interactions sorted by timestamp with ties kept in file order; last ->
+Split (docs/protocol.md): per user, interactions sorted by timestamp with ties kept in file order; last ->
 test, second last -> valid, the rest -> train. Users with fewer than 3 interactions go to train only.
 
 Artifact `data/`:
@@ -378,7 +378,7 @@ def load_data(folder: str | Path) -> RecData:
 
 
 def split_checksums(data: RecData) -> dict[str, str]:
-    """SHA-256 of 'user_id,item_id\\n' lines of each held-out split, users sorted numerically (PEERS.md)."""
+    """SHA-256 of 'user_id,item_id\\n' lines of each held-out split, users sorted numerically (docs/protocol.md)."""
     import hashlib
 
     out = {}

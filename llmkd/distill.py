@@ -205,7 +205,8 @@ def validate(model: TwoTower, eval_dl, data: RecData, accelerator: Accelerator, 
 
 
 def make_accelerator(cfg: Config, project_dir: Path) -> Accelerator:
-    """An Accelerator that forms one distributed run on CPU-only machines too (DESIGN.md)."""
+    """An Accelerator that forms one distributed run on CPU-only machines too (a plain
+    `Accelerator()` there would run each process alone; `cpu=True` gives MULTI_CPU with a working gather)."""
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.distill.grad_accum,

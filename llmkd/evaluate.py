@@ -1,4 +1,4 @@
-"""Offline retrieval evaluation (DESIGN.md protocol): full ranking, seen items masked, one held-out item.
+"""Offline retrieval evaluation (docs/protocol.md): full ranking, seen items masked, one held-out item.
 
 Ranking: items sorted by descending score, ties broken by lower item index (a stable sort), so every
 system -- including popularity, which has many ties -- is ranked deterministically. Metrics per user:

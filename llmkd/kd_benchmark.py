@@ -241,7 +241,7 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
 
 
 def run_kd_benchmark(cfg: Config, seeds: list[int], families: dict | None = None, search_seed: int | None = None,
-                     peer: tuple[str, float] = ("SASRec (RecBole, PEERS.md)", 0.0959), jobs: int = 1) -> dict:
+                     peer: tuple[str, float] = ("SASRec (RecBole, docs/peers.md)", 0.0959), jobs: int = 1) -> dict:
     """Search, seeds, diagnostics; writes `<out_dir>/kd_benchmark/`."""
     families = families or FAMILIES
     search_seed = seeds[0] if search_seed is None else search_seed

@@ -1,4 +1,4 @@
-"""Load interactions + item text, split them (DESIGN.md protocol) and write `<out_dir>/data/`."""
+"""Load interactions + item text, split them (docs/protocol.md) and write `<out_dir>/data/`."""
 
 from pathlib import Path
 

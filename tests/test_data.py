@@ -1,4 +1,4 @@
-"""Data loading, validation and the leave-last-out split (DESIGN.md protocol)."""
+"""Data loading, validation and the leave-last-out split (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def test_files_source_needs_both_paths():
 
 @pytest.mark.slow
 def test_ml100k_split_and_popularity_match_peers():
-    """PEERS.md: split checksums and 'popularity, counted correctly' NDCG@10."""
+    """docs/protocol.md and docs/peers.md: split checksums and 'popularity, counted correctly' NDCG@10."""
     from llmkd.data import ml100k_dir
     from llmkd.evaluate import evaluate_scores, popularity_scorer
 

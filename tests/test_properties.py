@@ -109,7 +109,7 @@ def ranking_problems(draw):
 
 
 def brute_force_order(row: np.ndarray, seen: np.ndarray) -> list[int]:
-    """Unseen items by descending score, ties to the lower index (DESIGN.md); seen items dropped."""
+    """Unseen items by descending score, ties to the lower index (docs/protocol.md); seen items dropped."""
     return sorted((i for i in range(len(row)) if not seen[i]), key=lambda i: (-float(row[i]), i))
 
 
