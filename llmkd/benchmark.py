@@ -8,10 +8,8 @@ run's data/ and teacher/ are reused), is selected on valid and evaluated once on
 from __future__ import annotations
 
 import copy
-import json
 import multiprocessing
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -21,9 +19,10 @@ import torch
 from llmkd.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
-from llmkd.distill import teacher_fingerprint, train
+from llmkd.distill import train
 from llmkd.evaluate import evaluate_scores, paired_bootstrap, popularity_scorer, summarize
 from llmkd.report import SPLITS, load_student, student_scorer
+from llmkd.reuse import reuse
 from llmkd.teacher import TeacherCache
 
 DEFAULT_VARIANTS = {"student_no_kd": ["distill.alpha=0"], "student_kd": []}
@@ -34,54 +33,6 @@ def variant_config(cfg: Config, name: str, overrides: list[str], seed: int) -> C
     raw = apply_overrides(copy.deepcopy(cfg.to_dict()), [*overrides, f"distill.seed={seed}",
                                                          f"distill.name=seeds/{name}_s{seed}"])
     return from_dict(Config, raw)
-
-
-TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
-
-
-def training_key(cfg: Config) -> dict:
-    """What a student's training depends on, besides the data and the teacher cache's contents: the data,
-    student and distill settings (not the run's name; without the teacher fields when it uses no teacher,
-    so the no-KD twin is the same whatever teacher the KD variants learn from) and the teacher config."""
-    d = cfg.to_dict()
-    skip = ("name",) if cfg.uses_teacher else ("name", *TEACHER_ONLY)
-    key = {"data": d["data"], "student": d["student"], "distill": {k: v for k, v in d["distill"].items() if k not in skip}}
-    if cfg.uses_teacher:
-        key["teacher"] = d["teacher"]
-    return key
-
-
-def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
-    """A finished student in `folder` trained with the same training key on this data (and, if it learns
-    from a teacher, from the same teacher cache) can stand for a run of `cfg`. Config fields added
-    since it was trained take their defaults."""
-    if not (folder / "meta.json").is_file():
-        return False
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    try:
-        then = from_dict(Config, meta.get("config", {}))
-    except LlmkdError:
-        return False
-    if training_key(then) != training_key(cfg) or meta.get("data_fingerprint") != data_fingerprint:
-        return False
-    if cfg.uses_teacher:
-        teacher = Path(cfg.out_dir) / cfg.distill.teacher
-        return (teacher / "meta.json").is_file() and meta.get("teacher_fingerprint") == teacher_fingerprint(teacher)
-    return True
-
-
-def reuse(cfg: Config, data_fingerprint: str, also: list[Path] = ()) -> bool:
-    """True if a finished student for `cfg` is in place: its own folder is reusable, or a reusable one
-    among `also` (e.g. the same settings' run from a hyper-parameter search) was copied there."""
-    folder = Path(cfg.out_dir) / cfg.distill.name
-    if reusable(folder, cfg, data_fingerprint):
-        return True
-    for other in also:
-        if reusable(other, cfg, data_fingerprint):
-            with atomic_dir(folder) as tmp:
-                shutil.copytree(other, tmp, dirs_exist_ok=True)
-            return True
-    return False
 
 
 def _train_quietly(cfg: Config, threads: int) -> None:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from llmkd.artifacts import atomic_dir, write_json
-from llmkd.benchmark import reuse, run_seeds, train_many, variant_config
+from llmkd.benchmark import run_seeds, train_many, variant_config
+from llmkd.reuse import reuse
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap

@@ -1,0 +1,63 @@
+"""Reuse of finished students: a run whose training inputs are unchanged is not trained again.
+
+A student folder can stand for a requested run when its training key (data, student and distill
+settings, and the teacher settings when it learns from one; never the run's name) and its data
+fingerprint match, and, if it learns from a teacher, the teacher cache it read is the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from llmkd.artifacts import LlmkdError, atomic_dir
+from llmkd.config import Config, from_dict
+from llmkd.distill import teacher_fingerprint
+
+TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
+
+
+def training_key(cfg: Config) -> dict:
+    """What a student's training depends on, besides the data and the teacher cache's contents: the data,
+    student and distill settings (not the run's name; without the teacher fields when it uses no teacher,
+    so the no-KD twin is the same whatever teacher the KD variants learn from) and the teacher config."""
+    d = cfg.to_dict()
+    skip = ("name",) if cfg.uses_teacher else ("name", *TEACHER_ONLY)
+    key = {"data": d["data"], "student": d["student"], "distill": {k: v for k, v in d["distill"].items() if k not in skip}}
+    if cfg.uses_teacher:
+        key["teacher"] = d["teacher"]
+    return key
+
+
+def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
+    """A finished student in `folder` trained with the same training key on this data (and, if it learns
+    from a teacher, from the same teacher cache) can stand for a run of `cfg`. Config fields added
+    since it was trained take their defaults."""
+    if not (folder / "meta.json").is_file():
+        return False
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    try:
+        then = from_dict(Config, meta.get("config", {}))
+    except LlmkdError:
+        return False
+    if training_key(then) != training_key(cfg) or meta.get("data_fingerprint") != data_fingerprint:
+        return False
+    if cfg.uses_teacher:
+        teacher = Path(cfg.out_dir) / cfg.distill.teacher
+        return (teacher / "meta.json").is_file() and meta.get("teacher_fingerprint") == teacher_fingerprint(teacher)
+    return True
+
+
+def reuse(cfg: Config, data_fingerprint: str, also: list[Path] = ()) -> bool:
+    """True if a finished student for `cfg` is in place: its own folder is reusable, or a reusable one
+    among `also` (e.g. the same settings' run from a hyper-parameter search) was copied there."""
+    folder = Path(cfg.out_dir) / cfg.distill.name
+    if reusable(folder, cfg, data_fingerprint):
+        return True
+    for other in also:
+        if reusable(other, cfg, data_fingerprint):
+            with atomic_dir(folder) as tmp:
+                shutil.copytree(other, tmp, dirs_exist_ok=True)
+            return True
+    return False
