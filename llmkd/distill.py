@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, reading, write_json
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
+from llmkd.evaluate import mask_seen, metrics_from_ranks, nonfinite_rows, target_ranks
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 
@@ -187,21 +188,26 @@ def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log
 
 @torch.no_grad()
 def validate(model: TwoTower, eval_dl, data: RecData, accelerator: Accelerator, split: str = "valid") -> dict[str, float]:
-    """NDCG / Recall @10 and @50 on `split`, users sharded over processes and gathered once each."""
+    """NDCG / Recall @10 and @50 on `split`, users sharded over processes and gathered once each; all
+    -inf when any of the student's scores is non-finite (a diverged epoch, see `end_epoch`)."""
     model.eval()
     net = accelerator.unwrap_model(model)
-    ranks = []
+    ranks, bad = [], []
     targets = torch.as_tensor(data.targets(split), device=accelerator.device)
     for users in eval_dl:
         u = users.cpu().numpy()
         hists = [data.history(x, split) for x in u]
         hist = net.pad_histories(hists).to(accelerator.device)
         states, items = model(hist, users)
-        scores = mask_seen((states[:, -1] @ items.T).float().cpu(), hists).to(accelerator.device)
+        raw = (states[:, -1] @ items.T).float().cpu()  # (B, N)
+        bad.append(accelerator.gather_for_metrics(nonfinite_rows(raw, targets[users].cpu(), hists).long()
+                                                  .to(accelerator.device)))
+        scores = mask_seen(raw, hists).to(accelerator.device)
         ranks.append(accelerator.gather_for_metrics(target_ranks(scores, targets[users])))
     m = metrics_from_ranks(torch.cat(ranks).cpu().numpy(), (10, 50))
     model.train()
-    return {k: float(v.mean()) for k, v in m.items() if k.startswith(("ndcg", "recall"))}
+    diverged = bool(torch.cat(bad).any())
+    return {k: float("-inf") if diverged else float(v.mean()) for k, v in m.items() if k.startswith(("ndcg", "recall"))}
 
 
 def make_accelerator(cfg: Config, project_dir: Path) -> Accelerator:
@@ -313,14 +319,19 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
                 with atomic_dir(ckpt_dir / "best") as tmp:
                     accelerator.unwrap_model(model).save_pretrained(tmp)
             row = state["history"][-1]
+            valid = (f"{row['ndcg@10']:.4f}" if math.isfinite(row["ndcg@10"]) else
+                     "diverged (non-finite valid scores; the epoch cannot be the best)")
             accelerator.print(f"{dc.name} epoch {epoch + 1}: loss {row['train_loss']:.4f} valid ndcg@10 "
-                              f"{row['ndcg@10']:.4f} (best {state['best_ndcg']:.4f} @ {state['best_epoch']})")
+                              f"{valid} (best {state['best_ndcg']:.4f} @ {state['best_epoch']})")
             if dc.log_with:
                 accelerator.log({k if k in ("train_loss",) else f"valid/{k}": v for k, v in row.items()
                                  if k not in ("epoch", "seconds")}, step=epoch + 1)
             save_checkpoint(accelerator, ckpt_dir, state)
     if dc.log_with:
         accelerator.end_training()
+    if state["best_epoch"] < 1:
+        raise LlmkdError(f"distill.name {dc.name}: every epoch diverged (non-finite valid scores), nothing exported; "
+                         "try a lower distill.lr")
     result = {"best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best_ndcg"],
               "epochs_run": state["epoch"], "history": state["history"]}
     if accelerator.is_main_process:
@@ -343,11 +354,12 @@ def teacher_fingerprint(folder: Path) -> str:
 
 
 def end_epoch(state: dict, metrics: dict[str, float], epoch: int, seconds: float) -> None:
-    """Record an epoch's valid metrics in `state`, update the best epoch and patience, reset the step."""
+    """Record an epoch's valid metrics in `state`, update the best epoch and patience, reset the step;
+    a diverged epoch (non-finite metrics) is never the best."""
     state["history"].append({"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["step"], 1),
                              **metrics, "seconds": round(seconds, 2)})
     state.update(epoch=epoch + 1, step=0, loss_sum=0.0)
-    if metrics["ndcg@10"] > state["best_ndcg"]:
+    if math.isfinite(metrics["ndcg@10"]) and metrics["ndcg@10"] > state["best_ndcg"]:
         state.update(best_ndcg=metrics["ndcg@10"], best_epoch=epoch + 1, bad_epochs=0)
     else:
         state["bad_epochs"] += 1

@@ -3,7 +3,9 @@
 Ranking: items sorted by descending score, ties broken by lower item index (a stable sort), so every
 system -- including popularity, which has many ties -- is ranked deterministically. Metrics per user:
 HitRate@K = Recall@K (one held-out item), NDCG@K = 1 / log2(rank + 2), MRR@K = 1 / (rank + 1), each
-zero when rank >= K. Memory is bounded by `batch_size x n_items`.
+zero when rank >= K. Memory is bounded by `batch_size x n_items`. Scores must be finite: NaN
+anywhere, +inf anywhere or -inf on a target the history does not mask stop evaluation (`LlmkdError`),
+since a NaN target compares greater than nothing and would rank first.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llmkd.artifacts import LlmkdError
 from llmkd.data import RecData
 
 ScoreFn = Callable[[np.ndarray, str], torch.Tensor]
@@ -26,6 +29,14 @@ def mask_seen(scores: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Te
     cols = np.concatenate(histories) if len(histories) else np.zeros(0, dtype=np.int64)
     scores[torch.as_tensor(rows), torch.as_tensor(cols, dtype=torch.long)] = float("-inf")
     return scores
+
+
+def nonfinite_rows(scores: torch.Tensor, targets: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
+    """(B, n) raw scores (before `mask_seen`), (B,) targets -> (B,) bool: a NaN or +inf anywhere in the
+    row, or -inf on a target outside the row's history (-inf elsewhere means 'never', like a mask)."""
+    s_t = scores.gather(1, targets[:, None].to(scores.device))[:, 0].cpu()
+    in_hist = torch.tensor([bool(np.isin(t, h)) for t, h in zip(targets.tolist(), histories)], dtype=torch.bool)
+    return (torch.isnan(scores).any(1) | torch.isposinf(scores).any(1)).cpu() | (torch.isneginf(s_t) & ~in_hist)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,16 +75,23 @@ def summarize(per_user: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def evaluate_scores(data: RecData, split: str, score_fn: ScoreFn, ks: Sequence[int] = (10, 20, 50),
-                    batch_size: int = 256, desc: str | None = None) -> dict[str, np.ndarray]:
-    """Per-user metrics of a full-catalog scorer on `split` ('valid' or 'test')."""
+                    batch_size: int = 256, desc: str | None = None, name: str = "scores") -> dict[str, np.ndarray]:
+    """Per-user metrics of a full-catalog scorer on `split` ('valid' or 'test'); `name` (the system)
+    labels the error raised for non-finite scores."""
     users, targets = data.eval_users(split), data.targets(split)
     ranks = []
     for start in tqdm(range(0, len(users), batch_size), desc=desc, disable=desc is None, leave=False):
         batch = users[start : start + batch_size]
         scores = score_fn(batch, split).float().clone()
         assert scores.shape == (len(batch), data.num_items), scores.shape
-        mask_seen(scores, [data.history(u, split) for u in batch])
-        ranks.append(target_ranks(scores, torch.as_tensor(targets[batch])).numpy())
+        hists, tgt = [data.history(u, split) for u in batch], torch.as_tensor(targets[batch])
+        bad = nonfinite_rows(scores, tgt, hists)
+        if bad.any():
+            first = data.user_ids[int(batch[int(bad.nonzero()[0, 0])])]
+            raise LlmkdError(f"{name}: non-finite scores on {split} (NaN, +inf, or -inf on an unseen target) for "
+                             f"{int(bad.sum())} user(s) of a batch, first user_id {first}; evaluation stopped")
+        mask_seen(scores, hists)
+        ranks.append(target_ranks(scores, tgt).numpy())
     return metrics_from_ranks(np.concatenate(ranks), ks)
 
 

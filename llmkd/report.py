@@ -118,7 +118,7 @@ def run_evaluation(cfg: Config) -> dict:
                 raise LlmkdError(f"{out / 'index'}: built from '{student}', which eval.students does not list")
             indexed = (f"{student}+faiss_{index_meta['config']['type']}",
                        faiss_retriever(models[student], data, out / "index"))
-        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}") for s in SPLITS}
+        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}", name=name) for s in SPLITS}
                     for name, fn in systems.items()}
         if indexed is not None:
             name, retrieve = indexed

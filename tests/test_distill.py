@@ -113,3 +113,65 @@ def test_hard_loss(loss):
         keep = labels != -100
         ref = torch.nn.functional.cross_entropy(states[keep] @ items.T, labels[keep])
         torch.testing.assert_close(value, ref)
+
+
+# ---------------------------------------------------------------- diverged epochs
+
+METRIC_KEYS = {"ndcg@10", "ndcg@50", "recall@10", "recall@50"}
+
+
+def nan_weights(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    return model
+
+
+def test_a_diverged_epoch_is_never_chosen_as_best(synthetic_data):
+    """A student whose valid scores are NaN would rank every target first (NDCG 1.0) if ranked by
+    comparison; validation must report the epoch as diverged (-inf) and model selection skip it."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from llmkd.config import StudentConfig
+    from llmkd.distill import end_epoch, validate
+    from llmkd.student import TwoTower
+
+    data = synthetic_data
+    torch.manual_seed(0)
+    model = TwoTower.from_config(StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0), data.num_items, 8,
+                                 data.num_users)
+    accelerator = Accelerator(cpu=True)
+    eval_dl = DataLoader(torch.as_tensor(data.eval_users("valid")), batch_size=7)
+    state = {"epoch": 0, "step": 1, "loss_sum": 1.0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0,
+             "history": []}
+    first = validate(model, eval_dl, data, accelerator)
+    assert set(first) == METRIC_KEYS and all(0.0 <= v <= 1.0 for v in first.values()) and first["ndcg@10"] < 1.0
+    end_epoch(state, first, 0, 0.0)
+    assert state["best_epoch"] == 1
+    diverged = validate(nan_weights(model), eval_dl, data, accelerator)
+    assert set(diverged) == METRIC_KEYS and all(v == float("-inf") for v in diverged.values()), diverged
+    end_epoch(state, diverged, 1, 0.0)
+    assert (state["best_epoch"], state["best_ndcg"], state["bad_epochs"]) == (1, first["ndcg@10"], 1)
+    assert state["history"][-1]["ndcg@10"] == float("-inf")
+
+
+def test_training_that_diverges_at_every_epoch_exports_nothing(tmp_path, synthetic, monkeypatch, capsys):
+    """NaN weights from the start: each epoch is reported as diverged, none becomes the best, and the
+    run ends with a one-line error instead of exporting a NaN student."""
+    from llmkd import distill
+    from llmkd.artifacts import LlmkdError
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+    from llmkd.student import TwoTower
+
+    cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                 student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),
+                 distill=DistillConfig(name="s_nan", alpha=0.0, epochs=2, patience=5, batch_size=16))
+    save_data(build_data(cfg.data), tmp_path / "data", cfg.data)
+    made = TwoTower.from_config
+    monkeypatch.setattr(distill.TwoTower, "from_config", lambda *a, **k: nan_weights(made(*a, **k)))
+    with pytest.raises(LlmkdError, match="s_nan.*every epoch diverged"):
+        distill.train(cfg)
+    assert capsys.readouterr().out.count("diverged") >= 2  # said at each epoch
+    assert not (tmp_path / "s_nan").exists()

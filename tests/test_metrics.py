@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmkd.artifacts import LlmkdError
 from llmkd.data import RecData
 from llmkd.evaluate import (
     evaluate_retrieval,
@@ -191,3 +192,42 @@ def test_cold_start_set_metrics_by_hand():
     assert m["recall@10"] == pytest.approx((1.0 + 0) / 2)  # a list shorter than K counts what it has
     ndcg0_10 = (1 / np.log2(3) + 1 / np.log2(5)) / (1 + 1 / np.log2(3))
     assert m["ndcg@10"] == pytest.approx(ndcg0_10 / 2)
+
+
+# ---------------------------------------------------------------- non-finite scores
+
+
+def one_bad_score(data: RecData, split: str, value: float, on_target: bool) -> tuple[np.ndarray, int]:
+    """A finite random table with `value` at one eval user's target (or at an item outside its history)."""
+    table = np.random.default_rng(5).random((data.num_users, data.num_items)).astype(np.float32)
+    u = int(data.eval_users(split)[1])
+    item = int(data.targets(split)[u]) if on_target else \
+        int(np.setdiff1d(np.arange(data.num_items), [*data.history(u, split), data.targets(split)[u]])[0])
+    table[u, item] = value
+    return table, u
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+@pytest.mark.parametrize("value, on_target", [(float("nan"), True), (float("nan"), False), (float("inf"), True),
+                                              (float("inf"), False), (float("-inf"), True)])
+def test_non_finite_scores_stop_evaluation_naming_system_and_split(split, value, on_target):
+    """A NaN model would rank its target first (no score compares greater than NaN) and score NDCG 1.0;
+    NaN anywhere, +inf anywhere and a -inf target (not masked as seen) are errors naming system and split."""
+    data = random_data()
+    table, _ = one_bad_score(data, split, value, on_target)
+    with pytest.raises(LlmkdError, match=rf"^nan_model: non-finite scores on {split}\b"):
+        evaluate_scores(data, split, lambda users, s: torch.as_tensor(table[users]), KS, name="nan_model")
+
+
+def test_an_all_nan_model_raises_instead_of_scoring_perfectly():
+    data = random_data()
+    with pytest.raises(LlmkdError, match="scores: non-finite scores on test"):  # the generic name by default
+        evaluate_scores(data, "test", lambda users, s: torch.full((len(users), data.num_items), float("nan")), KS)
+
+
+def test_minus_inf_on_a_non_target_item_is_allowed():
+    """-inf means 'never recommend' (what `mask_seen` writes): allowed anywhere but on an unmasked target."""
+    data = random_data()
+    table, u = one_bad_score(data, "test", float("-inf"), on_target=False)
+    m = evaluate_scores(data, "test", lambda users, s: torch.as_tensor(table[users]), KS)
+    assert np.isfinite(m["ndcg@10"]).all()
