@@ -71,8 +71,6 @@ class TeacherConfig:
     max_item_tokens: int = 64
     max_history_tokens: int = 256
     """Token budget of a history text: the most recent items are kept."""
-    top_k: int = 100
-    """Candidates cached per user (ids + scores)."""
     position_stride: int = 0
     """Also encode each user's history at every `position_stride`-th train cut, counting back from the
     'kd' state, so KD can act at many positions of a sequence (0 = the 'kd' state only)."""
@@ -87,8 +85,6 @@ class TeacherConfig:
             raise LlmkdError("teacher.item_template: must contain the '{text}' placeholder")
         if "{items}" not in self.history_template:
             raise LlmkdError("teacher.history_template: must contain the '{items}' placeholder")
-        if self.top_k < 1:
-            raise LlmkdError(f"teacher.top_k: expected >= 1, got {self.top_k}")
         if self.position_stride < 0:
             raise LlmkdError(f"teacher.position_stride: expected >= 0, got {self.position_stride}")
 
@@ -179,7 +175,7 @@ class DistillConfig:
     teacher_scale: float = 20.0
     """Teacher cosine scores are multiplied by this before the temperature (a cosine spans [-1, 1])."""
     kd_top_k: int = 100
-    """Teacher candidates used by the KD loss (<= teacher.top_k)."""
+    """Teacher candidates per KD position: its top-K unseen items by its own score (+ the positive)."""
     kd_loss: str = "listwise_kl"
     """KD loss, a name in `llmkd.losses.KD_LOSSES` (listwise_kl, ranking_distillation, relaxed_ranking,
     margin_mse, pairwise_hinge, infonce); its weight is `alpha`."""
@@ -281,9 +277,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.distill.kd_top_k > self.teacher.top_k:
-            raise LlmkdError(f"distill.kd_top_k ({self.distill.kd_top_k}) exceeds teacher.top_k ({self.teacher.top_k}), "
-                             "the number of cached candidates")
+        if self.distill.kd_top_k < 1:
+            raise LlmkdError(f"distill.kd_top_k: expected >= 1, got {self.distill.kd_top_k}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -361,8 +356,34 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or defaults when `path` is None), apply overrides, validate."""
+def merge(base: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `fragment`'s values laid over it, section by section (in place)."""
+    for key, value in fragment.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file (`scripts/tune.py` writes `<out_dir>/tune/recipe.yaml`) -> its config fragment."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlmkdError(f"{path}: recipe file not found (scripts/tune.py writes <out_dir>/tune/recipe.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LlmkdError(f"{path}: invalid YAML in recipe ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise LlmkdError(f"{path}: a recipe is a mapping of config sections, e.g. 'distill: {{alpha: 0.1}}'")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                recipe: str | Path | None = None) -> Config:
+    """Read a YAML config (or defaults when `path` is None), lay a recipe file over it, apply
+    overrides (in that order: `--set` wins), validate."""
     raw: Any = {}
     if path is not None:
         path = Path(path)
@@ -376,8 +397,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise LlmkdError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise LlmkdError(f"{path}: expected a mapping at the top level")
+    if recipe is not None:
+        raw = merge(raw, load_recipe(recipe))
     raw = apply_overrides(raw, overrides or [])
     try:
         return from_dict(Config, raw)
     except LlmkdError as e:
-        raise LlmkdError(f"{path or 'config'}: {e}") from None
+        where = f"{path or 'config'}" + (f" + recipe {recipe}" if recipe is not None else "")
+        raise LlmkdError(f"{where}: {e}") from None

@@ -2,7 +2,8 @@
 
 Loss per batch of history windows: next-item cross-entropy at every position (full softmax over the
 catalog, or popularity-sampled softmax with logQ correction) + alpha * a KD loss (`distill.kd_loss`,
-listwise KL by default) on the teacher's top-K unseen candidates plus the positive, at every position
+listwise KL by default) on the teacher's top-K candidates plus the positive (candidates: items the user
+has not consumed before that position, in or before the window), at every position
 the teacher encoded (each user's 'kd' state, history = train[:-1], and with `teacher.position_stride`
 every stride-th cut before it) + optional alignment terms (`distill.user_align`, `distill.item_align`). Valid NDCG@10 is measured after every epoch on all
 processes' shards (gathered, each user once); the best epoch is exported as the student artifact.
@@ -104,16 +105,44 @@ def hard_loss(states: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, c
 
 class KDTargets:
     """The teacher's candidates at the positions it encoded (`teacher.position_stride`): its top-K items
-    by its own score (excluding the items already seen there), plus the positive with its exact score."""
+    by its own score (excluding the items already seen there), plus the positive with its exact score.
 
-    def __init__(self, teacher: TeacherCache, k: int, scale: float, device: torch.device) -> None:
+    Teacher row r is the history train[pos_user[r]][:pos_cut[r]]; `seen(rows)` masks all of it, not just
+    the student's window of `data.max_history` items (an item consumed before the window is seen too).
+    """
+
+    def __init__(self, teacher: TeacherCache, train: list[np.ndarray], k: int, scale: float,
+                 device: torch.device) -> None:
         missing = {"pos_user", "pos_cut", "user_pos"} - set(teacher.arrays)
         if missing:
             raise LlmkdError(f"{teacher.folder}: teacher cache lacks {sorted(missing)}; rebuild it (build_teacher.py --force)")
         self.pos_user, self.pos_cut = teacher.arrays["pos_user"].numpy(), teacher.arrays["pos_cut"].numpy()
+        lengths = np.array([len(seq) for seq in train], dtype=np.int64)
+        if len(self.pos_user) and ((self.pos_user >= len(train)).any() or (self.pos_cut > lengths[self.pos_user]).any()):
+            raise LlmkdError(f"{teacher.folder}: teacher positions (pos_user, pos_cut) do not fit the data's train "
+                             "sequences; rebuild it (build_teacher.py --force)")
         self.user = teacher.arrays["user_pos"].float().to(device)  # (M, d_t)
         self.items = teacher.item_emb.to(device)  # (N, d_t)
         self.k, self.scale = min(k, len(self.items)), scale
+        # row r's history is the slice flat[prefix_start[r] : prefix_start[r] + pos_cut[r]] of all train sequences
+        flat = np.concatenate(train) if len(train) else np.zeros(0, dtype=np.int64)
+        self.flat = torch.as_tensor(flat, dtype=torch.long, device=device)  # (sum of lengths,)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self.prefix_start = torch.as_tensor(starts[self.pos_user], dtype=torch.long, device=device)  # (M,)
+        self.prefix_len = torch.as_tensor(self.pos_cut, dtype=torch.long, device=device)  # (M,)
+
+    def seen(self, rows: torch.Tensor) -> torch.Tensor:
+        """(P,) teacher rows -> (P, N) bool: every item of row r's history train[u][:cut], whatever the window."""
+        device = self.flat.device
+        rows = rows.to(device)
+        lens = self.prefix_len[rows]  # (P,)
+        total = int(lens.sum())
+        which = torch.repeat_interleave(torch.arange(len(rows), device=device), lens)  # (S,) row of each history item
+        first = torch.repeat_interleave(lens.cumsum(0) - lens, lens)  # (S,) where that row's items begin
+        at = torch.repeat_interleave(self.prefix_start[rows], lens) + torch.arange(total, device=device) - first
+        seen = torch.zeros(len(rows), len(self.items), dtype=torch.bool, device=device)
+        seen[which, self.flat[at]] = True
+        return seen
 
     def rows_by_user(self, train: list[np.ndarray]) -> list[np.ndarray]:
         """Per user, (len + 1,) int64: the row of the teacher vector for history train[:cut], -1 = none."""
@@ -131,16 +160,6 @@ class KDTargets:
         scores = torch.cat([top.values.masked_fill(~real, 0.0), full.gather(1, positives[:, None])], 1)
         mask = torch.cat([real, ~((top.indices == positives[:, None]) & real).any(1, keepdim=True)], 1)  # positive once
         return cand, scores, mask
-
-
-def seen_before(input_ids: torch.Tensor, at: torch.Tensor, num_items: int) -> torch.Tensor:
-    """(B, L) left-padded windows, (B, L) bool positions -> (P, N) bool: for each selected position
-    (row-major order, like `tensor[at]`), the items among the window's inputs up to that position."""
-    b, j = at.nonzero(as_tuple=True)  # (P,), (P,)
-    L = input_ids.shape[1]
-    prefix = input_ids[b].masked_fill(torch.arange(L, device=at.device)[None] > j[:, None], num_items)  # (P, L)
-    seen = torch.zeros(len(b), num_items + 1, dtype=torch.bool, device=at.device)
-    return seen.scatter_(1, prefix, True)[:, :num_items]
 
 
 class TeacherHeads(nn.Module):
@@ -171,7 +190,7 @@ def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log
     loss = hard_loss(states, items, labels, dc, log_q) * share[0]
     h, pos, r = states[at], labels[at], rows[at]  # (P, d), (P,), (P,)
     if dc.alpha > 0 and len(r):
-        seen = seen_before(batch["input_ids"], at, len(items))  # (P, N)
+        seen = kd_targets.seen(r)  # (P, N): all the user consumed before each position
         cand, t_scores, mask = kd_targets(r, seen, pos)
         s_scores = (h @ items.T).gather(1, cand)  # (P, K+1)
         loss = loss + dc.alpha * kd_loss(s_scores, t_scores, mask) * share[1]
@@ -264,7 +283,7 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:
         model.item_tower.content[: data.num_items] = teacher.item_emb
-    kd_targets = (KDTargets(teacher, dc.kd_top_k, dc.teacher_scale, accelerator.device)
+    kd_targets = (KDTargets(teacher, data.train, dc.kd_top_k, dc.teacher_scale, accelerator.device)
                   if dc.learns_from_teacher else None)
     train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)
     heads = TeacherHeads(cfg.student.dim, teacher.item_emb.shape[1] if teacher is not None else 0,

@@ -116,7 +116,7 @@ def tuning_key(data: RecData, cfg: Config) -> dict:
     base model's contents and the data. A matching existing adapter is reused."""
     from dataclasses import asdict
 
-    teacher = {k: v for k, v in asdict(cfg.teacher).items() if k not in ("adapter", "top_k", "batch_size")}
+    teacher = {k: v for k, v in asdict(cfg.teacher).items() if k not in ("adapter", "batch_size")}
     path = resolve_model_path(cfg.teacher.model)
     return {"finetune": asdict(cfg.finetune), "teacher": teacher, "model_fingerprint": model_fingerprint(path),
             "data_fingerprint": data.fingerprint}

@@ -7,8 +7,7 @@ of similar token length (sorted), under `torch.inference_mode`.
 Artifact `teacher/` (a cache, reused while model, data and teacher config are unchanged):
     meta.json                 stage, config, data fingerprint, model fingerprint, timing
     embeddings.safetensors    item_emb (n_items, d) float32;
-                              for each state in STATES: user_{state} (n_users, d) float32,
-                              topk_ids_{state} (n_users, K) int64, topk_scores_{state} (n_users, K) float32;
+                              for each state in STATES: user_{state} (n_users, d) float32;
                               positions: pos_user (M,) int64, pos_cut (M,) int64, user_pos (M, d) float16 =
                               the user vector of history train[u][:cut] (every user's 'kd' cut, plus every
                               `position_stride`-th cut before it), the KD targets at many positions
@@ -269,26 +268,6 @@ def kd_cuts(data: RecData, stride: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(users, dtype=np.int64), np.asarray(cuts, dtype=np.int64)
 
 
-def top_k(user_emb: np.ndarray, item_emb: np.ndarray, histories: list[np.ndarray], k: int,
-          batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k unseen items per user by cosine: ids (n_users, k) int64, scores (n_users, k) float32.
-
-    Where a user has fewer than k unseen items the tail is padded with id -1 and score -inf.
-    """
-    k = min(k, item_emb.shape[0])
-    ids = np.zeros((len(user_emb), k), dtype=np.int64)
-    scores = np.zeros((len(user_emb), k), dtype=np.float32)
-    items = torch.as_tensor(item_emb)
-    for start in range(0, len(user_emb), batch_size):
-        s = torch.as_tensor(user_emb[start : start + batch_size]) @ items.T  # (B, n_items)
-        for row, h in enumerate(histories[start : start + batch_size]):
-            s[row, torch.as_tensor(h, dtype=torch.long)] = float("-inf")
-        top = torch.topk(s, k, dim=1)
-        ids[start : start + len(s)] = torch.where(torch.isinf(top.values), -1, top.indices).numpy()
-        scores[start : start + len(s)] = top.values.numpy()
-    return ids, scores
-
-
 def encode_users(encoder: TextEncoder, data: RecData, item_emb: np.ndarray, histories: list[np.ndarray],
                  cfg: TeacherConfig, desc: str) -> np.ndarray:
     """User vectors (n_users, d) float32 for one state: history text, or mean of history item vectors."""
@@ -299,12 +278,18 @@ def encode_users(encoder: TextEncoder, data: RecData, item_emb: np.ndarray, hist
     return encoder.encode(texts, cfg.max_history_tokens, desc=desc)
 
 
+def cache_key_config(cfg: TeacherConfig) -> dict:
+    """The teacher settings a cache depends on: all but `batch_size`."""
+    return {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
+
+
 def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, force: bool = False,
                         adapter: Path | None = None) -> dict:
-    """Encode items and users at every state, keep top-K; reuse `folder` when its inputs are unchanged."""
+    """Encode items and users at every state (and KD positions); reuse `folder` when its inputs are unchanged
+    (`teacher.batch_size` changes nothing cached, so it is not part of the key)."""
     folder = Path(folder)
     path = resolve_model_path(cfg.model)
-    key = {"config": asdict(cfg), "model_path": path, "model_fingerprint": model_fingerprint(path),
+    key = {"config": cache_key_config(cfg), "model_path": path, "model_fingerprint": model_fingerprint(path),
            "adapter_fingerprint": model_fingerprint(str(adapter)) if adapter else None,
            "data_fingerprint": data.fingerprint}
     if not force and (folder / "meta.json").is_file():
@@ -316,9 +301,7 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
         item_emb = encoder.encode(item_prompts(data.item_texts, cfg), cfg.max_item_tokens, desc="teacher: items")
         arrays = {"item_emb": item_emb}
         for state, hists in state_histories(data).items():
-            user = encode_users(encoder, data, item_emb, hists, cfg, desc=f"teacher: users ({state})")
-            ids, scores = top_k(user, item_emb, hists, cfg.top_k)
-            arrays.update({f"user_{state}": user, f"topk_ids_{state}": ids, f"topk_scores_{state}": scores})
+            arrays[f"user_{state}"] = encode_users(encoder, data, item_emb, hists, cfg, desc=f"teacher: users ({state})")
         pos_user, pos_cut = kd_cuts(data, cfg.position_stride)
         if cfg.position_stride:
             hists = [data.train[u][:c] for u, c in zip(pos_user, pos_cut)]
@@ -338,7 +321,7 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
 
 
 class TeacherCache:
-    """A loaded `teacher/` artifact: item and user vectors, cached top-K."""
+    """A loaded `teacher/` artifact: item vectors, user vectors per state and at KD positions."""
 
     def __init__(self, folder: str | Path, data: RecData | None = None) -> None:
         self.folder = Path(folder)

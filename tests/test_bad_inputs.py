@@ -63,7 +63,7 @@ def base_config(out_dir: Path, interactions: Path = OK_INTER, items: Path = OK_I
         "out_dir": str(out_dir),
         "data": {"source": "files", "interactions": str(interactions), "items": str(items),
                  "text_template": TEMPLATE, "max_history": 10},
-        "teacher": {"model": teacher, "top_k": 5, "batch_size": 16, "max_item_tokens": 16, "max_history_tokens": 64},
+        "teacher": {"model": teacher, "batch_size": 16, "max_item_tokens": 16, "max_history_tokens": 64},
         "student": {"dim": 8, "num_layers": 1, "num_heads": 2, "dropout": 0.0},
         "distill": {"name": "student_kd", "alpha": 1.0, "kd_top_k": 5, "epochs": 1, "batch_size": 8},
         "index": {"type": "flat"},

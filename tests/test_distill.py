@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmkd.distill import KDTargets, WindowDataset, hard_loss, seen_before
+from llmkd.artifacts import LlmkdError
+from llmkd.distill import KDTargets, WindowDataset, hard_loss
 from llmkd.teacher import kd_cuts
 
 
@@ -45,7 +46,7 @@ def make_cache(train, n_items=9, d=6, stride=0, seed=0):
 def test_teacher_rows_point_at_the_history_each_position_has_seen(stride):
     train = [np.arange(10, 23), np.array([5]), np.array([7, 8]), np.arange(20, 25)]
     cache = make_cache(train, n_items=30, stride=stride)
-    kd = KDTargets(cache, k=3, scale=20.0, device=torch.device("cpu"))
+    kd = KDTargets(cache, train, k=3, scale=20.0, device=torch.device("cpu"))
     ds = WindowDataset(train, num_items=30, max_len=5, teacher_rows=kd.rows_by_user(train))
     seen_cuts: dict[int, list[int]] = {}
     for i in range(len(ds)):
@@ -64,7 +65,7 @@ def test_teacher_rows_point_at_the_history_each_position_has_seen(stride):
 def test_kd_targets_exclude_seen_items_and_add_the_positive_once():
     train = [np.arange(0, 6), np.arange(3, 9)]
     cache = make_cache(train, n_items=9, stride=1)
-    kd = KDTargets(cache, k=2, scale=20.0, device=torch.device("cpu"))
+    kd = KDTargets(cache, train, k=2, scale=20.0, device=torch.device("cpu"))
     rows = torch.tensor([0, 1, 7])
     full = cache.arrays["user_pos"][rows].float() @ cache.item_emb.T * 20.0
     seen = torch.zeros(3, 9, dtype=torch.bool)
@@ -83,15 +84,25 @@ def test_kd_targets_exclude_seen_items_and_add_the_positive_once():
     assert mask[2].tolist() == [True, False, False]  # one real unseen item; the positive (8) is it
 
 
-def test_seen_before_is_causal():
-    x = torch.tensor([[4, 4, 0, 2, 1], [3, 0, 1, 2, 0]])  # left-padded with num_items = 4
-    at = torch.tensor([[False, True, True, False, True], [False, False, False, True, False]])
-    seen = seen_before(x, at, 4)
-    assert seen.shape == (4, 4)  # one row per selected position, row-major
-    assert not seen[0].any()  # only padding so far
-    assert seen[1].tolist() == [True, False, False, False]
-    assert seen[2].tolist() == [True, True, True, False]
-    assert seen[3].tolist() == [True, True, True, True]
+def test_seen_is_the_whole_history_of_each_teacher_row():
+    """Row r masks exactly train[u][:cut]: everything before the position, nothing from the position on."""
+    train = [np.array([4, 0, 2, 1]), np.array([3]), np.array([1, 3, 0])]  # 5 items
+    cache = make_cache(train, n_items=5, stride=1)
+    kd = KDTargets(cache, train, k=2, scale=1.0, device=torch.device("cpu"))
+    rows = torch.tensor([4, 0, 2, 3, 1])  # any order, as `rows[at]` gives them
+    seen = kd.seen(rows)
+    assert seen.shape == (5, 5) and seen.dtype == torch.bool
+    for row, r in enumerate(rows.tolist()):
+        u, cut = int(cache.arrays["pos_user"][r]), int(cache.arrays["pos_cut"][r])
+        assert seen[row].nonzero().flatten().tolist() == sorted(train[u][:cut].tolist()), (r, u, cut)
+    assert kd.seen(torch.zeros(0, dtype=torch.long)).shape == (0, 5)
+
+
+def test_kd_targets_refuse_a_cache_of_other_sequences():
+    train = [np.arange(0, 6), np.arange(3, 9)]
+    cache = make_cache(train, n_items=9, stride=1)
+    with pytest.raises(LlmkdError, match="teacher.*do not fit"):
+        KDTargets(cache, [t[:3] for t in train], k=2, scale=1.0, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("loss", ["full_softmax", "sampled_softmax"])
@@ -160,7 +171,6 @@ def test_training_that_diverges_at_every_epoch_exports_nothing(tmp_path, synthet
     """NaN weights from the start: each epoch is reported as diverged, none becomes the best, and the
     run ends with a one-line error instead of exporting a NaN student."""
     from llmkd import distill
-    from llmkd.artifacts import LlmkdError
     from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
     from llmkd.student import TwoTower
@@ -175,3 +185,56 @@ def test_training_that_diverges_at_every_epoch_exports_nothing(tmp_path, synthet
         distill.train(cfg)
     assert capsys.readouterr().out.count("diverged") >= 2  # said at each epoch
     assert not (tmp_path / "s_nan").exists()
+
+
+# ---------------------------------------------------------------- KD candidates beyond the window
+
+
+class SpyKD(KDTargets):
+    """KDTargets that records every call's teacher rows and real candidates."""
+
+    calls: list
+
+    def __call__(self, rows, seen, positives):
+        cand, scores, mask = super().__call__(rows, seen, positives)
+        self.calls.append((rows.clone(), cand.clone(), mask.clone()))
+        return cand, scores, mask
+
+
+def test_kd_candidates_exclude_items_seen_before_the_window():
+    """User 0 has 12 train items, more than max_history (4): a window late in the sequence does not hold
+    the first items, yet they were consumed before every position in it, so they can never be KD
+    candidates. The teacher here prefers lower item ids, so its top-K unseen items at cut c of user 0
+    (history 0..c-1) are exactly c, c+1, c+2; a window-only mask would offer 0, 1, 2 again."""
+    from torch.utils.data import DataLoader
+
+    from llmkd.distill import distill_loss
+
+    n_items, k = 16, 3
+    train = [np.arange(0, 12), np.array([12, 13, 14])]
+    pos_user, pos_cut = kd_cuts(SimpleNamespace(train=train), 1)
+    prefs = torch.linspace(1.0, 0.5, n_items)  # the teacher scores item i higher than item i + 1
+    cache = SimpleNamespace(folder="teacher", item_emb=torch.eye(n_items),
+                            arrays={"item_emb": torch.eye(n_items), "pos_user": torch.as_tensor(pos_user),
+                                    "pos_cut": torch.as_tensor(pos_cut),
+                                    "user_pos": (prefs / prefs.norm()).expand(len(pos_user), -1).half()})
+    kd = SpyKD(cache, train, k=k, scale=20.0, device=torch.device("cpu"))
+    kd.calls = []
+    ds = WindowDataset(train, n_items, max_len=4, teacher_rows=kd.rows_by_user(train))
+    assert any(start > 0 for u, start, _ in ds.rows if u == 0)  # windows that miss the start of the sequence
+    dc = SimpleNamespace(alpha=1.0, loss="full_softmax", user_align=0.0, item_align=0.0)
+    accelerator = SimpleNamespace(num_processes=1, reduce=lambda t, op: t)
+    g = torch.Generator().manual_seed(0)
+    for batch in DataLoader(ds, batch_size=3):
+        states, items = torch.randn(len(batch["user"]), 4, 8, generator=g), torch.randn(n_items, 8, generator=g)
+        distill_loss(states, items, batch, dc, None, kd, lambda s, t, m: (s * m).sum() * 0.0, None, accelerator)
+    checked = 0
+    for rows, cand, mask in kd.calls:
+        for r, c, m in zip(rows.tolist(), cand.tolist(), mask.tolist()):
+            u, cut = int(pos_user[r]), int(pos_cut[r])
+            real = [i for i, keep in zip(c[:k], m[:k]) if keep]
+            assert not set(real) & set(train[u][:cut].tolist()), (u, cut, real)
+            unseen = [i for i in range(n_items) if i not in set(train[u][:cut].tolist())]
+            assert real == unseen[:k], (u, cut, real)
+            checked += 1
+    assert checked == len(pos_user)  # every teacher position was distilled once

@@ -74,7 +74,7 @@ def write_config(path: Path, out_dir: Path, synthetic, teacher: Path, **distill_
         "out_dir": str(out_dir),
         "data": {"source": "files", "interactions": str(synthetic.interactions), "items": str(synthetic.items),
                  "text_template": TEXT_TEMPLATE, "max_history": 10},
-        "teacher": {"model": str(teacher), "top_k": 20, "batch_size": 16, "max_history_tokens": 128},
+        "teacher": {"model": str(teacher), "batch_size": 16, "max_history_tokens": 128},
         "student": {"dim": 16, "pooling": "transformer", "num_layers": 1, "num_heads": 2, "dropout": 0.1},
         "distill": {"name": "student_kd", "alpha": 1.0, "kd_top_k": 20, "epochs": 2, "patience": 5,
                     "batch_size": 8, "seed": 0, **distill_kw},

@@ -46,7 +46,7 @@ def test_lora_config_top_layers_and_unknown_architecture(tiny_bert):
 
 def _config(tmp_path, model, **finetune) -> Config:
     finetune = {"steps": 4, "eval_every": 2, "batch_size": 4, "catalog_negatives": 8, "patience": 5, **finetune}
-    return Config(out_dir=str(tmp_path), teacher=TeacherConfig(model=str(model), top_k=10, batch_size=8,
+    return Config(out_dir=str(tmp_path), teacher=TeacherConfig(model=str(model), batch_size=8,
                                                                max_history_items=5, max_history_tokens=64),
                   finetune=FinetuneConfig(**finetune), distill=DistillConfig(kd_top_k=10))
 

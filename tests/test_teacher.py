@@ -19,7 +19,6 @@ from llmkd.teacher import (
     build_teacher_cache,
     history_text,
     state_histories,
-    top_k,
     user_prompt,
 )
 
@@ -110,8 +109,8 @@ def test_history_text_most_recent_first():
 
 
 def teacher_cfg(folder, **kw) -> TeacherConfig:
-    kw.setdefault("top_k", 10)
-    return TeacherConfig(model=str(folder), batch_size=8, max_history_tokens=128, **kw)
+    kw.setdefault("batch_size", 8)
+    return TeacherConfig(model=str(folder), max_history_tokens=128, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +131,8 @@ def test_cache_written(built_cache, synthetic_data):
     assert cache.item_emb.shape == (data.num_items, 32)
     for state in ("kd", "valid", "test"):
         assert cache.arrays[f"user_{state}"].shape == (data.num_users, 32)
-        assert cache.arrays[f"topk_ids_{state}"].shape == (data.num_users, cfg.top_k)
-        assert cache.arrays[f"topk_scores_{state}"].dtype == torch.float32
+        assert cache.arrays[f"user_{state}"].dtype == torch.float32
+    assert not any(k.startswith("topk_") for k in cache.arrays)  # candidates are ranked on the fly by KD
     np.testing.assert_allclose(cache.item_emb.norm(dim=1).numpy(), 1.0, atol=1e-5)
 
 
@@ -142,24 +141,6 @@ def test_cache_item_vectors_match_encoder(built_cache, synthetic_data, tiny_bert
     enc = TextEncoder(str(tiny_bert), device="cpu")
     np.testing.assert_allclose(TeacherCache(folder).item_emb.numpy(),
                                enc.encode(synthetic_data.item_texts, cfg.max_item_tokens), atol=1e-5)
-
-
-def test_cache_topk_excludes_history_and_is_exact(built_cache, synthetic_data):
-    folder, cfg, _ = built_cache
-    cache = TeacherCache(folder, synthetic_data)
-    items = cache.item_emb.numpy()
-    for state, hists in state_histories(synthetic_data).items():
-        user = cache.arrays[f"user_{state}"].numpy()
-        ids = cache.arrays[f"topk_ids_{state}"].numpy()
-        scores = cache.arrays[f"topk_scores_{state}"].numpy()
-        for u, h in enumerate(hists):
-            assert not set(ids[u]) & set(h.tolist()), (state, u)
-            assert len(set(ids[u])) == len(ids[u])
-            full = items @ user[u]
-            np.testing.assert_allclose(scores[u], full[ids[u]], atol=1e-5)
-            assert np.all(np.diff(scores[u]) <= 1e-7)
-            unseen = np.setdiff1d(np.arange(len(items)), h)
-            np.testing.assert_allclose(np.sort(full[unseen])[::-1][: cfg.top_k], scores[u], atol=1e-5)
 
 
 def test_scorer_is_cosine(built_cache, synthetic_data):
@@ -176,10 +157,12 @@ def test_cache_reused_then_rebuilt_on_change(built_cache, synthetic_data):
     folder, cfg, first = built_cache
     again = build_teacher_cache(synthetic_data, cfg, folder)
     assert again["reused"] is True and again["created"] == first["created"]
-    changed = teacher_cfg(cfg.model, top_k=5)
+    first_items = TeacherCache(folder).item_emb.clone()
+    assert build_teacher_cache(synthetic_data, teacher_cfg(cfg.model, batch_size=3), folder)["reused"] is True
+    changed = teacher_cfg(cfg.model, max_item_tokens=3)  # items cut to 3 tokens: other item vectors
     rebuilt = build_teacher_cache(synthetic_data, changed, folder)
     assert rebuilt["reused"] is False
-    assert TeacherCache(folder).arrays["topk_ids_test"].shape[1] == 5
+    assert not torch.allclose(TeacherCache(folder).item_emb, first_items)
     assert build_teacher_cache(synthetic_data, changed, folder)["reused"] is True
     assert build_teacher_cache(synthetic_data, changed, folder, force=True)["reused"] is False
     build_teacher_cache(synthetic_data, cfg, folder)  # leave the module's cache as it was
@@ -191,7 +174,7 @@ def test_cache_rebuilt_when_model_weights_change(tmp_path, synthetic_data):
     from conftest import make_tiny_bert
 
     model = make_tiny_bert(tmp_path / "model", seed=0)
-    cfg = teacher_cfg(model, top_k=5)
+    cfg = teacher_cfg(model)
     assert build_teacher_cache(synthetic_data, cfg, tmp_path / "t")["reused"] is False
     before = TeacherCache(tmp_path / "t").item_emb.clone()
     make_tiny_bert(model, seed=1)  # overwrite the weights in the same folder
@@ -210,7 +193,7 @@ def test_cache_refuses_other_data(built_cache, synthetic_data, tmp_path):
 
 
 def test_cache_mean_items_mode(tmp_path, tiny_bert, synthetic_data):
-    cfg = teacher_cfg(tiny_bert, user_mode="mean_items", top_k=5)
+    cfg = teacher_cfg(tiny_bert, user_mode="mean_items")
     build_teacher_cache(synthetic_data, cfg, tmp_path / "t")
     cache = TeacherCache(tmp_path / "t", synthetic_data)
     items = cache.item_emb.numpy()
@@ -219,28 +202,13 @@ def test_cache_mean_items_mode(tmp_path, tiny_bert, synthetic_data):
     np.testing.assert_allclose(cache.arrays["user_test"][u].numpy(), v / np.linalg.norm(v), atol=1e-5)
 
 
-def test_top_k_excludes_history_even_when_catalog_is_small():
-    """top_k >= unseen items: the cached candidates never include a history item; the tail is padded
-    with id -1 and score -inf, and every real candidate has a finite score."""
-    rng = np.random.default_rng(0)
-    items = rng.standard_normal((6, 4)).astype(np.float32)
-    users = rng.standard_normal((2, 4)).astype(np.float32)
-    hists = [np.array([0, 1, 2]), np.array([], dtype=np.int64)]
-    ids, scores = top_k(users, items, hists, k=5)
-    for u, h in enumerate(hists):
-        assert not set(ids[u]) & set(h.tolist()), f"user {u}: history items {set(ids[u]) & set(h.tolist())} cached"
-        real = ids[u] >= 0
-        assert real.sum() == min(5, 6 - len(h))
-        assert np.isfinite(scores[u][real]).all() and np.isneginf(scores[u][~real]).all()
-
-
 def test_gpt2_cache_with_empty_histories(tmp_path, tiny_gpt2, synthetic_data):
     """Users whose 'kd' history is empty (train has one item) get an empty history text; a GPT-style
     tokenizer adds no special token, so a batch of only such texts has zero tokens. The cache must
     still build, with finite unit vectors."""
     hists = state_histories(synthetic_data)["kd"]
     assert sum(len(h) == 0 for h in hists) >= 2  # users 1 and 3 of the synthetic data
-    cfg = TeacherConfig(model=str(tiny_gpt2), batch_size=2, top_k=5, max_history_tokens=128)
+    cfg = TeacherConfig(model=str(tiny_gpt2), batch_size=2, max_history_tokens=128)
     meta = build_teacher_cache(synthetic_data, cfg, tmp_path / "t")
     assert meta["pooling"] == "last"
     user = TeacherCache(tmp_path / "t", synthetic_data).arrays["user_kd"]
