@@ -99,15 +99,21 @@ def plot_curves(out: Path, students: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def teacher_label(folder: str) -> str:
+    """The system name of the teacher cache in `out_dir/<folder>`: 'teacher' for the default folder."""
+    return "teacher" if folder == "teacher" else f"teacher ({folder})"
+
+
 def run_evaluation(cfg: Config) -> dict:
-    """Evaluate popularity, the teacher, each student exactly, and the indexed student through FAISS."""
+    """Evaluate popularity, the teacher (`distill.teacher`), each student exactly, and the indexed student through FAISS."""
     out = Path(cfg.out_dir)
     ks, bs = cfg.eval.ks, cfg.eval.batch_size
+    teacher = cfg.distill.teacher
     with StageTimer() as timer:
         data = load_data(out / "data")
         systems = {"popularity": popularity_scorer(data)}
-        if (out / "teacher").exists():
-            systems["teacher"] = TeacherCache(out / "teacher", data).scorer()
+        if (out / teacher).exists():
+            systems[teacher_label(teacher)] = TeacherCache(out / teacher, data).scorer()
         models = {name: load_student(out / name, data) for name in cfg.eval.students}
         systems.update({name: student_scorer(m, data) for name, m in models.items()})
         indexed = None  # every input is read (and refused) before any scoring starts
@@ -127,13 +133,13 @@ def run_evaluation(cfg: Config) -> dict:
     columns = table_metrics(cfg.eval.ks)
     primary = columns[0]
     paired = {f"{a} - {b}": {s: paired_bootstrap(per_user[a][s][primary], per_user[b][s][primary], cfg.eval.bootstrap)
-                             for s in SPLITS} for a, b in _pairs(list(per_user))}
+                             for s in SPLITS} for a, b in _pairs(list(per_user), teacher_label(teacher))}
     md = ["## Metrics (full ranking, seen items masked)", "", markdown_table(metrics, columns), "",
           f"## Paired {primary} differences (mean, 95% bootstrap interval over users)", "",
           "| comparison | valid | test |", "|---|---|---|"]
     for key, by in paired.items():
         md.append(f"| {key} | " + " | ".join(f"{by[s]['mean']:+.4f} [{by[s]['lo']:+.4f}, {by[s]['hi']:+.4f}]" for s in SPLITS) + " |")
-    md += ["", "## Stage cost", "", stage_costs(out, ["data", "teacher", *cfg.eval.students, "index"])]
+    md += ["", "## Stage cost", "", stage_costs(out, ["data", teacher, *cfg.eval.students, "index"])]
     with atomic_dir(out / "eval") as tmp:
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "paired.json", paired)
@@ -144,8 +150,8 @@ def run_evaluation(cfg: Config) -> dict:
     return {"metrics": metrics, "paired": paired, "markdown": "\n".join(md)}
 
 
-def _pairs(names: list[str]) -> list[tuple[str, str]]:
+def _pairs(names: list[str], teacher: str = "teacher") -> list[tuple[str, str]]:
     """Comparisons worth a paired interval: KD student vs no-KD twin, each student vs teacher and popularity."""
     pairs = [("student_kd", "student_no_kd")] if {"student_kd", "student_no_kd"} <= set(names) else []
     students = [n for n in names if n.startswith("student") and "+faiss" not in n]
-    return pairs + [(s, base) for s in students for base in ("teacher", "popularity") if base in names]
+    return pairs + [(s, base) for s in students for base in (teacher, "popularity") if base in names]

@@ -1,0 +1,52 @@
+"""The evaluation stage in-process (`llmkd.report.run_evaluation`): which systems it scores and what it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmkd.config import Config, DistillConfig, EvalConfig, TeacherConfig
+from llmkd.data import build_data, save_data
+from llmkd.evaluate import evaluate_scores, summarize
+from llmkd.report import run_evaluation
+from llmkd.teacher import TeacherCache, build_teacher_cache
+
+
+@pytest.fixture(scope="module")
+def two_teachers(tmp_path_factory, synthetic, tiny_bert):
+    """A run folder with data and two teacher caches: `teacher` (history text) and `teacher_mean`
+    (mean of history item vectors), so their scores differ."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    cfg = Config(out_dir=str(out), data=synthetic.data_config(max_history=8))
+    data = build_data(cfg.data)
+    save_data(data, out / "data", cfg.data)
+    for folder, mode in (("teacher", "text"), ("teacher_mean", "mean_items")):
+        build_teacher_cache(data, TeacherConfig(model=str(tiny_bert), batch_size=8, max_history_tokens=128,
+                                                user_mode=mode), out / folder)
+    return out, data
+
+
+def evaluate(out, teacher: str) -> dict:
+    cfg = Config(out_dir=str(out), distill=DistillConfig(teacher=teacher),
+                 eval=EvalConfig(ks=[1, 10], students=[], bootstrap=10))
+    run_evaluation(cfg)
+    return json.loads((out / "eval" / "metrics.json").read_text())
+
+
+def expected(out, data, folder: str) -> dict:
+    fn = TeacherCache(out / folder, data).scorer()
+    return {s: summarize(evaluate_scores(data, s, fn, [1, 10])) for s in ("valid", "test")}
+
+
+@pytest.mark.parametrize("folder, label", [("teacher_mean", "teacher (teacher_mean)"), ("teacher", "teacher")])
+def test_the_teacher_evaluated_is_the_one_distill_teacher_names(two_teachers, folder, label):
+    out, data = two_teachers
+    mine, other = expected(out, data, folder), expected(out, data, "teacher" if folder != "teacher" else "teacher_mean")
+    assert mine != other  # the two caches rank differently, so the check below tells them apart
+    metrics = evaluate(out, folder)
+    assert set(metrics) == {"popularity", label}
+    for split in mine:
+        assert metrics[label][split] == pytest.approx(mine[split]), split
+    md = (out / "eval" / "results.md").read_text()
+    assert f"| {label} |" in md and f"| {folder} |" in md  # the metrics row and the stage-cost row
