@@ -1,9 +1,10 @@
 """Offline retrieval evaluation (docs/protocol.md): full ranking, seen items masked, one held-out item.
 
 Ranking: items sorted by descending score, ties broken by lower item index (a stable sort), so every
-system -- including popularity, which has many ties -- is ranked deterministically. Metrics per user:
-HitRate@K = Recall@K (one held-out item), NDCG@K = 1 / log2(rank + 2), MRR@K = 1 / (rank + 1), each
-zero when rank >= K. Memory is bounded by `batch_size x n_items`. Scores must be finite: NaN
+system -- including popularity, which has many ties -- is ranked deterministically. A held-out item
+that is also in the user's history (a repeated interaction) is masked like any seen item and is a
+miss at every K (`MISS_RANK`). Metrics per user: HitRate@K = Recall@K (one held-out item),
+NDCG@K = 1 / log2(rank + 2), MRR@K = 1 / (rank + 1), each zero when rank >= K. Memory is bounded by `batch_size x n_items`. Scores must be finite: NaN
 anywhere, +inf anywhere or -inf on a target the history does not mask stop evaluation (`LlmkdError`),
 since a NaN target compares greater than nothing and would rank first.
 """
@@ -21,6 +22,21 @@ from llmkd.data import RecData
 
 ScoreFn = Callable[[np.ndarray, str], torch.Tensor]
 """(users (B,) int64, split) -> scores (B, n_items) float32 over the whole catalog."""
+
+MISS_RANK = int(np.iinfo(np.int64).max)
+"""The rank of a held-out item masked as seen (score -inf after `mask_seen`): a miss at every K."""
+
+PROTOCOL = {
+    "ranking": "full catalog, no sampled negatives; ties in score to the lower item index",
+    "seen_items": "masked (score -inf): valid masks the train items, test the train items and the valid item",
+    "repeated_interactions": "a held-out item that is also in the user's history is masked like any seen "
+                             "item, so it counts as a miss at every K (a choice of the protocol)",
+    "metrics": "one held-out item per user; HitRate@K = Recall@K, NDCG@K = 1 / log2(rank + 2), "
+               "MRR@K = 1 / (rank + 1), each 0 when rank >= K; means over the evaluated users",
+    "non_finite_scores": "an error (NaN or +inf anywhere, -inf on an unmasked held-out item)",
+    "reference": "docs/protocol.md",
+}
+"""The evaluation protocol in words, written next to every metrics file (`eval/protocol.json`)."""
 
 
 def mask_seen(scores: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
@@ -40,12 +56,18 @@ def nonfinite_rows(scores: torch.Tensor, targets: torch.Tensor, histories: Seque
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target under descending score, ties to the lower index; (B,) int64."""
+    """0-based rank of each target under descending score, ties to the lower index, `MISS_RANK` for a
+    target scored -inf (masked as seen); (B,) int64."""
     assert scores.dim() == 2 and targets.shape == (scores.shape[0],)
     s_t = scores.gather(1, targets[:, None])
     idx = torch.arange(scores.shape[1], device=scores.device)
     better = (scores > s_t) | ((scores == s_t) & (idx[None, :] < targets[:, None]))
-    return better.sum(1)
+    return better.sum(1).masked_fill(torch.isneginf(s_t[:, 0]), MISS_RANK)
+
+
+def repeated_targets(data: RecData, split: str) -> int:
+    """Evaluated users of `split` whose held-out item is already in their history (each a miss)."""
+    return sum(int(np.isin(data.targets(split)[u], data.history(u, split))) for u in data.eval_users(split))
 
 
 def ranks_from_lists(ids: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -3,7 +3,9 @@
 Artifact `eval/`:
     metrics.json   {system: {split: {"ndcg@10": value, ...}}}
     paired.json    per-user paired differences (95% bootstrap intervals) between systems
-    results.md     the markdown tables (metrics, paired comparison, stage cost)
+    protocol.json  the protocol's rules (`llmkd.evaluate.PROTOCOL`, also in meta.json) and, per split, how many
+                   users' held-out item repeats one in their history (masked: a miss for every system)
+    results.md     the markdown tables (metrics, paired comparison, stage cost), the protocol in a sentence
     valid_curve.png  valid NDCG@10 per epoch of each student
 """
 
@@ -18,7 +20,15 @@ import torch
 from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, require_fingerprint, write_json
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import evaluate_retrieval, evaluate_scores, paired_bootstrap, popularity_scorer, summarize
+from llmkd.evaluate import (
+    PROTOCOL,
+    evaluate_retrieval,
+    evaluate_scores,
+    paired_bootstrap,
+    popularity_scorer,
+    repeated_targets,
+    summarize,
+)
 from llmkd.index import load_index, search
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
@@ -134,7 +144,13 @@ def run_evaluation(cfg: Config) -> dict:
     primary = columns[0]
     paired = {f"{a} - {b}": {s: paired_bootstrap(per_user[a][s][primary], per_user[b][s][primary], cfg.eval.bootstrap)
                              for s in SPLITS} for a, b in _pairs(list(per_user), teacher_label(teacher))}
-    md = ["## Metrics (full ranking, seen items masked)", "", markdown_table(metrics, columns), "",
+    repeated = {s: repeated_targets(data, s) for s in SPLITS}
+    protocol = {"rules": PROTOCOL, "repeated_targets": repeated}
+    md = ["## Metrics (full ranking, seen items masked)", "",
+          "Protocol (docs/protocol.md, `eval/protocol.json`): every item in the user's history is masked; a held-out "
+          "item that is also in the history (a repeated interaction) is masked too and counts as a miss at every K: "
+          + ", ".join(f"{repeated[s]} of {metrics['popularity'][s]['users']} {s} users" for s in SPLITS) + " here.",
+          "", markdown_table(metrics, columns), "",
           f"## Paired {primary} differences (mean, 95% bootstrap interval over users)", "",
           "| comparison | valid | test |", "|---|---|---|"]
     for key, by in paired.items():
@@ -143,11 +159,13 @@ def run_evaluation(cfg: Config) -> dict:
     with atomic_dir(out / "eval") as tmp:
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "paired.json", paired)
+        write_json(tmp / "protocol.json", protocol)
         (tmp / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
         if models:
             plot_curves(out, list(models), tmp / "valid_curve.png")
-        write_json(tmp / "meta.json", new_meta("eval", cfg.to_dict(), data.fingerprint, timing=timer.as_dict()))
-    return {"metrics": metrics, "paired": paired, "markdown": "\n".join(md)}
+        write_json(tmp / "meta.json", new_meta("eval", cfg.to_dict(), data.fingerprint, protocol=protocol,
+                                               timing=timer.as_dict()))
+    return {"metrics": metrics, "paired": paired, "protocol": protocol, "markdown": "\n".join(md)}
 
 
 def _pairs(names: list[str], teacher: str = "teacher") -> list[tuple[str, str]]:

@@ -17,27 +17,34 @@ from llmkd.evaluate import (
     metrics_from_ranks,
     paired_bootstrap,
     popularity_scorer,
+    repeated_targets,
     target_ranks,
 )
 
 KS = (1, 3, 5, 10)
 
 
-def brute_rank(scores: np.ndarray, target: int, seen=()) -> int:
-    """0-based position of `target` in the catalog sorted by (-score, index), seen items removed."""
-    order = sorted((j for j in range(len(scores)) if j not in set(seen) or j == target),
-                   key=lambda j: (-scores[j], j))
-    return order.index(target)
+def brute_rank(scores: np.ndarray, target: int, seen=()) -> float:
+    """0-based position of `target` in the catalog sorted by (-score, index), seen items removed; a
+    target among the seen items (a repeated interaction) is removed with them: never ranked (inf)."""
+    order = sorted((j for j in range(len(scores)) if j not in set(seen)), key=lambda j: (-scores[j], j))
+    return order.index(target) if target in order else math.inf
 
 
-def brute_metrics(rank: int, k: int) -> dict[str, float]:
+def brute_metrics(rank: float, k: int) -> dict[str, float]:
     hit = rank < k
     return {"recall": float(hit), "hit": float(hit), "ndcg": 1 / math.log2(rank + 2) if hit else 0.0,
             "mrr": 1 / (rank + 1) if hit else 0.0}
 
 
+def fresh_users(data: RecData, split: str) -> list[int]:
+    """Evaluated users whose held-out item is not in their history."""
+    return [int(u) for u in data.eval_users(split) if data.targets(split)[u] not in data.history(u, split)]
+
+
 def random_data(seed: int = 0, n_users: int = 23, n_items: int = 17) -> RecData:
-    """A small RecData with distinct items per user; some users train only."""
+    """A small RecData; some users train only. Every 4th evaluated user's test item repeats one of its
+    train items and every 5th's valid item does (repeated interactions); the other items are distinct."""
     rng = np.random.default_rng(seed)
     train, valid, test = [], np.full(n_users, -1), np.full(n_users, -1)
     for u in range(n_users):
@@ -45,6 +52,10 @@ def random_data(seed: int = 0, n_users: int = 23, n_items: int = 17) -> RecData:
         if len(seq) >= 3:
             train.append(seq[:-2])
             valid[u], test[u] = seq[-2], seq[-1]
+            if u % 4 == 0:
+                test[u] = rng.choice(seq[:-2])
+            if u % 5 == 1:
+                valid[u] = rng.choice(seq[:-2])
         else:
             train.append(seq)
     return RecData([str(u) for u in range(n_users)], [str(i) for i in range(n_items)],
@@ -104,22 +115,50 @@ def test_evaluate_scores_brute_force(split, batch_size):
     m = evaluate_scores(data, split, score_fn, KS, batch_size=batch_size)
     users = data.eval_users(split)
     assert set(calls) == {split} and len(m["ndcg@10"]) == len(users) > 0
+    repeated = 0
     for row, u in enumerate(users):
         rank = brute_rank(table[u], data.targets(split)[u], data.history(u, split))
+        repeated += rank == math.inf
         for k in KS:
             for name, value in brute_metrics(rank, k).items():
                 assert m[f"{name}@{k}"][row] == pytest.approx(value), (u, name, k)
+    assert repeated >= 2  # the reference met held-out items that are in the history
 
 
 def test_masking_matters():
     """A seen item with the top score must not push the target down."""
     data = random_data()
-    u = int(data.eval_users("test")[0])
+    u = fresh_users(data, "test")[0]
     scores = np.zeros((data.num_users, data.num_items), np.float32)
     scores[u, data.history(u, "test")] = 10.0
     scores[u, data.test_item[u]] = 5.0
     m = evaluate_scores(data, "test", lambda users, s: torch.as_tensor(scores[users]), ks=(1,))
-    assert m["ndcg@1"][0] == 1.0
+    assert m["ndcg@1"][list(data.eval_users("test")).index(u)] == 1.0
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_a_held_out_item_in_the_history_is_a_miss_at_every_k(split):
+    """Repeated interaction (docs/protocol.md): the held-out item is masked like any seen item, so even the
+    model's top score on it, with K as large as the catalog, is a miss."""
+    data = random_data()
+    users = data.eval_users(split)
+    rows = [row for row, u in enumerate(users) if data.targets(split)[u] in data.history(u, split)]
+    assert rows
+    table = np.zeros((data.num_users, data.num_items), np.float32)
+    table[users, data.targets(split)[users]] = 10.0  # every target gets the top score
+    ks = (1, 10, data.num_items, 100)
+    m = evaluate_scores(data, split, lambda us, s: torch.as_tensor(table[us]), ks)
+    for k in ks:
+        for name in ("recall", "hit", "ndcg", "mrr"):
+            assert not m[f"{name}@{k}"][rows].any(), (name, k)
+            others = np.setdiff1d(np.arange(len(users)), rows)
+            assert (m[f"{name}@{k}"][others] == 1.0).all(), (name, k)  # the other targets rank first
+
+
+def test_repeated_targets_counts_held_out_items_in_the_history():
+    data = random_data()  # test items repeat a train item for users 0, 4, 8, ...; valid items for 1, 6, 11, ...
+    assert repeated_targets(data, "test") == sum(int(u) % 4 == 0 for u in data.eval_users("test")) > 0
+    assert repeated_targets(data, "valid") == sum(int(u) % 5 == 1 for u in data.eval_users("valid")) > 0
 
 
 def test_evaluate_scores_does_not_modify_scorer_output():
@@ -197,14 +236,14 @@ def test_cold_start_set_metrics_by_hand():
 # ---------------------------------------------------------------- non-finite scores
 
 
-def one_bad_score(data: RecData, split: str, value: float, on_target: bool) -> tuple[np.ndarray, int]:
+def one_bad_score(data: RecData, split: str, value: float, on_target: bool) -> np.ndarray:
     """A finite random table with `value` at one eval user's target (or at an item outside its history)."""
     table = np.random.default_rng(5).random((data.num_users, data.num_items)).astype(np.float32)
-    u = int(data.eval_users(split)[1])
+    u = fresh_users(data, split)[1]
     item = int(data.targets(split)[u]) if on_target else \
         int(np.setdiff1d(np.arange(data.num_items), [*data.history(u, split), data.targets(split)[u]])[0])
     table[u, item] = value
-    return table, u
+    return table
 
 
 @pytest.mark.parametrize("split", ["valid", "test"])
@@ -214,7 +253,7 @@ def test_non_finite_scores_stop_evaluation_naming_system_and_split(split, value,
     """A NaN model would rank its target first (no score compares greater than NaN) and score NDCG 1.0;
     NaN anywhere, +inf anywhere and a -inf target (not masked as seen) are errors naming system and split."""
     data = random_data()
-    table, _ = one_bad_score(data, split, value, on_target)
+    table = one_bad_score(data, split, value, on_target)
     with pytest.raises(LlmkdError, match=rf"^nan_model: non-finite scores on {split}\b"):
         evaluate_scores(data, split, lambda users, s: torch.as_tensor(table[users]), KS, name="nan_model")
 
@@ -228,6 +267,6 @@ def test_an_all_nan_model_raises_instead_of_scoring_perfectly():
 def test_minus_inf_on_a_non_target_item_is_allowed():
     """-inf means 'never recommend' (what `mask_seen` writes): allowed anywhere but on an unmasked target."""
     data = random_data()
-    table, u = one_bad_score(data, "test", float("-inf"), on_target=False)
+    table = one_bad_score(data, "test", float("-inf"), on_target=False)
     m = evaluate_scores(data, "test", lambda users, s: torch.as_tensor(table[users]), KS)
     assert np.isfinite(m["ndcg@10"]).all()

@@ -50,3 +50,19 @@ def test_the_teacher_evaluated_is_the_one_distill_teacher_names(two_teachers, fo
         assert metrics[label][split] == pytest.approx(mine[split]), split
     md = (out / "eval" / "results.md").read_text()
     assert f"| {label} |" in md and f"| {folder} |" in md  # the metrics row and the stage-cost row
+
+
+def test_the_protocol_is_written_next_to_the_metrics(two_teachers):
+    """The repeated-interaction rule is stated in eval/protocol.json, eval/meta.json and results.md, while
+    metrics.json keeps its {system: {split: metrics}} layout."""
+    out, data = two_teachers
+    metrics = evaluate(out, "teacher")
+    assert set(metrics) == {"popularity", "teacher"}
+    assert all(set(by) == {"valid", "test"} for by in metrics.values())
+    protocol = json.loads((out / "eval" / "protocol.json").read_text())
+    assert "miss" in protocol["rules"]["repeated_interactions"]
+    repeats = {s: sum(data.targets(s)[u] in data.history(u, s) for u in data.eval_users(s)) for s in ("valid", "test")}
+    assert protocol["repeated_targets"] == repeats
+    assert json.loads((out / "eval" / "meta.json").read_text())["protocol"] == protocol
+    md = (out / "eval" / "results.md").read_text()
+    assert "repeated interaction" in md and f"{repeats['test']} of {metrics['teacher']['test']['users']} test users" in md
