@@ -8,19 +8,15 @@ run's data/ and teacher/ are reused), is selected on valid and evaluated once on
 from __future__ import annotations
 
 import copy
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from llmkd.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
-from llmkd.distill import train
 from llmkd.evaluate import evaluate_scores, paired_bootstrap, popularity_scorer, summarize
+from llmkd.recipe import train_many
 from llmkd.report import SPLITS, load_student, student_scorer
 from llmkd.reuse import reuse
 from llmkd.teacher import TeacherCache
@@ -33,23 +29,6 @@ def variant_config(cfg: Config, name: str, overrides: list[str], seed: int) -> C
     raw = apply_overrides(copy.deepcopy(cfg.to_dict()), [*overrides, f"distill.seed={seed}",
                                                          f"distill.name=seeds/{name}_s{seed}"])
     return from_dict(Config, raw)
-
-
-def _train_quietly(cfg: Config, threads: int) -> None:
-    torch.set_num_threads(threads)
-    train(cfg)
-
-
-def train_many(cfgs: list[Config], jobs: int = 1) -> None:
-    """Train students, `jobs` at a time in worker processes that share the CPU cores between them."""
-    if jobs <= 1 or len(cfgs) <= 1:
-        for cfg in cfgs:
-            train(cfg)
-        return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(_train_quietly, cfg, threads) for cfg in cfgs]):
-            future.result()
 
 
 def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | None = None,

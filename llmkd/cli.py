@@ -17,11 +17,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set distill.alpha=0 (repeatable)")
+    p.add_argument("--recipe", default=None, metavar="YAML",
+                   help="a distillation recipe (scripts/tune.py writes <out_dir>/tune/recipe.yaml), laid over --config")
     return p
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, args.recipe)
 
 
 def run(main: Callable[[], object]) -> None:

@@ -15,71 +15,41 @@ Writes `<out_dir>/kd_benchmark/`: results.md, results.json, seeds.png (test NDCG
 
 from __future__ import annotations
 
-import itertools
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from llmkd.artifacts import atomic_dir, write_json
-from llmkd.benchmark import run_seeds, train_many, variant_config
-from llmkd.reuse import reuse
+from llmkd.benchmark import run_seeds, variant_config
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap
+from llmkd.recipe import FAMILIES, run_search
 from llmkd.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
 
 NO_KD = "student_no_kd"
 HEADROOM_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)  # teacher-score weights of the serving-time ensemble
-SCORE_KD = ("listwise_kl", "ranking_distillation", "relaxed_ranking", "margin_mse", "pairwise_hinge", "infonce")
-
-# family -> (fixed overrides, grid searched on valid); alpha weighs a score-KD loss against the hard loss
-FAMILIES: dict[str, tuple[list[str], dict[str, list]]] = {
-    **{name: ([f"distill.kd_loss={name}"], {"distill.alpha": [0.1, 1.0]}) for name in SCORE_KD},
-    # squared margins of scores scaled by teacher_scale (20) run ~10-100x the other losses: smaller weights
-    "margin_mse": (["distill.kd_loss=margin_mse"], {"distill.alpha": [0.01, 0.1]}),
-    # a sum of K=10 Plackett-Luce log-likelihood terms per row (~10x a listwise loss): smaller weights too
-    "relaxed_ranking": (["distill.kd_loss=relaxed_ranking"], {"distill.alpha": [0.01, 0.1, 1.0]}),
-    # embedding distillation: the teacher's item-text vectors through a learned projection into the item tower
-    "content_features": (["distill.alpha=0", "student.content_features=true"], {"student.content_hidden": [0, 256]}),
-    # embedding alignment: the student's item vectors, through a head, match the teacher's
-    "item_align": (["distill.alpha=0"], {"distill.item_align": [0.1, 1.0]}),
-    # multi-task: the student's user state, through a head, predicts the teacher's user vector
-    "user_align": (["distill.alpha=0"], {"distill.user_align": [0.3, 1.0, 3.0]}),
-}
 
 
-def grid_points(grid: dict[str, list]) -> list[list[str]]:
-    """Every combination of a grid as override lists ([[]] for an empty grid)."""
-    keys = list(grid)
-    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*grid.values())]
+def search(cfg: Config, families: dict[str, tuple[list[str], dict[str, list]]], seed: int, jobs: int = 1,
+           budget_s: float | None = None) -> tuple[dict, dict]:
+    """The recipe search (`llmkd.recipe.run_search`) at `seed` into `<out_dir>/kd_benchmark/search/`.
 
-
-def run_name(family: str, point: list[str]) -> str:
-    """The search run's folder name, e.g. search/listwise_kl_alpha=0.1 (stable when the grid grows)."""
-    return "_".join([f"search/{family}", *(o.partition("=")[0].split(".")[-1] + "=" + o.partition("=")[2] for o in point)])
-
-
-def search(cfg: Config, families: dict[str, tuple[list[str], dict[str, list]]], seed: int, data: RecData,
-           jobs: int = 1) -> dict:
-    """Train every grid point of every family at `seed`; per family the runs and the valid-best point."""
-    points = {family: [(run_name(family, p), [*fixed, *p]) for p in grid_points(grid)]
-              for family, (fixed, grid) in families.items()}
-    train_many([c for runs in points.values() for name, o in runs
-                if not reuse(c := variant_config(cfg, name, o, seed), data.fingerprint)], jobs)
-    out = {}
-    for family, (fixed, grid) in families.items():
-        runs = []
-        for (name, _), point in zip(points[family], grid_points(grid)):
-            folder = Path(cfg.out_dir) / variant_config(cfg, name, [], seed).distill.name
-            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-            runs.append({"overrides": point, "folder": str(folder.relative_to(cfg.out_dir)),
-                         "valid_ndcg@10": meta["best_valid_ndcg@10"], "best_epoch": meta["best_epoch"]})
-        best = max(runs, key=lambda r: r["valid_ndcg@10"])
-        out[family] = {"fixed": fixed, "runs": runs, "chosen": best}
-    return out
+    Returns, per family, its runs and the valid-best point (`{"fixed", "runs", "chosen"}`), and the
+    combinations the search trained (`{name: {"overrides", "folder", "valid_ndcg@10"}}`)."""
+    report = run_search(cfg, families, budget_s, jobs, seed, folder="kd_benchmark/search")
+    cands = [c for c in report["candidates"] if "valid_ndcg@10" in c]
+    found = {}
+    for family, (fixed, _) in families.items():
+        runs = [{"overrides": c["overrides"][len(fixed):], "folder": c["folder"], "valid_ndcg@10": c["valid_ndcg@10"],
+                 "best_epoch": c["best_epoch"]} for c in cands if c["family"] == family]
+        if runs:
+            found[family] = {"fixed": fixed, "runs": runs, "chosen": max(runs, key=lambda r: r["valid_ndcg@10"])}
+    combos = {c["name"]: {k: c[k] for k in ("overrides", "folder", "valid_ndcg@10")}
+              for c in cands if c["family"] == "combination"}
+    return found, combos
 
 
 def topk_lists(data: RecData, split: str, score_fn, k: int = 10, batch_size: int = 512) -> np.ndarray:
@@ -188,18 +158,19 @@ def teacher_headroom(cfg: Config, data: RecData, variants: dict[str, list[str]],
     return result
 
 
-def targets(rows: dict, best: str, teacher: str, peer: tuple[str, float]) -> list[str]:
-    """The issue's targets, each checked from the measured rows (test NDCG@10, means over seeds)."""
+def targets(rows: dict, best: str, teacher: str, peer: tuple[str, float], ratio: tuple[float, float]) -> list[str]:
+    """The targets (relative lift: `ratio` = (target, stretch)), each checked from the measured rows (test
+    NDCG@10, means over seeds)."""
     mean = {n: rows[n]["test"]["ndcg@10"]["mean"] for n in (best, NO_KD, teacher)}
     std = {n: rows[n]["test"]["ndcg@10"]["std"] for n in (best, NO_KD)}
-    ratio, gap = mean[best] / mean[NO_KD], mean[best] - mean[NO_KD]
+    lift, gap = mean[best] / mean[NO_KD], mean[best] - mean[NO_KD]
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
     return [
-        f"- best variant on valid: **{best}**; test NDCG@10 {mean[best]:.4f} vs no-KD {mean[NO_KD]:.4f} = {ratio:.3f}x "
-        f"(target >= 1.10x: {verdict(ratio >= 1.10)}; stretch 1.20x: {verdict(ratio >= 1.20)})",
+        f"- best variant on valid: **{best}**; test NDCG@10 {mean[best]:.4f} vs no-KD {mean[NO_KD]:.4f} = {lift:.3f}x "
+        f"(target >= {ratio[0]:.2f}x: {verdict(lift >= ratio[0])}; stretch {ratio[1]:.2f}x: {verdict(lift >= ratio[1])})",
         f"- gap {gap:+.4f} vs the two stds added {std[best] + std[NO_KD]:.4f}: {verdict(gap > std[best] + std[NO_KD])}",
         f"- vs {peer[0]} {peer[1]:.4f}: {verdict(mean[best] >= peer[1])}",
         f"- vs its own teacher {mean[teacher]:.4f}: {verdict(mean[best] >= mean[teacher])}",
@@ -242,28 +213,30 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
 
 
 def run_kd_benchmark(cfg: Config, seeds: list[int], families: dict | None = None, search_seed: int | None = None,
-                     peer: tuple[str, float] = ("SASRec (RecBole, docs/peers.md)", 0.0959), jobs: int = 1) -> dict:
+                     peer: tuple[str, float] = ("SASRec (RecBole, docs/peers.md)", 0.0959), jobs: int = 1,
+                     budget_s: float | None = None, ratio: tuple[float, float] = (1.10, 1.20)) -> dict:
     """Search, seeds, diagnostics; writes `<out_dir>/kd_benchmark/`."""
     families = families or FAMILIES
     search_seed = seeds[0] if search_seed is None else search_seed
     data = load_data(Path(cfg.out_dir) / "data")
-    found = search(cfg, families, search_seed, data, jobs)
+    found, combos = search(cfg, families, search_seed, jobs, budget_s)
     variants = {NO_KD: ["distill.alpha=0"]}
     aliases = {}
     for family, f in found.items():
         variants[family] = [*f["fixed"], *f["chosen"]["overrides"]]
         aliases[(family, search_seed)] = [f["chosen"]["folder"]]
-    if "content_features" in found and "user_align" in found:  # embedding distillation + the multi-task head
-        variants["combined"] = [*variants["content_features"], *variants["user_align"]]
+    for name, c in combos.items():  # content + score loss / alignment, each at its chosen point
+        variants[name] = c["overrides"]
+        aliases[(name, search_seed)] = [c["folder"]]
     report = run_seeds(cfg, seeds, variants, aliases, report="kd_benchmark/seeds", jobs=jobs)
     rows = report["rows"]
     best = max((v for v in variants if v != NO_KD), key=lambda v: rows[v]["valid"]["ndcg@10"]["mean"])
     diag = diagnostics(cfg, data, variants, seeds, report["per_user"], best)
-    target_lines = targets(rows, best, cfg.distill.teacher, peer)
+    target_lines = targets(rows, best, cfg.distill.teacher, peer, ratio)
     md = kd_markdown(found, report, diag, target_lines, seeds, search_seed)
     folder = Path(cfg.out_dir) / "kd_benchmark" / "summary"
     with atomic_dir(folder) as tmp:
-        write_json(tmp / "results.json", {"search": found, "variants": variants, "rows": rows,
+        write_json(tmp / "results.json", {"chosen": best, "seeds": seeds, "search": found, "variants": variants, "rows": rows,
                                           "paired": report["paired"], "diagnostics": diag, "targets": target_lines})
         (tmp / "results.md").write_text(md + "\n", encoding="utf-8")
         (tmp / "seeds.png").write_bytes((report["folder"] / "seeds.png").read_bytes())

@@ -2,17 +2,34 @@
 
     accelerate launch scripts/distill.py --config configs/ml100k.yaml
     accelerate launch scripts/distill.py --config configs/ml100k.yaml --set distill.alpha=0 --set distill.name=student_no_kd
+    accelerate launch scripts/distill.py --config configs/ml100k.yaml --recipe runs/ml100k/tune/recipe.yaml
+
+With --recipe (the overrides chosen on valid by scripts/tune.py), a search run trained with exactly these
+settings on the same data and teacher cache is copied instead of trained again (--retrain to train anyway).
 """
 
+import os
+from pathlib import Path
+
 from llmkd.cli import config_from, parser, run
+from llmkd.data import load_data
 from llmkd.distill import train
+from llmkd.reuse import reuse
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/<name>/last")
+    p.add_argument("--retrain", action="store_true", help="with --recipe: train even if a search run matches")
     args = p.parse_args()
-    result = train(config_from(args), resume=args.resume)
+    cfg = config_from(args)
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if args.recipe and not args.retrain and single:
+        runs = sorted((Path(args.recipe).parent / "runs").glob("*"))
+        if reuse(cfg, load_data(Path(cfg.out_dir) / "data").fingerprint, runs):
+            print(f"reused a search run trained with the same settings -> {Path(cfg.out_dir) / cfg.distill.name}")
+            return
+    result = train(cfg, resume=args.resume)
     print(f"best valid ndcg@10 {result['best_valid_ndcg@10']:.4f} at epoch {result['best_epoch']}")
 
 

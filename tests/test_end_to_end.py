@@ -351,11 +351,18 @@ def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
     assert chosen["valid_ndcg@10"] == max(r["valid_ndcg@10"] for r in runs)
     copied = out / "seeds" / "listwise_kl_s0" / "model.safetensors"
     assert copied.read_bytes() == (out / chosen["folder"] / "model.safetensors").read_bytes()  # reused, not retrained
-    assert set(summary["rows"]) == {"popularity", "teacher", "student_no_kd", *families, "combined"}
-    combined = load_config(pipeline["cfg"], summary["variants"]["combined"])
-    assert combined.student.content_features and combined.distill.user_align == 1.0
+    score = max(("listwise_kl", "margin_mse"), key=lambda f: summary["search"][f]["chosen"]["valid_ndcg@10"])
+    score_run = summary["search"][score]["chosen"]["folder"].rpartition("/")[2].removesuffix("_s0")
+    combos = {f"content_features+{score_run}", "content_features+user_align_user_align=1.0",
+              f"content_features+user_align_user_align=1.0+{score_run}"}
+    assert set(summary["rows"]) == {"popularity", "teacher", "student_no_kd", *families, *combos}
+    triple = load_config(pipeline["cfg"], summary["variants"][f"content_features+user_align_user_align=1.0+{score_run}"])
+    assert triple.student.content_features and triple.distill.user_align == 1.0
+    (point,) = summary["search"][score]["chosen"]["overrides"]  # the score loss keeps its alpha in the combination
+    assert triple.distill.kd_loss == score and f"distill.alpha={triple.distill.alpha}" == point
     diag = summary["diagnostics"]
-    assert diag["best"] in families or diag["best"] == "combined"
+    assert summary["chosen"] == diag["best"] and summary["seeds"] == [0, 1]
+    assert diag["best"] in families or diag["best"] in combos
     assert all(0.0 <= o["mean"] <= 1.0 for o in diag["overlap@10"].values())
     users = len(json.loads((out / "data" / "users.json").read_text()))
     lift = diag["lift"]
@@ -427,3 +434,31 @@ def test_cold_start_items(tmp_path_factory, synthetic, tiny_bert):
     run(distill(cfg, "--set", "distill.name=id_only", "--set", "student.content_features=false"), home)
     bad = run(script("cold_start.py", cfg, "--students", "id_only"), home, check=False)
     assert bad.returncode == 2 and "cannot embed unseen items" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
+    """scripts/tune.py searches on valid and writes recipe.yaml; distill.py --recipe then copies the
+    matching search run instead of training it again (same weights), and --retrain trains it."""
+    cfg, out, home = pipeline["cfg"], pipeline["out"], pipeline["home"]
+    proc = run(script("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1"), home)
+    assert "chosen on valid" in proc.stdout
+    report = json.loads((out / "tune" / "report.json").read_text())
+    done = [c for c in report["candidates"] if "valid_ndcg@10" in c]
+    assert report["chosen"] == max(done, key=lambda c: c["valid_ndcg@10"])["name"]
+    recipe = out / "tune" / "recipe.yaml"
+    chosen = next(c for c in done if c["name"] == report["chosen"])
+    proc = run(distill(cfg, "--recipe", str(recipe), "--set", "distill.epochs=1", "--set", "distill.name=student_recipe"),
+               home)
+    assert "reused a search run" in proc.stdout
+    weights = (out / "student_recipe" / "model.safetensors").read_bytes()
+    assert weights == (out / chosen["folder"] / "model.safetensors").read_bytes()
+    copied = json.loads((out / "student_recipe" / "meta.json").read_text())["created"]
+    proc = run(distill(cfg, "--recipe", str(recipe), "--set", "distill.epochs=1", "--set", "distill.name=student_recipe",
+                       "--retrain"), home)
+    assert "reused" not in proc.stdout and "best valid ndcg@10" in proc.stdout
+    assert json.loads((out / "student_recipe" / "meta.json").read_text())["created"] >= copied
+    again = run(script("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1"), home)
+    assert "chosen on valid" in again.stdout
+    assert {c["status"] for c in json.loads((out / "tune" / "report.json").read_text())["candidates"]} == {"reused"}
+    bad = run(script("tune.py", cfg, "--families", "nope"), home, check=False)
+    assert bad.returncode == 2 and "unknown ['nope']" in bad.stderr and "Traceback" not in bad.stderr

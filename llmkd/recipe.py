@@ -1,0 +1,274 @@
+"""Recipe search: which distillation works on this dataset, chosen on valid under a wall-clock budget.
+
+The candidates are the distillation families (the teacher's item-text vectors as content features,
+each score-KD loss, user / item alignment heads), each over a small grid, plus their combinations
+(content + one score loss, content + one alignment, content + score loss + alignment, each family at
+its own chosen point), and the student without a teacher. Every candidate is one early-stopped
+student run at one seed, selected on valid NDCG@10; test is never read here.
+
+Search order (so a short budget spends itself where it pays most):
+  round 0: the no-teacher student, then the first grid point of every family;
+  round 1, 2, ...: the remaining grid points, breadth-first over families;
+  last: the combinations, built from each family's best point so far.
+A run starts only while `elapsed + (mean fresh run time) <= budget`; finished runs are reused (keyed on
+their training inputs, `llmkd.reuse`), an interrupted run resumes from its checkpoint.
+
+Writes `<out_dir>/<folder>/`: recipe.yaml (the chosen overrides as a config fragment that
+`scripts/distill.py --recipe` reads), report.json, report.md and search.png. Runs land in
+`<out_dir>/<folder>/runs/<candidate>_s<seed>/`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from llmkd.artifacts import LlmkdError, atomic_dir, write_json
+from llmkd.config import Config, apply_overrides, from_dict
+from llmkd.data import load_data
+from llmkd.distill import train
+from llmkd.reuse import reuse
+
+NO_TEACHER = "no_teacher"
+SCORE_KD = ("listwise_kl", "ranking_distillation", "relaxed_ranking", "margin_mse", "pairwise_hinge", "infonce")
+ALIGN = ("user_align", "item_align")
+CONTENT = "content_features"
+
+# family -> (fixed overrides, grid searched on valid); alpha weighs a score-KD loss against the hard loss.
+# Order = search priority: on both measured datasets content features were the strongest family.
+FAMILIES: dict[str, tuple[list[str], dict[str, list]]] = {
+    # embedding distillation: the teacher's item-text vectors through a learned projection into the item tower
+    CONTENT: (["distill.alpha=0", "student.content_features=true"], {"student.content_hidden": [0, 256]}),
+    # multi-task: the student's user state, through a head, predicts the teacher's user vector
+    "user_align": (["distill.alpha=0"], {"distill.user_align": [1.0, 0.3, 3.0]}),
+    # embedding alignment: the student's item vectors, through a head, match the teacher's
+    "item_align": (["distill.alpha=0"], {"distill.item_align": [0.1, 1.0]}),
+    **{name: ([f"distill.kd_loss={name}"], {"distill.alpha": [0.1, 1.0]}) for name in SCORE_KD},
+    # squared margins of scores scaled by teacher_scale (20) run ~10-100x the other losses: smaller weights
+    "margin_mse": (["distill.kd_loss=margin_mse"], {"distill.alpha": [0.01, 0.1]}),
+    # a sum of K=10 Plackett-Luce log-likelihood terms per row (~10x a listwise loss): smaller weights too
+    "relaxed_ranking": (["distill.kd_loss=relaxed_ranking"], {"distill.alpha": [0.01, 0.1, 1.0]}),
+}
+
+
+@dataclass
+class Candidate:
+    """One student run of the search."""
+
+    name: str
+    family: str
+    overrides: list[str]
+    round: int
+    record: dict = field(default_factory=dict)
+    """After the search: status ('trained', 'reused', 'skipped: budget'), valid NDCG@10, best epoch, seconds."""
+
+
+def point_name(family: str, point: list[str]) -> str:
+    """A run's name from its family and grid point, e.g. 'listwise_kl_alpha=0.1' (stable as grids grow)."""
+    return "_".join([family, *(o.partition("=")[0].split(".")[-1] + "=" + o.partition("=")[2] for o in point)])
+
+
+def first_candidates(families: dict[str, tuple[list[str], dict[str, list]]]) -> list[Candidate]:
+    """The no-teacher student and every family's grid points, ordered breadth-first (see module doc)."""
+    out = [Candidate(NO_TEACHER, NO_TEACHER, ["distill.alpha=0"], 0)]
+    for family, (fixed, grid) in families.items():
+        if len(grid) > 1:
+            raise LlmkdError(f"recipe family {family}: one searched key per family, got {sorted(grid)}")
+        for i, (key, value) in enumerate((k, v) for k, vs in grid.items() for v in vs):
+            point = [f"{key}={value}"]
+            out.append(Candidate(point_name(family, point), family, [*fixed, *point], i))
+        if not grid:
+            out.append(Candidate(family, family, list(fixed), 0))
+    return sorted(out, key=lambda c: c.round)  # stable: family order within a round
+
+
+def best_by_family(cands: list[Candidate]) -> dict[str, Candidate]:
+    """The finished candidate with the highest valid NDCG@10 in each family."""
+    best: dict[str, Candidate] = {}
+    for c in cands:
+        v = c.record.get("valid_ndcg@10")
+        if v is not None and (c.family not in best or v > best[c.family].record["valid_ndcg@10"]):
+            best[c.family] = c
+    return best
+
+
+def combinations(best: dict[str, Candidate]) -> list[Candidate]:
+    """Content + the best score loss, content + the best alignment, and all three (each at its best point).
+
+    Overrides are concatenated content, alignment, score loss: the score loss's alpha comes last, so the
+    `distill.alpha=0` of the other families does not switch it off."""
+    def top(names: tuple[str, ...]) -> Candidate | None:
+        found = [best[n] for n in names if n in best]
+        return max(found, key=lambda c: c.record["valid_ndcg@10"]) if found else None
+
+    content, score, align = best.get(CONTENT), top(SCORE_KD), top(ALIGN)
+    if content is None:
+        return []
+    out = []
+    for parts in ([content, score], [content, align], [content, align, score]):
+        if all(p is not None for p in parts):
+            name = "+".join(p.name for p in parts)
+            out.append(Candidate(name, "combination", [o for p in parts for o in p.overrides], 99))
+    return out
+
+
+def candidate_config(cfg: Config, cand: Candidate, seed: int, folder: str) -> Config:
+    """`cfg` with the candidate's overrides, `seed`, and its run folder `<folder>/runs/<name>_s<seed>`."""
+    raw = apply_overrides(copy.deepcopy(cfg.to_dict()), [*cand.overrides, f"distill.seed={seed}",
+                                                         f"distill.name={folder}/runs/{cand.name}_s{seed}"])
+    return from_dict(Config, raw)
+
+
+def recipe_fragment(overrides: list[str]) -> dict:
+    """Overrides 'a.b=v' -> the nested config fragment {'a': {'b': v}} (later overrides win)."""
+    return apply_overrides({}, overrides)
+
+
+def run_search(cfg: Config, families: dict | None = None, budget_s: float | None = None, jobs: int = 1,
+               seed: int | None = None, folder: str = "tune", train_fn=None) -> dict:
+    """Search the candidates on valid within `budget_s` seconds (None = no limit); write the report and
+    `recipe.yaml` to `<out_dir>/<folder>/`. `train_fn(cfgs, jobs)` trains students (default
+    `train_many` with resume); tests can swap it."""
+    if train_fn is None:
+        def train_fn(cfgs: list[Config], jobs: int) -> None:
+            train_many(cfgs, jobs, resume=True)
+
+    families = FAMILIES if families is None else families
+    seed = cfg.distill.seed if seed is None else seed
+    out = Path(cfg.out_dir)
+    data = load_data(out / "data")
+    cands = first_candidates(families)
+    start, fresh = time.monotonic(), []  # wall seconds of each batch of fresh runs
+    bar = tqdm(total=len(cands) + 3, desc="recipe search", unit="run")
+
+    def run_all(todo: list[Candidate]) -> None:
+        queue = list(todo)
+        while queue:
+            batch, queue = queue[:jobs], queue[jobs:]
+            cfgs = [candidate_config(cfg, c, seed, folder) for c in batch]
+            train, train_cfgs = [], []
+            for c, vcfg in zip(batch, cfgs):
+                if reuse(vcfg, data.fingerprint):
+                    c.record["status"] = "reused"
+                    continue
+                expected = sum(fresh) / len(fresh) if fresh else 0.0
+                if budget_s is not None and time.monotonic() - start + expected > budget_s:
+                    c.record["status"] = "skipped: budget"
+                    continue
+                train.append(c)
+                train_cfgs.append(vcfg)
+            t0 = time.monotonic()
+            if train_cfgs:
+                train_fn(train_cfgs, jobs)
+                fresh.append(time.monotonic() - t0)
+            for c in train:
+                c.record["status"] = "trained"
+                c.record["seconds"] = round(time.monotonic() - t0, 1)
+            for c, vcfg in zip(batch, cfgs):
+                if c.record["status"] in ("trained", "reused"):
+                    meta = json.loads((out / vcfg.distill.name / "meta.json").read_text(encoding="utf-8"))
+                    c.record.update({"valid_ndcg@10": meta["best_valid_ndcg@10"], "best_epoch": meta["best_epoch"],
+                                     "folder": vcfg.distill.name})
+                bar.update(1)
+                best = max((x.record.get("valid_ndcg@10", -1) for x in cands), default=-1)
+                bar.set_postfix(best=f"{best:.4f}", elapsed=f"{time.monotonic() - start:.0f}s")
+
+    run_all(cands)
+    combos = combinations(best_by_family(cands))
+    bar.total = len(cands) + len(combos)
+    bar.refresh()
+    run_all(combos)
+    bar.close()
+    cands += combos
+    finished = [c for c in cands if "valid_ndcg@10" in c.record]
+    if not finished:
+        raise LlmkdError(f"recipe search: no run finished within the budget of {budget_s} s; raise --budget")
+    chosen = max(finished, key=lambda c: c.record["valid_ndcg@10"])  # first (higher priority) on ties
+    report = {"seed": seed, "budget_s": budget_s, "elapsed_s": round(time.monotonic() - start, 1),
+              "data_fingerprint": data.fingerprint, "chosen": chosen.name, "chosen_overrides": chosen.overrides,
+              "candidates": [{"name": c.name, "family": c.family, "overrides": c.overrides, **c.record} for c in cands]}
+    write_report(out / folder, report, cands, chosen)
+    return report
+
+
+def write_report(folder: Path, report: dict, cands: list[Candidate], chosen: Candidate) -> None:
+    """recipe.yaml, report.json, report.md and search.png, written atomically (reusing `runs/`)."""
+    base = next((c.record.get("valid_ndcg@10") for c in cands if c.name == NO_TEACHER), None)
+    md = [f"Recipe search on valid (seed {report['seed']}, {report['elapsed_s']:.0f} s, budget "
+          f"{report['budget_s'] or 'none'}): chosen **{chosen.name}**.", "",
+          "| candidate | overrides | status | valid NDCG@10 | vs no teacher | best epoch |",
+          "|---|---|---|---|---|---|"]
+    for c in cands:
+        v = c.record.get("valid_ndcg@10")
+        rel = f"{v / base:.3f}x" if v is not None and base else ""
+        cells = [c.name, ", ".join(c.overrides), c.record.get("status", ""), f"{v:.4f}" if v is not None else "", rel,
+                 str(c.record.get("best_epoch", ""))]
+        if c is chosen:
+            cells = [f"**{x}**" if x else x for x in cells]
+        md.append("| " + " | ".join(cells) + " |")
+    header = (f"# Distillation recipe chosen on valid by the recipe search (llmkd.recipe): {chosen.name}\n"
+              f"# valid NDCG@10 {chosen.record['valid_ndcg@10']:.4f}"
+              + (f" vs {base:.4f} without a teacher" if base is not None else "")
+              + f"; data fingerprint {report['data_fingerprint']}\n"
+              "# use: scripts/distill.py --config ... --recipe <this file>\n")
+    tmp_parent = folder.parent / f".{folder.name}.report"
+    with atomic_dir(tmp_parent) as tmp:
+        (tmp / "recipe.yaml").write_text(header + yaml.safe_dump(recipe_fragment(chosen.overrides), sort_keys=True),
+                                         encoding="utf-8")
+        write_json(tmp / "report.json", report)
+        (tmp / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+        plot_search(cands, base, tmp / "search.png")
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tmp_parent.iterdir():  # each file replaced by a rename: readers never see half a file
+        f.replace(folder / f.name)
+    tmp_parent.rmdir()
+
+
+def plot_search(cands: list[Candidate], base: float | None, path: Path) -> None:
+    """Horizontal bars: valid NDCG@10 of every finished candidate, the no-teacher run as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [c for c in cands if "valid_ndcg@10" in c.record]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(done) + 1.5))
+    ax.barh(range(len(done)), [c.record["valid_ndcg@10"] for c in done], alpha=0.7)
+    ax.set_yticks(range(len(done)), [c.name for c in done], fontsize=7)
+    if base is not None:
+        ax.axvline(base, color="k", ls="--", lw=1, label="no teacher")
+        ax.legend(loc="lower right")
+    ax.invert_yaxis()
+    ax.set_xlabel("valid NDCG@10")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _train_quietly(cfg: Config, threads: int, resume: bool) -> None:
+    torch.set_num_threads(threads)
+    train(cfg, resume=resume)
+
+
+def train_many(cfgs: list[Config], jobs: int = 1, resume: bool = False) -> None:
+    """Train students, `jobs` at a time in worker processes that share the CPU cores between them;
+    with `resume`, a run killed earlier continues from its last checkpoint."""
+    if jobs <= 1 or len(cfgs) <= 1:
+        for cfg in cfgs:
+            train(cfg, resume=resume)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(_train_quietly, cfg, threads, resume) for cfg in cfgs]):
+            future.result()
