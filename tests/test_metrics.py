@@ -211,9 +211,11 @@ def test_paired_bootstrap():
     assert r["lo"] < r["mean"] < r["hi"]
     assert r["lo"] > 0
     assert r["mean"] == pytest.approx(float(np.mean(a - b)))
+    # paired: a constant per-user shift has no spread, whatever the users' own spread (an unpaired bootstrap,
+    # resampling a and b separately, would give an interval about +-0.05 wide here)
+    shift = paired_bootstrap(b + 0.25, b, n=200)
+    assert shift["lo"] == pytest.approx(0.25, abs=1e-9) and shift["hi"] == pytest.approx(0.25, abs=1e-9)
     # no difference: the interval straddles zero; identical seeds give identical intervals
-    same = paired_bootstrap(b, b + 0.1 * rng.standard_normal(500) * 0, n=200)
-    assert same["lo"] == same["hi"] == 0.0
     noise = paired_bootstrap(b + 0.1 * rng.standard_normal(500), b, n=500, seed=1)
     assert noise["lo"] < 0 < noise["hi"]
     assert paired_bootstrap(a, b, n=300, seed=7) == paired_bootstrap(a, b, n=300, seed=7)

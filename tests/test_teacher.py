@@ -18,6 +18,7 @@ from llmkd.teacher import (
     TextEncoder,
     build_teacher_cache,
     history_text,
+    item_prompts,
     state_histories,
     user_prompt,
 )
@@ -143,14 +144,22 @@ def test_cache_item_vectors_match_encoder(built_cache, synthetic_data, tiny_bert
                                enc.encode(synthetic_data.item_texts, cfg.max_item_tokens), atol=1e-5)
 
 
-def test_scorer_is_cosine(built_cache, synthetic_data):
-    folder, _, _ = built_cache
-    cache = TeacherCache(folder, synthetic_data)
-    users = np.array([0, 3, 5])
-    s = cache.scorer()(users, "test")
-    assert s.shape == (3, synthetic_data.num_items)
-    assert s.abs().max() <= 1 + 1e-5
-    torch.testing.assert_close(s, cache.arrays["user_test"][users] @ cache.item_emb.T)
+def test_scorer_is_the_cosine_of_the_split_history_text_and_item_text(built_cache, synthetic_data, tiny_bert):
+    """Scores for 'test' = cosine between the user's train + valid history rendered as text and each item's
+    text, both encoded afresh here (not read back from the cache the scorer reads)."""
+    folder, cfg, _ = built_cache
+    data = synthetic_data
+    users = data.eval_users("test")[:3]  # users with a valid item: their 'valid' and 'test' histories differ
+    s = TeacherCache(folder, data).scorer()(users, "test").numpy()
+    assert s.shape == (3, data.num_items)
+    enc = TextEncoder(str(tiny_bert), device="cpu")
+    items = enc.encode(item_prompts(data.item_texts, cfg), cfg.max_item_tokens)
+    for row, u in enumerate(users):
+        hist = {split: enc.encode([user_prompt(data.item_texts, data.history(u, split), cfg)], cfg.max_history_tokens)[0]
+                for split in ("valid", "test")}
+        cosine = {split: items @ v / (np.linalg.norm(items, axis=1) * np.linalg.norm(v)) for split, v in hist.items()}
+        np.testing.assert_allclose(s[row], cosine["test"], atol=1e-4)
+        assert np.abs(cosine["valid"] - cosine["test"]).max() > 1e-3  # so the check above tells the states apart
 
 
 def test_cache_reused_then_rebuilt_on_change(built_cache, synthetic_data):
