@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -245,6 +246,19 @@ def adapter_path(cfg: TeacherConfig, out_dir: str | Path) -> Path | None:
     return p if p.is_absolute() else Path(out_dir) / p
 
 
+def tuned_adapter(adapter: Path | None) -> tuple[Path | None, str]:
+    """`adapter` if its tuning beat the zero-shot teacher on valid (its meta.json says so), else None; and why.
+
+    LoRA starts as the identity, so an adapter whose tuning never beat step 0 is the zero-shot model."""
+    if adapter is None:
+        return None, "no adapter configured"
+    meta = read_meta(adapter, "teacher_lora")
+    best, zero = meta["best_valid_ndcg_at_10"], meta["zero_shot_valid_ndcg_at_10"]
+    if best > zero:
+        return adapter, f"LoRA adapter used: valid NDCG@10 {best:.4f} vs zero-shot {zero:.4f}"
+    return None, f"LoRA adapter not used: it did not beat the zero-shot teacher on valid ({best:.4f} vs {zero:.4f})"
+
+
 def state_histories(data: RecData) -> dict[str, list[np.ndarray]]:
     """Each user's history at every teacher state (see STATES)."""
     return {
@@ -278,24 +292,42 @@ def encode_users(encoder: TextEncoder, data: RecData, item_emb: np.ndarray, hist
     return encoder.encode(texts, cfg.max_history_tokens, desc=desc)
 
 
-def cache_key_config(cfg: TeacherConfig) -> dict:
-    """The teacher settings a cache depends on: all but `batch_size`."""
-    return {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
+# Teacher settings that change nothing in a cache: the batch size, the adapter's path (its contents are
+# keyed by fingerprint) and `top_k` (older versions cached top-K lists, which nothing reads now).
+NOT_CACHED = ("batch_size", "adapter", "top_k")
+
+
+def cache_key_config(config: dict) -> dict:
+    """The teacher settings (a `TeacherConfig` as a dict) a cache depends on: all but `NOT_CACHED`."""
+    return {k: v for k, v in config.items() if k not in NOT_CACHED}
 
 
 def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, force: bool = False,
-                        adapter: Path | None = None) -> dict:
-    """Encode items and users at every state (and KD positions); reuse `folder` when its inputs are unchanged
-    (`teacher.batch_size` changes nothing cached, so it is not part of the key)."""
+                        adapter: Path | None = None, also: list[Path] = ()) -> dict:
+    """Encode items and users at every state (and KD positions). Reuse `folder` when its inputs (model and
+    adapter contents, data, the settings outside `NOT_CACHED`) are unchanged, or copy a matching cache
+    from `also` (e.g. the zero-shot cache when the adapter is not used)."""
     folder = Path(folder)
     path = resolve_model_path(cfg.model)
-    key = {"config": cache_key_config(cfg), "model_path": path, "model_fingerprint": model_fingerprint(path),
+    key = {"config": cache_key_config(asdict(cfg)), "model_path": path, "model_fingerprint": model_fingerprint(path),
            "adapter_fingerprint": model_fingerprint(str(adapter)) if adapter else None,
            "data_fingerprint": data.fingerprint}
-    if not force and (folder / "meta.json").is_file():
-        meta = read_meta(folder, "teacher")
-        if all(meta.get(k) == v for k, v in key.items()):
+
+    def matches(candidate: Path) -> dict | None:
+        if not (candidate / "meta.json").is_file() or not (candidate / "embeddings.safetensors").is_file():
+            return None
+        meta = read_meta(candidate, "teacher")
+        found = {**meta, "config": cache_key_config(meta.get("config") or {})}
+        return meta if all(found.get(k) == v for k, v in key.items()) else None
+
+    if not force:
+        if (meta := matches(folder)) is not None:
             return {"reused": True, **meta}
+        for other in also:
+            if Path(other) != folder and (meta := matches(Path(other))) is not None:
+                with atomic_dir(folder) as tmp:
+                    shutil.copytree(other, tmp, dirs_exist_ok=True)
+                return {"reused": True, "copied_from": str(other), **meta}
     with StageTimer() as timer:
         encoder = TextEncoder(cfg.model, cfg.pooling, cfg.batch_size, adapter=adapter)
         item_emb = encoder.encode(item_prompts(data.item_texts, cfg), cfg.max_item_tokens, desc="teacher: items")
@@ -309,7 +341,7 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
         else:  # the 'kd' cut of each user is the 'kd' state
             user_pos = arrays["user_kd"][pos_user]
         arrays.update(pos_user=pos_user, pos_cut=pos_cut, user_pos=user_pos.astype(np.float16))
-    meta = new_meta("teacher", key["config"], data.fingerprint, model_path=path,
+    meta = new_meta("teacher", asdict(cfg), data.fingerprint, model_path=path,
                     model_fingerprint=key["model_fingerprint"], adapter=str(adapter) if adapter else None,
                     adapter_fingerprint=key["adapter_fingerprint"], pooling=encoder.pooling,
                     num_parameters=encoder.num_parameters(), dim=encoder.dim, states=STATES,

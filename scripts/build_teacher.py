@@ -1,22 +1,37 @@
-"""Encode item texts and user histories with the teacher; cache item vectors and per-user top-K."""
+"""Encode item texts and user histories with the teacher; cache item and user vectors.
+
+    python scripts/build_teacher.py --config configs/amazon_beauty.yaml --zero-shot --name teacher_zero_shot
+    python scripts/build_teacher.py --config configs/amazon_beauty.yaml      # -> <out_dir>/teacher
+
+With `teacher.adapter` set, the LoRA adapter is used only if its tuning beat the zero-shot teacher on valid;
+otherwise the zero-shot cache is built (or copied from <out_dir>/teacher_zero_shot when that one matches).
+"""
 
 from pathlib import Path
 
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
-from llmkd.teacher import adapter_path, build_teacher_cache
+from llmkd.teacher import adapter_path, build_teacher_cache, tuned_adapter
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--force", action="store_true", help="recompute even if the cache matches")
+    p.add_argument("--name", default="teacher", help="cache folder under out_dir (default: teacher)")
+    p.add_argument("--zero-shot", action="store_true", help="ignore teacher.adapter: the base model's cache")
     args = p.parse_args()
     cfg = config_from(args)
     out = Path(cfg.out_dir)
-    meta = build_teacher_cache(load_data(out / "data"), cfg.teacher, out / "teacher", force=args.force,
-                               adapter=adapter_path(cfg.teacher, out))
-    what = "reused (model, data and teacher config unchanged)" if meta["reused"] else "built"
-    print(f"teacher cache {what}: {out / 'teacher'} ({meta['model_path']}, {meta['pooling']} pooling, "
+    adapter = None
+    if not args.zero_shot:
+        adapter, why = tuned_adapter(adapter_path(cfg.teacher, out))
+        print(why)
+    siblings = [f for f in (out / "teacher_zero_shot", out / "teacher") if f.name != args.name]
+    meta = build_teacher_cache(load_data(out / "data"), cfg.teacher, out / args.name, force=args.force,
+                               adapter=adapter, also=siblings)
+    what = (f"copied from {meta['copied_from']}" if "copied_from" in meta else
+            "reused (model, data and teacher config unchanged)" if meta["reused"] else "built")
+    print(f"teacher cache {what}: {out / args.name} ({meta['model_path']}, {meta['pooling']} pooling, "
           f"{meta['num_parameters']:,} parameters)")
 
 

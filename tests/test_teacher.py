@@ -267,3 +267,25 @@ def test_positions_cache_encodes_each_cut(built_cache, tiny_bert, synthetic_data
     rows = [0, len(users) // 2, len(users) - 1]
     texts = [user_prompt(data.item_texts, data.train[users[r]][: cuts[r]], cfg3) for r in rows]
     np.testing.assert_allclose(arrays["user_pos"][rows].float().numpy(), enc.encode(texts, 128), atol=2e-3)
+
+
+def test_tuned_adapter_only_when_it_beat_zero_shot(tmp_path):
+    from llmkd.teacher import tuned_adapter
+
+    for best, used in ((0.031, True), (0.030, False), (0.029, False)):
+        (tmp_path / "meta.json").write_text(json.dumps({"stage": "teacher_lora", "best_valid_ndcg_at_10": best,
+                                                        "zero_shot_valid_ndcg_at_10": 0.030}))
+        adapter, why = tuned_adapter(tmp_path)
+        assert (adapter == tmp_path) is used and ("not used" in why) is not used
+    assert tuned_adapter(None)[0] is None
+
+
+def test_cache_copied_from_a_matching_sibling_only(built_cache, synthetic_data, tmp_path):
+    folder, cfg, first = built_cache
+    meta = build_teacher_cache(synthetic_data, teacher_cfg(cfg.model, batch_size=5), tmp_path / "t", also=[folder])
+    assert meta["reused"] and meta["copied_from"] == str(folder)
+    assert (tmp_path / "t" / "embeddings.safetensors").read_bytes() == (folder / "embeddings.safetensors").read_bytes()
+    other = build_teacher_cache(synthetic_data, teacher_cfg(cfg.model, max_item_tokens=3), tmp_path / "u", also=[folder])
+    assert other["reused"] is False  # other settings: the sibling does not stand for it
+    (tmp_path / "t" / "embeddings.safetensors").unlink()  # a cache missing its arrays is never reused
+    assert build_teacher_cache(synthetic_data, cfg, tmp_path / "t")["reused"] is False
