@@ -6,6 +6,9 @@ VENV ?= .venv
 OUT ?= runs/ml100k
 CONFIG ?= configs/ml100k.yaml
 SEEDS ?= 0 1 2
+# The demo's recipe search: seconds of student training it may spend (on 2 cores ~2 runs of ~2 min).
+TUNE_BUDGET ?= 300
+JOBS ?= 1
 # torch 2.13.0 is pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build on Linux.
 TORCH ?= torch==2.13.0
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise (without --cpu): give torch every core.
@@ -16,7 +19,7 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test seeds benchmark-kd cold-start clean
+.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty cold-start clean
 
 install: $(VENV)/.installed
 
@@ -39,16 +42,27 @@ demo: install
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(SET) --set distill.alpha=0 --set distill.name=student_no_kd
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(SET)
+	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET)
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(SET) --recipe $(OUT)/tune/recipe.yaml
 	$(RUN) scripts/build_index.py $(SET) --student student_kd
 	$(RUN) scripts/evaluate.py $(SET)
 
-# Students with and without KD over several seeds (reuses $(OUT)/data and $(OUT)/teacher).
+# Which distillation works on this data: every family and their combinations, searched on valid within
+# TUNE_BUDGET seconds; writes $(OUT)/tune/recipe.yaml, which `distill.py --recipe` reads.
+tune: install
+	$(RUN) scripts/prepare_data.py $(SET)
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
+	$(RUN) scripts/build_teacher.py $(SET)
+	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET) --jobs $(JOBS)
+
+# Students without the teacher and with the recipe chosen on valid (make tune), over several seeds
+# (reuses $(OUT)/data, $(OUT)/teacher and the search's runs).
 seeds: install
 	$(RUN) scripts/prepare_data.py $(SET)
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
-	$(RUN) scripts/seeds.py $(SET) --seeds $(SEEDS)
+	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET)
+	$(RUN) scripts/seeds.py $(SET) --seeds $(SEEDS) --recipe $(OUT)/tune/recipe.yaml
 
 # Every KD variant searched on valid, 3 seeds each, diagnostics, then the online cost of teacher vs the
 # best student; with the longer teacher recipe (README "Which distillation lifts the student").
@@ -60,6 +74,30 @@ benchmark-kd: install
 	$(RUN) scripts/build_teacher.py $(KD_SET)
 	$(RUN) scripts/benchmark_kd.py $(KD_SET) --seeds $(SEEDS) --jobs 2
 	$(RUN) scripts/benchmark_online.py $(KD_SET) --student seeds/content_features_s0 seeds/combined_s0 seeds/student_no_kd_s0
+
+# Amazon Beauty (../shared/data/amazon_beauty/, read in place): zero-shot and LoRA teachers (the adapter is
+# used only where it beats zero-shot on valid), the recipe search and every family over 3 seeds, index,
+# evaluation; results copied to results/amazon_beauty_*.
+BEAUTY_OUT ?= runs/amazon_beauty
+BEAUTY_SET = --config configs/amazon_beauty.yaml --set out_dir=$(BEAUTY_OUT)
+BEAUTY_BUDGET ?= 3600
+BEAUTY_FAMILIES ?= content_features user_align item_align listwise_kl ranking_distillation relaxed_ranking \
+	margin_mse pairwise_hinge infonce
+benchmark-beauty: install
+	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
+	$(RUN) scripts/build_teacher.py $(BEAUTY_SET) --zero-shot --name teacher_zero_shot
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(BEAUTY_SET)
+	$(RUN) scripts/build_teacher.py $(BEAUTY_SET)
+	$(RUN) scripts/benchmark_kd.py $(BEAUTY_SET) --seeds $(SEEDS) --jobs 2 --budget $(BEAUTY_BUDGET) \
+		--families $(BEAUTY_FAMILIES) --target 1.25 1.40 --peer "ActionPiece (ICML 2025, docs/peers.md)=0.0424"
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(BEAUTY_SET) --set distill.alpha=0 \
+		--set distill.name=student_no_kd --reuse-from $(BEAUTY_OUT)/kd_benchmark/search/runs
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(BEAUTY_SET) --recipe $(BEAUTY_OUT)/kd_benchmark/search/recipe.yaml
+	$(RUN) scripts/build_index.py $(BEAUTY_SET) --student student_kd
+	$(RUN) scripts/evaluate.py $(BEAUTY_SET)
+	cp $(BEAUTY_OUT)/kd_benchmark/summary/results.json results/amazon_beauty_kd_benchmark.json
+	cp $(BEAUTY_OUT)/kd_benchmark/summary/results.md results/amazon_beauty_kd_benchmark.md
+	cp $(BEAUTY_OUT)/kd_benchmark/summary/seeds.png results/amazon_beauty_kd_benchmark.png
 
 # Cold-start items: 10% of the items withheld from every stage, then embedded from their text.
 COLD_SET = --config configs/ml100k_cold.yaml

@@ -16,12 +16,12 @@ from llmkd.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
 from llmkd.evaluate import evaluate_scores, paired_bootstrap, popularity_scorer, summarize
-from llmkd.recipe import train_many
+from llmkd.recipe import NO_TEACHER_OVERRIDES, train_many
 from llmkd.report import SPLITS, load_student, student_scorer
 from llmkd.reuse import reuse
 from llmkd.teacher import TeacherCache
 
-DEFAULT_VARIANTS = {"student_no_kd": ["distill.alpha=0"], "student_kd": []}
+DEFAULT_VARIANTS = {"student_no_kd": NO_TEACHER_OVERRIDES, "student_kd": []}
 REPORTED = ("ndcg@10", "recall@10", "recall@50")
 
 
@@ -33,19 +33,20 @@ def variant_config(cfg: Config, name: str, overrides: list[str], seed: int) -> C
 
 def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | None = None,
               aliases: dict[tuple[str, int], list[str]] | None = None, report: str = "seeds_report",
-              jobs: int = 1) -> dict:
+              jobs: int = 1, reuse_from: list[Path] = ()) -> dict:
     """Train and evaluate every variant at every seed; aggregate over seeds. `aliases[(variant, seed)]`
-    lists run folders (under out_dir) that may already hold that run (see `reuse`); `jobs` students
-    train at a time."""
+    lists run folders (under out_dir) that may already hold that run (see `reuse`), as may every run
+    folder inside the `reuse_from` folders (e.g. a recipe search's runs); `jobs` students train at a time."""
     variants = variants or DEFAULT_VARIANTS
     if not {10, 50} <= set(cfg.eval.ks):
         raise LlmkdError(f"eval.ks: the seeds report needs cut-offs 10 and 50 ({', '.join(REPORTED)}); got {cfg.eval.ks}")
     out = Path(cfg.out_dir)
     data = load_data(out / "data")
     per_user: dict[str, dict[int, dict]] = {}
+    pool = sorted(run for folder in reuse_from for run in Path(folder).glob("*") if run.is_dir())
     missing = [vcfg for name, overrides in variants.items() for seed in seeds
                if not reuse(vcfg := variant_config(cfg, name, overrides, seed), data.fingerprint,
-                            [out / a for a in (aliases or {}).get((name, seed), [])])]
+                            [*(out / a for a in (aliases or {}).get((name, seed), [])), *pool])]
     train_many(missing, jobs)
     for name, overrides in variants.items():
         per_user[name] = {}

@@ -25,7 +25,7 @@ from llmkd.benchmark import run_seeds, variant_config
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap
-from llmkd.recipe import FAMILIES, run_search
+from llmkd.recipe import FAMILIES, NO_TEACHER_OVERRIDES, run_search
 from llmkd.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
 
@@ -220,7 +220,7 @@ def run_kd_benchmark(cfg: Config, seeds: list[int], families: dict | None = None
     search_seed = seeds[0] if search_seed is None else search_seed
     data = load_data(Path(cfg.out_dir) / "data")
     found, combos = search(cfg, families, search_seed, jobs, budget_s)
-    variants = {NO_KD: ["distill.alpha=0"]}
+    variants = {NO_KD: list(NO_TEACHER_OVERRIDES)}
     aliases = {}
     for family, f in found.items():
         variants[family] = [*f["fixed"], *f["chosen"]["overrides"]]

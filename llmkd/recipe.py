@@ -11,7 +11,8 @@ Search order (so a short budget spends itself where it pays most):
   round 1, 2, ...: the remaining grid points, breadth-first over families;
   last: the combinations, built from each family's best point so far.
 A run starts only while `elapsed + (mean fresh run time) <= budget`; finished runs are reused (keyed on
-their training inputs, `llmkd.reuse`), an interrupted run resumes from its checkpoint.
+their training inputs, `llmkd.reuse`; students already in out_dir, like `student_no_kd`, count too), an
+interrupted run resumes from its checkpoint.
 
 Writes `<out_dir>/<folder>/`: recipe.yaml (the chosen overrides as a config fragment that
 `scripts/distill.py --recipe` reads), report.json, report.md and search.png. Runs land in
@@ -40,6 +41,10 @@ from llmkd.distill import train
 from llmkd.reuse import reuse
 
 NO_TEACHER = "no_teacher"
+# The twin without a teacher: no KD term, no alignment head, no teacher item features, whatever the base
+# config (or a recipe laid over it) says.
+NO_TEACHER_OVERRIDES = ["distill.alpha=0", "distill.user_align=0", "distill.item_align=0",
+                        "student.content_features=false"]
 SCORE_KD = ("listwise_kl", "ranking_distillation", "relaxed_ranking", "margin_mse", "pairwise_hinge", "infonce")
 ALIGN = ("user_align", "item_align")
 CONTENT = "content_features"
@@ -80,7 +85,7 @@ def point_name(family: str, point: list[str]) -> str:
 
 def first_candidates(families: dict[str, tuple[list[str], dict[str, list]]]) -> list[Candidate]:
     """The no-teacher student and every family's grid points, ordered breadth-first (see module doc)."""
-    out = [Candidate(NO_TEACHER, NO_TEACHER, ["distill.alpha=0"], 0)]
+    out = [Candidate(NO_TEACHER, NO_TEACHER, list(NO_TEACHER_OVERRIDES), 0)]
     for family, (fixed, grid) in families.items():
         if len(grid) > 1:
             raise LlmkdError(f"recipe family {family}: one searched key per family, got {sorted(grid)}")
@@ -148,6 +153,7 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
     out = Path(cfg.out_dir)
     data = load_data(out / "data")
     cands = first_candidates(families)
+    finished = sorted(p.parent for p in out.glob("*/meta.json"))  # e.g. student_no_kd stands for no_teacher
     start, fresh = time.monotonic(), []  # wall seconds of each batch of fresh runs
     bar = tqdm(total=len(cands) + 3, desc="recipe search", unit="run")
 
@@ -158,7 +164,7 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
             cfgs = [candidate_config(cfg, c, seed, folder) for c in batch]
             train, train_cfgs = [], []
             for c, vcfg in zip(batch, cfgs):
-                if reuse(vcfg, data.fingerprint):
+                if reuse(vcfg, data.fingerprint, finished):
                     c.record["status"] = "reused"
                     continue
                 expected = sum(fresh) / len(fresh) if fresh else 0.0

@@ -5,7 +5,8 @@
     accelerate launch scripts/distill.py --config configs/ml100k.yaml --recipe runs/ml100k/tune/recipe.yaml
 
 With --recipe (the overrides chosen on valid by scripts/tune.py), a search run trained with exactly these
-settings on the same data and teacher cache is copied instead of trained again (--retrain to train anyway).
+settings on the same data and teacher cache is copied instead of trained again (--retrain to train anyway);
+--reuse-from DIR adds the runs under DIR to those that may stand for this one.
 """
 
 import os
@@ -20,14 +21,17 @@ from llmkd.reuse import reuse
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/<name>/last")
-    p.add_argument("--retrain", action="store_true", help="with --recipe: train even if a search run matches")
+    p.add_argument("--retrain", action="store_true", help="train even if a finished run with the same settings exists")
+    p.add_argument("--reuse-from", action="append", default=[], metavar="DIR",
+                   help="a folder of finished runs (e.g. <out_dir>/seeds) that may stand for this run (repeatable)")
     args = p.parse_args()
     cfg = config_from(args)
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if args.recipe and not args.retrain and single:
-        runs = sorted((Path(args.recipe).parent / "runs").glob("*"))
+    folders = [*([Path(args.recipe).parent / "runs"] if args.recipe else []), *map(Path, args.reuse_from)]
+    if folders and not args.retrain and single:
+        runs = sorted(run for folder in folders for run in folder.glob("*") if run.is_dir())
         if reuse(cfg, load_data(Path(cfg.out_dir) / "data").fingerprint, runs):
-            print(f"reused a search run trained with the same settings -> {Path(cfg.out_dir) / cfg.distill.name}")
+            print(f"reused a finished run trained with the same settings -> {Path(cfg.out_dir) / cfg.distill.name}")
             return
     result = train(cfg, resume=args.resume)
     print(f"best valid ndcg@10 {result['best_valid_ndcg@10']:.4f} at epoch {result['best_epoch']}")

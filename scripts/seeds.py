@@ -3,6 +3,10 @@
     python scripts/seeds.py --config configs/ml100k.yaml --seeds 0 1 2
     python scripts/seeds.py --config configs/ml100k.yaml --variant kd_t2:distill.temperature=2
     python scripts/seeds.py --config configs/ml100k.yaml --skip-default-kd --variant kd_b:distill.teacher=teacher_b
+    python scripts/seeds.py --config configs/ml100k.yaml --recipe runs/ml100k/tune/recipe.yaml   # student_kd = the recipe
+
+The no-KD twin never uses the teacher (no KD, no alignment, no teacher item features), whatever the
+config or recipe says; with --recipe the search's runs are reused where their settings match.
 """
 
 from pathlib import Path
@@ -29,7 +33,8 @@ def main() -> None:
             raise LlmkdError(f"--variant {v!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
         variants[name] = [x for x in rest.split(",") if x]
     cfg = config_from(args)
-    result = run_seeds(cfg, args.seeds, variants)
+    reuse_from = [Path(args.recipe).parent / "runs"] if args.recipe else []
+    result = run_seeds(cfg, args.seeds, variants, reuse_from=reuse_from)
     print(result["markdown"])
     print(f"\nwritten to {Path(cfg.out_dir) / 'seeds_report'}")
 

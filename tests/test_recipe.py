@@ -143,3 +143,14 @@ def test_recipe_file_errors_name_the_file(tmp_path):
     good.write_text(yaml.safe_dump({"distill": {"alpha": 0.3}}))
     assert load_config(None, ["distill.alpha=0.5"], recipe=good).distill.alpha == 0.5  # --set wins over the recipe
     assert load_config(None, recipe=good).distill.alpha == 0.3
+
+
+def test_a_finished_student_in_out_dir_stands_for_its_candidate(run_dir):
+    out, clock = run_dir
+    cfg = load_config(None, [f"out_dir={out}"])
+    FakeTrainer(clock)([load_config(None, [f"out_dir={out}", "distill.alpha=0", "distill.name=student_no_kd"])], 1)
+    trainer = FakeTrainer(clock)
+    report = run_search(cfg, {"user_align": FAMILIES_SMALL["user_align"]}, train_fn=trainer)
+    status = {c["name"]: c["status"] for c in report["candidates"]}
+    assert status == {NO_TEACHER: "reused", "user_align_user_align=1.0": "trained"}
+    assert trainer.trained == ["tune/runs/user_align_user_align=1.0_s0"]
