@@ -238,7 +238,7 @@ CASES = [
     config_case("config_unknown_key.yaml", "distill", "unknown key(s) ['learning_rate']"),
     config_case("config_wrong_type.yaml", "distill.epochs", "expected int, got str '3'"),
     config_case("config_bad_choice.yaml", "index.type", "expected 'flat', 'hnsw' or 'ivf', got 'annoy'"),
-    config_case("config_kd_top_k_too_large.yaml", "distill.kd_top_k", "exceeds teacher.top_k",
+    config_case("config_kd_top_k_zero.yaml", "distill.kd_top_k", "expected >= 1, got 0",
                 script="distill.py", output="student_kd"),
     config_case("config_invalid_yaml.yaml", "config_invalid_yaml.yaml", "invalid YAML"),
     config_case("config_top_level_list.yaml", "config_top_level_list.yaml", "expected a mapping at the top level"),
