@@ -289,3 +289,27 @@ def test_cache_copied_from_a_matching_sibling_only(built_cache, synthetic_data, 
     assert other["reused"] is False  # other settings: the sibling does not stand for it
     (tmp_path / "t" / "embeddings.safetensors").unlink()  # a cache missing its arrays is never reused
     assert build_teacher_cache(synthetic_data, cfg, tmp_path / "t")["reused"] is False
+
+
+def test_an_old_cache_with_top_k_lists_still_loads_and_is_reused(built_cache, synthetic_data, tmp_path):
+    """Caches written before teacher.top_k was dropped hold topk_ids_* / topk_scores_* arrays and a
+    config with top_k: they load, score as before, and are reused rather than rebuilt."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder, cfg, _ = built_cache
+    old = tmp_path / "old_teacher"
+    shutil.copytree(folder, old)
+    arrays = load_file(str(old / "embeddings.safetensors"))
+    for state in ("kd", "valid", "test"):
+        arrays[f"topk_ids_{state}"] = np.zeros((synthetic_data.num_users, 5), dtype=np.int64)
+        arrays[f"topk_scores_{state}"] = np.zeros((synthetic_data.num_users, 5), dtype=np.float32)
+    save_file(arrays, str(old / "embeddings.safetensors"))
+    meta = json.loads((old / "meta.json").read_text())
+    meta["config"]["top_k"] = 100
+    (old / "meta.json").write_text(json.dumps(meta))
+    users = synthetic_data.eval_users("test")
+    torch.testing.assert_close(TeacherCache(old, synthetic_data).scorer()(users, "test"),
+                               TeacherCache(folder, synthetic_data).scorer()(users, "test"))
+    assert build_teacher_cache(synthetic_data, cfg, old)["reused"] is True
