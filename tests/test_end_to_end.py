@@ -549,7 +549,7 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
     chosen = next(c for c in done if c["name"] == report["chosen"])
     proc = run(distill(cfg, "--recipe", str(recipe), "--set", "distill.epochs=1", "--set", "distill.name=student_recipe"),
                home)
-    assert "reused a search run" in proc.stdout
+    assert "reused a finished run" in proc.stdout
     weights = (out / "student_recipe" / "model.safetensors").read_bytes()
     assert weights == (out / chosen["folder"] / "model.safetensors").read_bytes()
     copied = json.loads((out / "student_recipe" / "meta.json").read_text())["created"]
