@@ -54,14 +54,15 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
             vcfg = variant_config(cfg, name, overrides, seed)
             model = load_student(out / vcfg.distill.name, data)
             fn = student_scorer(model, data)
-            per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size) for s in SPLITS}
+            per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size, name=f"{name} seed {seed}")
+                                    for s in SPLITS}
     baselines = {"popularity": popularity_scorer(data)}
     for folder in dict.fromkeys(variant_config(cfg, n, o, seeds[0]).distill.teacher for n, o in variants.items()):
         if (out / folder).exists():  # every teacher some variant learns from
             baselines[folder] = TeacherCache(out / folder, data).scorer()
     rows = {}
     for name, fn in baselines.items():
-        m = {s: summarize(evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size)) for s in SPLITS}
+        m = {s: summarize(evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size, name=name)) for s in SPLITS}
         rows[name] = {s: {k: {"mean": m[s][k], "std": 0.0} for k in REPORTED} for s in SPLITS}
     for name, by_seed in per_user.items():
         rows[name] = {s: {k: {"mean": float(np.mean([summarize(r[s])[k] for r in by_seed.values()])),

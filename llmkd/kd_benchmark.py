@@ -98,7 +98,7 @@ def diagnostics(cfg: Config, data: RecData, variants: dict[str, list[str]], seed
         overlap[name] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
     a = np.mean([per_user[best][s]["test"]["ndcg@10"] for s in seeds], 0)
     b = np.mean([per_user[NO_KD][s]["test"]["ndcg@10"] for s in seeds], 0)
-    t = evaluate_scores(data, "test", teacher.scorer(), (10,))["ndcg@10"]
+    t = evaluate_scores(data, "test", teacher.scorer(), (10,), name=cfg.distill.teacher)["ndcg@10"]
     lift = {}
     for group, mask in groups(data).items():
         if not mask.any():  # e.g. no test item is rare
@@ -144,7 +144,8 @@ def teacher_headroom(cfg: Config, data: RecData, variants: dict[str, list[str]],
 
             def ndcg(split: str, w: float) -> np.ndarray:
                 mixed = s[split] + w * t[split]
-                return evaluate_scores(data, split, lambda b, sp: mixed[row[sp][b]], (10,))["ndcg@10"]
+                return evaluate_scores(data, split, lambda b, sp: mixed[row[sp][b]], (10,),
+                                       name=f"{name} seed {seed} + {w} x teacher")["ndcg@10"]
 
             valid = {w: ndcg("valid", w) for w in weights}
             w = max(weights, key=lambda w: valid[w].mean())  # first (smallest) weight on ties
