@@ -366,16 +366,26 @@ def merge(base: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file (`scripts/tune.py` writes `<out_dir>/tune/recipe.yaml`) -> its config fragment."""
+def read_yaml_mapping(path: str | Path, what: str, missing_hint: str = "") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; a missing file or bad YAML is one error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise LlmkdError(f"{path}: recipe file not found (scripts/tune.py writes <out_dir>/tune/recipe.yaml)")
+        raise LlmkdError(f"{path}: {what} file not found{missing_hint}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise LlmkdError(f"{path}: invalid YAML in recipe ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LlmkdError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise LlmkdError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file (`scripts/tune.py` writes `<out_dir>/tune/recipe.yaml`) -> its config fragment."""
+    raw = read_yaml_mapping(path, "recipe", " (scripts/tune.py writes <out_dir>/tune/recipe.yaml)")
+    if not all(isinstance(v, dict) for v in raw.values()):
         raise LlmkdError(f"{path}: a recipe is a mapping of config sections, e.g. 'distill: {{alpha: 0.1}}'")
     return raw
 
@@ -384,19 +394,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 recipe: str | Path | None = None) -> Config:
     """Read a YAML config (or defaults when `path` is None), lay a recipe file over it, apply
     overrides (in that order: `--set` wins), validate."""
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LlmkdError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise LlmkdError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise LlmkdError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "config") if path is not None else {}
     if recipe is not None:
         raw = merge(raw, load_recipe(recipe))
     raw = apply_overrides(raw, overrides or [])
