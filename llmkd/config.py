@@ -202,6 +202,10 @@ class DistillConfig:
     drop_last: bool = False
     """Drop each epoch's last incomplete batch. With several processes Accelerate otherwise pads that
     batch with repeated windows, so only drop_last runs match a one-process run exactly."""
+    length_buckets: bool = False
+    """Batch history windows of similar length together (shuffled within buckets of 50 batches, batch order
+    shuffled) and drop each batch's all-padding columns: the same loss, far less work when most histories
+    are much shorter than `data.max_history` (sparse catalogs)."""
     checkpoint_every: int = 0
     """Also checkpoint every N batches within an epoch (0 = at epoch ends only), for exact mid-epoch resume."""
     log_with: str | None = None

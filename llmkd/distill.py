@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, reading, write_json
@@ -72,6 +72,42 @@ class WindowDataset(Dataset):
         return {"input_ids": x, "labels": y, "user": torch.tensor(u), "teacher_rows": t}
 
 
+class LengthBucketSampler(Sampler[int]):
+    """Window indices in an order where each run of `batch_size` has similar lengths: per epoch, a
+    permutation (seeded by seed and epoch) is cut into buckets of `bucket_batches` batches, each bucket
+    sorted by length and cut into batches, and the batches are shuffled."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, bucket_batches: int = 50) -> None:
+        self.lengths, self.batch_size, self.seed, self.bucket = np.asarray(lengths), batch_size, seed, bucket_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        size = self.batch_size * self.bucket
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for i in rng.permutation(len(batches)):
+            yield from batches[i].tolist()
+
+
+def trim_padding(batch: dict[str, torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
+    """Drop the leading columns that are padding in every window of the batch (positions count from the
+    right and padding is never attended to, so every real position's state is unchanged)."""
+    real = batch["input_ids"] != pad
+    first = int(real.any(0).to(torch.int8).argmax()) if real.any() else 0
+    return {k: (v[:, first:] if v.dim() == 2 else v) for k, v in batch.items()}
+
+
 def get_dataloaders(data: RecData, cfg: Config, teacher_rows: list[np.ndarray] | None = None
                     ) -> tuple[DataLoader, DataLoader]:
     """Train windows (shuffled) and valid users (in order)."""
@@ -82,8 +118,14 @@ def get_dataloaders(data: RecData, cfg: Config, teacher_rows: list[np.ndarray] |
     # its own generator: the order depends on (seed, epoch) only, and starting an epoch (or resuming one)
     # draws nothing from the global RNG that dropout uses
     order = torch.Generator().manual_seed(cfg.distill.seed)
-    train_dl = DataLoader(train_ds, batch_size=cfg.distill.batch_size, shuffle=True, drop_last=cfg.distill.drop_last,
-                          generator=order)
+    if cfg.distill.length_buckets:
+        lengths = np.array([end - start for _, start, end in train_ds.rows])
+        sampler = LengthBucketSampler(lengths, cfg.distill.batch_size, cfg.distill.seed)
+        train_dl = DataLoader(train_ds, batch_size=cfg.distill.batch_size, sampler=sampler,
+                              drop_last=cfg.distill.drop_last)
+    else:
+        train_dl = DataLoader(train_ds, batch_size=cfg.distill.batch_size, shuffle=True,
+                              drop_last=cfg.distill.drop_last, generator=order)
     eval_dl = DataLoader(users, batch_size=cfg.distill.eval_batch_size, shuffle=False)
     return train_dl, eval_dl
 
@@ -322,6 +364,8 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
             bar = tqdm(loader, desc=f"{dc.name} epoch {epoch + 1}", disable=not accelerator.is_local_main_process,
                        leave=False, initial=state["step"], total=len(train_dl))
             for batch in bar:
+                if dc.length_buckets:
+                    batch = trim_padding(batch, data.num_items)
                 with accelerator.accumulate(model):
                     states, items = model(batch["input_ids"], batch["user"])  # (B, L, d), (N, d)
                     loss = distill_loss(states, items, batch, dc, log_q, kd_targets, kd_loss, heads, accelerator)

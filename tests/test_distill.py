@@ -238,3 +238,40 @@ def test_kd_candidates_exclude_items_seen_before_the_window():
             assert real == unseen[:k], (u, cut, real)
             checked += 1
     assert checked == len(pos_user)  # every teacher position was distilled once
+
+
+def test_length_buckets_cover_every_window_once_with_similar_lengths():
+    from llmkd.distill import LengthBucketSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 51, size=1000)
+    sampler = LengthBucketSampler(lengths, batch_size=10, seed=3, bucket_batches=20)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000))  # a permutation: every window once per epoch
+    spread = [np.ptp(lengths[first[i : i + 10]]) for i in range(0, 1000, 10)]
+    random_spread = [np.ptp(lengths[rng.permutation(1000)[:10]]) for _ in range(100)]
+    assert np.mean(spread) < np.mean(random_spread) / 4  # batches of similar lengths
+    assert list(sampler) == first  # same seed and epoch, same order (resume replays it)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_trim_padding_keeps_every_real_state():
+    from llmkd.distill import trim_padding
+    from llmkd.student import TwoTower
+
+    torch.manual_seed(0)
+    model = TwoTower(num_items=30, max_len=8, dim=16, num_heads=2, dropout=0.0).eval()
+    x = torch.full((3, 8), 30)
+    x[0, -3:] = torch.tensor([1, 2, 3])
+    x[1, -5:] = torch.tensor([4, 5, 6, 7, 8])
+    x[2, -1:] = torch.tensor([9])
+    batch = {"input_ids": x, "labels": torch.where(x == 30, -100, x), "user": torch.arange(3)}
+    trimmed = trim_padding(batch, 30)
+    assert trimmed["input_ids"].shape == (3, 5) and torch.equal(trimmed["user"], batch["user"])
+    with torch.no_grad():
+        full, _ = model(x)
+        cut, _ = model(trimmed["input_ids"])
+    real = x != 30
+    torch.testing.assert_close(cut[real[:, 3:]], full[real])
