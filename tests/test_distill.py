@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from llmkd.artifacts import LlmkdError
-from llmkd.distill import KDTargets, WindowDataset, hard_loss
+from llmkd.distill import KDTargets, hard_loss
 from llmkd.teacher import kd_cuts
+from llmkd.windows import WindowDataset
 
 
 def test_windows_cover_every_next_item_once():
@@ -241,7 +242,7 @@ def test_kd_candidates_exclude_items_seen_before_the_window():
 
 
 def test_length_buckets_cover_every_window_once_with_similar_lengths():
-    from llmkd.distill import LengthBucketSampler
+    from llmkd.windows import LengthBucketSampler
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 51, size=1000)
@@ -258,8 +259,8 @@ def test_length_buckets_cover_every_window_once_with_similar_lengths():
 
 
 def test_trim_padding_keeps_every_real_state():
-    from llmkd.distill import trim_padding
     from llmkd.student import TwoTower
+    from llmkd.windows import trim_padding
 
     torch.manual_seed(0)
     model = TwoTower(num_items=30, max_len=8, dim=16, num_heads=2, dropout=0.0).eval()
