@@ -562,3 +562,16 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
     assert {c["status"] for c in json.loads((out / "tune" / "report.json").read_text())["candidates"]} == {"reused"}
     bad = run(script("tune.py", cfg, "--families", "nope"), home, check=False)
     assert bad.returncode == 2 and "unknown ['nope']" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_length_buckets_train_deterministically_on_one_and_two_processes(pipeline):
+    """distill.length_buckets: the same seed gives the same weights twice (the bucketed order depends on
+    seed and epoch only), and a 2-process run forms one run over the same sampler."""
+    out, home = pipeline["out"], pipeline["home"]
+    common = ["--set", "distill.epochs=2", "--set", "distill.length_buckets=true", "--set", "distill.alpha=0.5"]
+    run_parallel([distill(pipeline["cfg"], *common, "--set", f"distill.name=lb_{i}") for i in "ab"], home)
+    assert largest_weight_change(out / "lb_a", out / "lb_b") == 0.0
+    run(distill(pipeline["cfg"], *common, "--set", "distill.name=lb_2p", "--set", "distill.drop_last=true",
+                processes=2), home)
+    meta = json.loads((out / "lb_2p" / "meta.json").read_text())
+    assert meta["num_processes"] == 2 and meta["epochs_run"] == 2
