@@ -157,37 +157,36 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
     start, fresh = time.monotonic(), []  # wall seconds of each batch of fresh runs
     bar = tqdm(total=len(cands) + 3, desc="recipe search", unit="run")
 
+    def record(c: Candidate, vcfg: Config, status: str, **extra) -> None:
+        meta = json.loads((out / vcfg.distill.name / "meta.json").read_text(encoding="utf-8"))
+        c.record.update(status=status, **extra, folder=vcfg.distill.name, best_epoch=meta["best_epoch"])
+        c.record["valid_ndcg@10"] = meta["best_valid_ndcg@10"]
+        best = max(x.record.get("valid_ndcg@10", -1.0) for x in cands)
+        bar.update(1)
+        bar.set_postfix(best=f"{best:.4f}", elapsed=f"{time.monotonic() - start:.0f}s")
+
     def run_all(todo: list[Candidate]) -> None:
-        queue = list(todo)
-        while queue:
-            batch, queue = queue[:jobs], queue[jobs:]
-            cfgs = [candidate_config(cfg, c, seed, folder) for c in batch]
-            train, train_cfgs = [], []
-            for c, vcfg in zip(batch, cfgs):
-                if reuse(vcfg, data.fingerprint, finished):
-                    c.record["status"] = "reused"
-                    continue
-                expected = sum(fresh) / len(fresh) if fresh else 0.0
-                if budget_s is not None and time.monotonic() - start + expected > budget_s:
+        """Reuse what is done; train the rest `jobs` at a time while the budget lasts."""
+        pending = []
+        for c in todo:
+            vcfg = candidate_config(cfg, c, seed, folder)
+            if reuse(vcfg, data.fingerprint, finished):
+                record(c, vcfg, "reused")
+            else:
+                pending.append((c, vcfg))
+        for i in range(0, len(pending), jobs):
+            batch = pending[i : i + jobs]
+            expected = sum(fresh) / len(fresh) if fresh else 0.0
+            if budget_s is not None and time.monotonic() - start + expected > budget_s:
+                for c, _ in batch:
                     c.record["status"] = "skipped: budget"
-                    continue
-                train.append(c)
-                train_cfgs.append(vcfg)
+                    bar.update(1)
+                continue
             t0 = time.monotonic()
-            if train_cfgs:
-                train_fn(train_cfgs, jobs)
-                fresh.append(time.monotonic() - t0)
-            for c in train:
-                c.record["status"] = "trained"
-                c.record["seconds"] = round(time.monotonic() - t0, 1)
-            for c, vcfg in zip(batch, cfgs):
-                if c.record["status"] in ("trained", "reused"):
-                    meta = json.loads((out / vcfg.distill.name / "meta.json").read_text(encoding="utf-8"))
-                    c.record.update({"valid_ndcg@10": meta["best_valid_ndcg@10"], "best_epoch": meta["best_epoch"],
-                                     "folder": vcfg.distill.name})
-                bar.update(1)
-                best = max((x.record.get("valid_ndcg@10", -1) for x in cands), default=-1)
-                bar.set_postfix(best=f"{best:.4f}", elapsed=f"{time.monotonic() - start:.0f}s")
+            train_fn([vcfg for _, vcfg in batch], jobs)
+            fresh.append(time.monotonic() - t0)
+            for c, vcfg in batch:
+                record(c, vcfg, "trained", seconds=round(fresh[-1], 1))
 
     run_all(cands)
     combos = combinations(best_by_family(cands))
