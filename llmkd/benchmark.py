@@ -8,6 +8,7 @@ run's data/ and teacher/ are reused), is selected on valid and evaluated once on
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,11 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
             per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size, name=f"{name} seed {seed}")
                                     for s in SPLITS}
     baselines = {"popularity": popularity_scorer(data)}
-    for folder in dict.fromkeys(variant_config(cfg, n, o, seeds[0]).distill.teacher for n, o in variants.items()):
-        if (out / folder).exists():  # every teacher some variant learns from
+    learned = [variant_config(cfg, n, o, seeds[0]).distill.teacher for n, o in variants.items()]
+    beside = sorted(p.parent.name for p in out.glob("*/meta.json")  # e.g. teacher_zero_shot
+                    if json.loads(p.read_text(encoding="utf-8")).get("stage") == "teacher")
+    for folder in dict.fromkeys([*learned, *beside]):
+        if (out / folder).exists():  # every teacher some variant learns from, and the other teacher caches
             baselines[folder] = TeacherCache(out / folder, data).scorer()
     rows = {}
     for name, fn in baselines.items():
