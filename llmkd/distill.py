@@ -163,12 +163,12 @@ def validate(model: TwoTower, eval_dl, data: RecData, accelerator: Accelerator, 
     net = accelerator.unwrap_model(model)
     ranks, bad = [], []
     targets = torch.as_tensor(data.targets(split), device=accelerator.device)
-    for users in eval_dl:
+    table = net.item_tower()  # (N + 1, d), once per validation
+    for users in eval_dl:  # sorted by history length: user_vectors drops each batch's all-padding columns
         u = users.cpu().numpy()
         hists = [data.history(x, split) for x in u]
         hist = net.pad_histories(hists).to(accelerator.device)
-        states, items = model(hist, users)
-        raw = (states[:, -1] @ items.T).float().cpu()  # (B, N)
+        raw = (net.user_vectors(hist, users, table) @ table[: net.num_items].T).float().cpu()  # (B, N)
         bad.append(accelerator.gather_for_metrics(nonfinite_rows(raw, targets[users].cpu(), hists).long()
                                                   .to(accelerator.device)))
         scores = mask_seen(raw, hists).to(accelerator.device)

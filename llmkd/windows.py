@@ -93,7 +93,8 @@ def get_dataloaders(data: RecData, cfg: Config, teacher_rows: list[np.ndarray] |
     train_ds = WindowDataset(data.train, data.num_items, cfg.data.max_history, teacher_rows)
     if len(train_ds) == 0:
         raise LlmkdError("data: no user has 2 or more train interactions; nothing to train on")
-    users = torch.as_tensor(data.eval_users("valid"))
+    users = data.eval_users("valid")
+    users = torch.as_tensor(users[np.argsort([len(data.train[u]) for u in users], kind="stable")])  # short first
     # its own generator: the order depends on (seed, epoch) only, and starting an epoch (or resuming one)
     # draws nothing from the global RNG that dropout uses
     order = torch.Generator().manual_seed(cfg.distill.seed)
