@@ -210,14 +210,37 @@ def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict) -> No
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path) -> dict | None:
-    """Restore the newest complete checkpoint (`last`, or `last.old` if a crash hit the swap)."""
+def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path, run_key: str | None = None) -> dict | None:
+    """Restore the newest complete checkpoint (`last`, or `last.old` if a crash hit the swap). One made by
+    a run with another `run_key` (other settings, data or teacher cache) is not restored: None."""
     for folder in (ckpt_dir / "last", ckpt_dir / "last.old"):
         if (folder / "train_state.json").is_file():
             with reading(folder, "training checkpoint"):
+                state = json.loads((folder / "train_state.json").read_text())
+                if run_key is not None and state.get("run_key") != run_key:
+                    accelerator.print(f"{ckpt_dir}: checkpoint of a run with other settings, data or teacher "
+                                      "cache; not resumed, training afresh")
+                    return None
                 accelerator.load_state(str(folder))
-                return json.loads((folder / "train_state.json").read_text())
+                return state
     return None
+
+
+# Settings a run may change when it resumes: they decide when it stops, how often it saves, what it logs.
+RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_every", "log_with", "eval_batch_size")
+
+
+def run_key(cfg: Config, data_fingerprint: str) -> str:
+    """What a checkpoint must match to be resumed: the training key (`llmkd.reuse`) but for
+    `RESUMABLE_CHANGES`, the data and the teacher cache."""
+    from llmkd.reuse import training_key  # reuse imports this module
+
+    training = training_key(cfg)
+    training["distill"] = {k: v for k, v in training["distill"].items() if k not in RESUMABLE_CHANGES}
+    teacher = Path(cfg.out_dir) / cfg.distill.teacher
+    key = {"training": training, "data": data_fingerprint,
+           "teacher": teacher_fingerprint(teacher) if cfg.uses_teacher else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dict:
@@ -248,9 +271,10 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
     log_q = (counts / counts.sum()).log()
 
+    key = run_key(cfg, data.fingerprint)
     state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0,
-             "history": []}
-    resumed = load_checkpoint(accelerator, ckpt_dir) if resume else None
+             "history": [], "run_key": key}
+    resumed = load_checkpoint(accelerator, ckpt_dir, key) if resume else None
     if resumed is not None:
         state = resumed
         accelerator.print(f"resumed from {ckpt_dir}: epoch {state['epoch'] + 1}, {state['step']} batches done")

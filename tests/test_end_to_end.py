@@ -582,3 +582,18 @@ def test_length_buckets_train_deterministically_on_one_and_two_processes(pipelin
                 processes=2), home)
     meta = json.loads((out / "lb_2p" / "meta.json").read_text())
     assert meta["num_processes"] == 2 and meta["epochs_run"] == 2
+
+
+def test_resume_does_not_restore_a_checkpoint_of_other_settings(pipeline, capsys):
+    """--resume after the settings (or the teacher cache) changed trains afresh instead of continuing
+    weights made for something else; more epochs is still a resume."""
+    from llmkd.config import load_config
+    from llmkd.distill import train
+
+    name = ["distill.name=student_rekey", "distill.epochs=1"]
+    train(load_config(pipeline["cfg"], [*name, "distill.alpha=0.5"]))
+    other = train(load_config(pipeline["cfg"], [*name, "distill.alpha=0.25"]), resume=True)
+    assert "not resumed, training afresh" in capsys.readouterr().out and len(other["history"]) == 1
+    longer = train(load_config(pipeline["cfg"], ["distill.name=student_rekey", "distill.epochs=2",
+                                                 "distill.alpha=0.25"]), resume=True)
+    assert "resumed from" in capsys.readouterr().out and [h["epoch"] for h in longer["history"]] == [1, 2]
