@@ -19,7 +19,7 @@ from llmkd.data import load_data
 from llmkd.evaluate import evaluate_scores, paired_bootstrap, popularity_scorer, summarize
 from llmkd.recipe import NO_TEACHER_OVERRIDES, train_many
 from llmkd.report import SPLITS, load_student, student_scorer
-from llmkd.reuse import reuse
+from llmkd.reuse import reuse, runs_in
 from llmkd.teacher import TeacherCache
 
 DEFAULT_VARIANTS = {"student_no_kd": NO_TEACHER_OVERRIDES, "student_kd": []}
@@ -44,7 +44,7 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
     out = Path(cfg.out_dir)
     data = load_data(out / "data")
     per_user: dict[str, dict[int, dict]] = {}
-    pool = sorted(run for folder in reuse_from for run in Path(folder).glob("*") if run.is_dir())
+    pool = runs_in(reuse_from)
     missing = [vcfg for name, overrides in variants.items() for seed in seeds
                if not reuse(vcfg := variant_config(cfg, name, overrides, seed), data.fingerprint,
                             [*(out / a for a in (aliases or {}).get((name, seed), [])), *pool])]

@@ -49,6 +49,11 @@ def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
     return True
 
 
+def runs_in(folders: list[Path]) -> list[Path]:
+    """Every run folder directly inside `folders` (e.g. a recipe search's `runs/`), sorted."""
+    return sorted(run for folder in folders for run in Path(folder).glob("*") if run.is_dir())
+
+
 def reuse(cfg: Config, data_fingerprint: str, also: list[Path] = ()) -> bool:
     """True if a finished student for `cfg` is in place: its own folder is reusable, or a reusable one
     among `also` (e.g. the same settings' run from a hyper-parameter search) was copied there."""

@@ -27,6 +27,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def first_real_column(real: torch.Tensor) -> int:
+    """(B, L) bool real-item mask of left-padded histories -> the first column holding a real item in some
+    row (L - 1 when none does): the columns before it are padding in every row and can be dropped."""
+    return int(real.any(0).to(torch.int8).argmax()) if real.any() else real.shape[1] - 1
+
+
 class ItemTower(nn.Module):
     """Item vectors from an id embedding (+ projected frozen content features)."""
 
@@ -149,7 +155,7 @@ class TwoTower(nn.Module):
         never attended to, so the last state is unchanged and short histories cost less."""
         table = self.item_tower() if table is None else table
         real = history != self.num_items
-        first = int(real.any(0).to(torch.int8).argmax()) if real.any() else history.shape[1] - 1
+        first = first_real_column(real)
         history, real = history[:, first:], real[:, first:]
         return self.user_tower(table[history], real, users, last_only=True)[:, -1]
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from llmkd.artifacts import LlmkdError
 from llmkd.config import Config
 from llmkd.data import RecData
+from llmkd.student import first_real_column
 
 
 class WindowDataset(Dataset):
@@ -82,8 +83,7 @@ class LengthBucketSampler(Sampler[int]):
 def trim_padding(batch: dict[str, torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
     """Drop the leading columns that are padding in every window of the batch (positions count from the
     right and padding is never attended to, so every real position's state is unchanged)."""
-    real = batch["input_ids"] != pad
-    first = int(real.any(0).to(torch.int8).argmax()) if real.any() else 0
+    first = first_real_column(batch["input_ids"] != pad)
     return {k: (v[:, first:] if v.dim() == 2 else v) for k, v in batch.items()}
 
 

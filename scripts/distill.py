@@ -15,7 +15,7 @@ from pathlib import Path
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.distill import train
-from llmkd.reuse import reuse
+from llmkd.reuse import reuse, runs_in
 
 
 def main() -> None:
@@ -29,8 +29,7 @@ def main() -> None:
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     folders = [*([Path(args.recipe).parent / "runs"] if args.recipe else []), *map(Path, args.reuse_from)]
     if folders and not args.retrain and single:
-        runs = sorted(run for folder in folders for run in folder.glob("*") if run.is_dir())
-        if reuse(cfg, load_data(Path(cfg.out_dir) / "data").fingerprint, runs):
+        if reuse(cfg, load_data(Path(cfg.out_dir) / "data").fingerprint, runs_in(folders)):
             print(f"reused a finished run trained with the same settings -> {Path(cfg.out_dir) / cfg.distill.name}")
             return
     result = train(cfg, resume=args.resume)
