@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from llmkd.artifacts import LlmkdError
-from llmkd.config_schema import from_dict, read_yaml_mapping
+from llmkd.config_schema import DuplicateKeyError, bounded, check_bounds, from_dict, read_yaml_mapping, strict_load
 
 
 @dataclass
@@ -29,22 +29,19 @@ class DataConfig:
     """Items file with columns item_id, title and optional others used by `text_template`."""
     text_template: str = "{title}"
     """Python format string over item columns, e.g. '{title} ({year}). Genres: {genres}'."""
-    max_history: int = 50
+    max_history: int = bounded(50, ge=1)
     """Most recent train items a user tower sees."""
-    cold_items: float = 0.0
+    cold_items: float = bounded(0.0, ge=0, lt=1)
     """Cold-start protocol: this fraction of the items (drawn at random among those with interactions)
     is withheld with all its interactions; it is kept aside in `data/` for `scripts/cold_start.py`."""
-    cold_seed: int = 0
+    cold_seed: int = bounded(0, ge=0)
 
     def __post_init__(self) -> None:
+        check_bounds(self, "data")
         if self.source not in ("ml-100k", "files"):
             raise LlmkdError(f"data.source: expected 'ml-100k' or 'files', got {self.source!r}")
         if self.source == "files" and not (self.interactions and self.items):
             raise LlmkdError("data: source 'files' needs both data.interactions and data.items")
-        if self.max_history < 1:
-            raise LlmkdError(f"data.max_history: expected >= 1, got {self.max_history}")
-        if not 0.0 <= self.cold_items < 1.0:
-            raise LlmkdError(f"data.cold_items: expected a fraction in [0, 1), got {self.cold_items}")
 
 
 @dataclass
@@ -63,19 +60,20 @@ class TeacherConfig:
     history_template: str = "{items}"
     """Format string for a user's history; '{items}' is replaced by item texts, most recent first."""
     history_separator: str = "; "
-    max_history_items: int = 0
+    max_history_items: int = bounded(0, ge=0)
     """Most recent items rendered into a history text (0 = as many as the token budget holds)."""
     adapter: str | None = None
     """A PEFT LoRA adapter folder (from scripts/finetune_teacher.py) loaded on top of `model`."""
-    max_item_tokens: int = 64
-    max_history_tokens: int = 256
+    max_item_tokens: int = bounded(64, ge=1)
+    max_history_tokens: int = bounded(256, ge=1)
     """Token budget of a history text: the most recent items are kept."""
-    position_stride: int = 0
+    position_stride: int = bounded(0, ge=0)
     """Also encode each user's history at every `position_stride`-th train cut, counting back from the
     'kd' state, so KD can act at many positions of a sequence (0 = the 'kd' state only)."""
-    batch_size: int = 64
+    batch_size: int = bounded(64, ge=1)
 
     def __post_init__(self) -> None:
+        check_bounds(self, "teacher")
         if self.pooling not in ("auto", "mean", "last"):
             raise LlmkdError(f"teacher.pooling: expected 'auto', 'mean' or 'last', got {self.pooling!r}")
         if self.user_mode not in ("text", "mean_items"):
@@ -84,8 +82,6 @@ class TeacherConfig:
             raise LlmkdError("teacher.item_template: must contain the '{text}' placeholder")
         if "{items}" not in self.history_template:
             raise LlmkdError("teacher.history_template: must contain the '{items}' placeholder")
-        if self.position_stride < 0:
-            raise LlmkdError(f"teacher.position_stride: expected >= 0, got {self.position_stride}")
 
 
 @dataclass
@@ -94,67 +90,65 @@ class FinetuneConfig:
 
     output: str = "teacher_lora"
     """Adapter folder under out_dir."""
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_r: int = bounded(8, ge=1)
+    lora_alpha: int = bounded(16, ge=1)
+    lora_dropout: float = bounded(0.0, ge=0, lt=1)
     """Dropout on LoRA inputs (0 by default: dropout ops made CPU steps 1.05-1.8x slower, README)."""
     target_modules: list[str] | None = None
     """Module names to adapt; None picks the attention and MLP projections of known architectures."""
-    top_layers: int = 0
+    top_layers: int = bounded(0, ge=0)
     """Adapt only the top N transformer layers (0 = all); lower layers then need no backward pass."""
     cache_lower_layers: bool = True
     """With top_layers > 0: run the frozen lower layers once per text and cache their output, so a
     step costs the top layers only (training then draws from `cache_pairs` fixed history cuts)."""
-    cache_pairs: int = 20000
+    cache_pairs: int = bounded(20000, ge=0)
     """Training (user, cut) pairs cached when cache_lower_layers is on (0 = all)."""
-    warmup_steps: int = 20
+    warmup_steps: int = bounded(20, ge=0)
     """Linear LR warm-up, then linear decay to 0 at `steps`."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, ge=0)
     """Gradient clipping (0 = off)."""
-    temperature: float = 0.05
-    batch_size: int = 32
-    catalog_negatives: int = 512
+    temperature: float = bounded(0.05, gt=0)
+    batch_size: int = bounded(32, ge=2)
+    catalog_negatives: int = bounded(512, ge=0)
     """Extra negatives per step: items drawn uniformly without replacement, encoded by the current model."""
-    lr: float = 5e-4
-    steps: int = 300
-    eval_every: int = 50
-    patience: int = 3
+    lr: float = bounded(5e-4, gt=0)
+    steps: int = bounded(300, ge=1)
+    eval_every: int = bounded(50, ge=1)
+    patience: int = bounded(3, ge=1)
     """Stop after this many evaluations without a better valid NDCG@10."""
-    eval_users: int = 300
+    eval_users: int = bounded(300, ge=0)
     """Valid users (a fixed random subset) scored for early stopping; 0 = all."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0 or self.steps < 1 or self.batch_size < 2 or self.eval_every < 1:
-            raise LlmkdError("finetune: temperature > 0, steps >= 1, batch_size >= 2, eval_every >= 1 expected")
+        check_bounds(self, "finetune")
 
 
 @dataclass
 class StudentConfig:
     """The two-tower student (see `llmkd.student.TwoTower`)."""
 
-    dim: int = 64
+    dim: int = bounded(64, ge=1)
     pooling: str = "transformer"
     """User tower: 'transformer' (causal self-attention, SASRec-like) or 'mean' (recency-weighted)."""
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.3
-    recency_decay: float = 0.0
+    num_layers: int = bounded(2, ge=1)
+    num_heads: int = bounded(2, ge=1)
+    dropout: float = bounded(0.3, ge=0, lt=1)
+    recency_decay: float = bounded(0.0, ge=0)
     """'mean' pooling only: weight of an item k steps back is exp(-decay * k)."""
     use_user_id: bool = False
     content_features: bool = False
     """Add the teacher's frozen item-text embeddings to the item tower through a learned projection."""
-    content_hidden: int = 0
+    content_hidden: int = bounded(0, ge=0)
     """Width of a hidden GELU layer in that projection (0 = a linear projection)."""
-    id_dropout: float = 0.0
+    id_dropout: float = bounded(0.0, ge=0, lt=1)
     """With content features: during training each item's id embedding is dropped with this probability
     (DropoutNet-style), so the text path learns to carry an item alone (cold items have no id)."""
 
     def __post_init__(self) -> None:
+        check_bounds(self, "student")
         if self.pooling not in ("transformer", "mean"):
             raise LlmkdError(f"student.pooling: expected 'transformer' or 'mean', got {self.pooling!r}")
-        if not 0.0 <= self.id_dropout < 1.0:
-            raise LlmkdError(f"student.id_dropout: expected a probability in [0, 1), got {self.id_dropout}")
         if self.dim % self.num_heads:
             raise LlmkdError(f"student.dim ({self.dim}) must be divisible by student.num_heads ({self.num_heads})")
 
@@ -167,37 +161,37 @@ class DistillConfig:
     """Artifact folder name under out_dir."""
     teacher: str = "teacher"
     """Teacher cache folder under out_dir whose scores (and item vectors) the student learns from."""
-    alpha: float = 1.0
+    alpha: float = bounded(1.0, ge=0)
     """Weight of the KD loss; 0 trains the no-teacher twin."""
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, gt=0)
     """KD temperature T applied to both teacher and student scores (loss scaled by T^2)."""
-    teacher_scale: float = 20.0
+    teacher_scale: float = bounded(20.0, gt=0)
     """Teacher cosine scores are multiplied by this before the temperature (a cosine spans [-1, 1])."""
-    kd_top_k: int = 100
+    kd_top_k: int = bounded(100, ge=1)
     """Teacher candidates per KD position: its top-K unseen items by its own score (+ the positive)."""
     kd_loss: str = "listwise_kl"
     """KD loss, a name in `llmkd.losses.KD_LOSSES` (listwise_kl, ranking_distillation, relaxed_ranking,
     margin_mse, pairwise_hinge, infonce); its weight is `alpha`."""
     kd_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the KD loss (listwise_kl takes its temperature from `temperature`)."""
-    user_align: float = 0.0
+    user_align: float = bounded(0.0, ge=0)
     """Weight of a second, multi-task objective: the student's user state, through a linear head,
     predicts the teacher's user vector at the same position (1 - cosine); the head is not exported."""
-    item_align: float = 0.0
+    item_align: float = bounded(0.0, ge=0)
     """Weight of embedding alignment (DLLM2Rec-style): the student's item vectors, through a linear
     head, match the teacher's item-text embeddings (1 - cosine)."""
     loss: str = "full_softmax"
     """Hard-label loss: 'full_softmax' or 'sampled_softmax' (popularity-sampled negatives, logQ-corrected)."""
-    num_negatives: int = 256
-    epochs: int = 30
-    patience: int = 5
+    num_negatives: int = bounded(256, ge=1)
+    epochs: int = bounded(30, ge=1)
+    patience: int = bounded(5, ge=1)
     """Stop after this many epochs without a better valid NDCG@10."""
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    grad_accum: int = 1
-    seed: int = 0
-    eval_batch_size: int = 256
+    batch_size: int = bounded(64, ge=1)
+    lr: float = bounded(2e-3, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    grad_accum: int = bounded(1, ge=1)
+    seed: int = bounded(0, ge=0)
+    eval_batch_size: int = bounded(256, ge=1)
     drop_last: bool = False
     """Drop each epoch's last incomplete batch. With several processes Accelerate otherwise pads that
     batch with repeated windows, so only drop_last runs match a one-process run exactly."""
@@ -205,22 +199,32 @@ class DistillConfig:
     """Batch history windows of similar length together (shuffled within buckets of 50 batches, batch order
     shuffled) and drop each batch's all-padding columns: the same loss, far less work when most histories
     are much shorter than `data.max_history` (sparse catalogs)."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = bounded(0, ge=0)
     """Also checkpoint every N batches within an epoch (0 = at epoch ends only), for exact mid-epoch resume."""
     log_with: str | None = None
     """'tensorboard' to log through Accelerate's trackers."""
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "user_align", "item_align"):
-            if getattr(self, name) < 0:
-                raise LlmkdError(f"distill.{name}: expected >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise LlmkdError(f"distill.temperature: expected > 0, got {self.temperature}")
-        self.make_kd_loss()  # an unknown loss or argument fails here, before any training
+        check_bounds(self, "distill")
         if self.loss not in ("full_softmax", "sampled_softmax"):
             raise LlmkdError(f"distill.loss: expected 'full_softmax' or 'sampled_softmax', got {self.loss!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise LlmkdError("distill: epochs, batch_size and grad_accum must be >= 1")
+        kd_loss = self.make_kd_loss()  # an unknown loss or argument fails here, before any training
+        if self.alpha > 0:
+            self.check_kd_term(kd_loss)
+
+    def check_kd_term(self, kd_loss) -> None:
+        """Refuse KD settings under which the KD loss is 0 whatever the scores (e.g. InfoNCE with every
+        candidate a positive): alpha > 0 would train a student without its teacher and call it KD.
+        The loss is tried once on random scores over the kd_top_k + 1 candidates of a position."""
+        import torch
+
+        student, teacher = torch.randn(2, 4, self.kd_top_k + 1, generator=torch.Generator().manual_seed(0))
+        loss = kd_loss(student, teacher * self.teacher_scale, torch.ones_like(student, dtype=torch.bool))
+        if float(loss) == 0.0:
+            raise LlmkdError(
+                f"distill.kd_loss {self.kd_loss!r} with distill.kd_args {self.kd_args} and distill.kd_top_k "
+                f"{self.kd_top_k}: the KD term is 0 whatever the scores, so distill.alpha {self.alpha} would train "
+                "without the teacher; change those settings, or set distill.alpha=0 for a no-teacher run")
 
     @property
     def learns_from_teacher(self) -> bool:
@@ -244,28 +248,30 @@ class IndexConfig:
 
     type: str = "flat"
     """'flat' (exact inner product), 'hnsw' or 'ivf'."""
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
-    ivf_nlist: int = 32
-    ivf_nprobe: int = 8
+    hnsw_m: int = bounded(32, ge=2)
+    hnsw_ef_search: int = bounded(128, ge=1)
+    ivf_nlist: int = bounded(32, ge=1)
+    ivf_nprobe: int = bounded(8, ge=1)
 
     def __post_init__(self) -> None:
+        check_bounds(self, "index")
         if self.type not in ("flat", "hnsw", "ivf"):
             raise LlmkdError(f"index.type: expected 'flat', 'hnsw' or 'ivf', got {self.type!r}")
 
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
-    batch_size: int = 256
-    bootstrap: int = 1000
+    ks: list[int] = bounded(default_factory=lambda: [10, 20, 50], ge=1)
+    batch_size: int = bounded(256, ge=1)
+    bootstrap: int = bounded(1000, ge=1)
     """Resamples of users for the paired 95% interval of a metric difference."""
     students: list[str] = field(default_factory=lambda: ["student_no_kd", "student_kd"])
     """Student artifact folders (under out_dir) to evaluate; the indexed one is also evaluated through FAISS."""
 
     def __post_init__(self) -> None:
-        if not self.ks or any(k < 1 for k in self.ks):
-            raise LlmkdError(f"eval.ks: expected a non-empty list of positive cut-offs, got {self.ks}")
+        check_bounds(self, "eval")
+        if not self.ks:
+            raise LlmkdError("eval.ks: expected a non-empty list of positive cut-offs, got []")
 
 
 @dataclass
@@ -278,10 +284,6 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        if self.distill.kd_top_k < 1:
-            raise LlmkdError(f"distill.kd_top_k: expected >= 1, got {self.distill.kd_top_k}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -304,7 +306,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise LlmkdError(f"--set {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = strict_load(value)
+        except yaml.YAMLError as e:
+            detail = str(e) if isinstance(e, DuplicateKeyError) else "invalid YAML value"
+            raise LlmkdError(f"--set {item!r}: {detail}") from None
     return raw
 
 

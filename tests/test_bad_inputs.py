@@ -141,8 +141,25 @@ class Case:
     needs_pipeline: bool = False
 
 
-# Made at test time rather than committed: a binary-looking file with a data extension.
-GENERATED = {"inter_not_parquet.parquet": b"PAR1 this is not really parquet\n"}
+def write_parquet(rows: dict[str, list]) -> Callable[[Path], None]:
+    """A writer of a Parquet file with these columns (pyarrow infers list and struct types)."""
+    def write(path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(rows), path)
+
+    return write
+
+
+# Made at test time rather than committed: binary files that depend on the library writing them.
+GENERATED: dict[str, Callable[[Path], None]] = {
+    "inter_not_parquet.parquet": lambda path: path.write_bytes(b"PAR1 this is not really parquet\n"),
+    "inter_list_user.parquet": write_parquet({"user_id": [[1], [1, 2], [1]], "item_id": [101, 102, 103],
+                                              "timestamp": [1000, 1001, 1002]}),
+    "inter_struct_timestamp.parquet": write_parquet({"user_id": [1, 1, 1], "item_id": [101, 102, 103],
+                                                     "timestamp": [{"s": 1000}, {"s": 1001}, {"s": 1002}]}),
+}
 
 
 def data_case(file: str, expect: str) -> Case:
@@ -151,7 +168,7 @@ def data_case(file: str, expect: str) -> Case:
         bad = BAD / file
         if file in GENERATED:
             bad = tmp / file
-            bad.write_bytes(GENERATED[file])
+            GENERATED[file](bad)
         inter, items = (bad, OK_ITEMS) if file.startswith("inter_") else (OK_INTER, bad)
         return write_yaml(tmp / "cfg.yaml", base_config(tmp / "run", inter, items)), []
 
@@ -187,6 +204,58 @@ def artifact_case(case_id: str, script: str, names: str, expect: str, output: st
         return write_yaml(tmp / "cfg.yaml", cfg), []
 
     return Case(case_id, script, names, expect, output, setup, needs_pipeline=True)
+
+
+def path_case(case_id: str, names: str, expect: str, make: Callable[[Path], tuple[dict, list[str]]],
+              script: str = "prepare_data.py", output: str = "data") -> Case:
+    """A path of the wrong kind (a folder where a file is expected, an unreadable file, ...).
+
+    `make(case folder)` builds it and returns config overrides ({"out_dir" or "section.field": value})
+    and extra arguments."""
+    def setup(tmp: Path, _: Pipeline | None) -> tuple[Path, list[str]]:
+        overrides, extra = make(tmp)
+        cfg = base_config(tmp / "run")
+        for key, value in overrides.items():
+            section, _, name = key.rpartition(".")
+            (cfg[section] if section else cfg)[name] = value
+        return write_yaml(tmp / "cfg.yaml", cfg), extra
+
+    return Case(case_id, script, names, expect, output, setup)
+
+
+def folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def socket_file(path: Path) -> Path:
+    """A Unix socket: it exists, but opening it fails (ENXIO), even for root."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+    return path
+
+
+def plain_file(path: Path) -> Path:
+    path.write_text("not a folder\n", encoding="utf-8")
+    return path
+
+
+def no_eval_users_case(script: str, output: str) -> Case:
+    """Data where no user has 3 interactions (prepared in-process: that stage only warns): every later
+    stage stops with one line instead of crashing on an empty valid or test split."""
+    def setup(tmp: Path, _: Pipeline | None) -> tuple[Path, list[str]]:
+        from llmkd.config import Config, from_dict
+        from llmkd.data import build_data, save_data
+
+        raw = base_config(tmp / "run", interactions=BAD / "inter_no_eval_users.csv")
+        cfg = from_dict(Config, raw)
+        save_data(build_data(cfg.data), tmp / "run" / "data", cfg.data)
+        return write_yaml(tmp / "cfg.yaml", raw), []
+
+    return Case(f"no_eval_users_{script.removesuffix('.py')}", script, "run/data",
+                "no user has 3 or more interactions", output, setup)
 
 
 def snapshot(folder: Path) -> set[str]:
@@ -228,6 +297,12 @@ CASES = [
     data_case("inter_truncated.jsonl", "could not be parsed as .jsonl"),
     data_case("inter_not_parquet.parquet", "could not be parsed as .parquet"),
     data_case("inter_unsupported.xlsx", "unsupported format '.xlsx'"),
+    data_case("inter_nested_user.jsonl", "row 2: field 'user_id' is a nested object"),
+    data_case("inter_list_item.jsonl", "row 1: field 'item_id' is a list"),
+    data_case("inter_list_user.parquet", "row 1: field 'user_id' is a list"),
+    data_case("inter_nested_timestamp.jsonl", "row 1: field 'timestamp' is a nested object"),
+    data_case("inter_struct_timestamp.parquet", "row 1: field 'timestamp' is a nested object"),
+    data_case("inter_word_timestamp.csv", "row 2: field 'timestamp' is 'yesterday'; expected an ISO-8601 date-time"),
     # items files
     data_case("items_duplicate_id.csv", "row 3: duplicate item_id '101'"),
     data_case("items_empty_text.csv", "row 2 (item_id 102): empty item text"),
@@ -243,6 +318,49 @@ CASES = [
     config_case("config_invalid_yaml.yaml", "config_invalid_yaml.yaml", "invalid YAML"),
     config_case("config_top_level_list.yaml", "config_top_level_list.yaml", "expected a mapping at the top level"),
     config_case("config_files_without_items.yaml", "data.items", "needs both data.interactions and data.items"),
+    config_case("config_duplicate_key.yaml", "config_duplicate_key.yaml",
+                "duplicate key 'distill.alpha' at line 5 (first at line 3)"),
+    config_case("config_duplicate_section.yaml", "config_duplicate_section.yaml",
+                "duplicate key 'distill' at line 6 (first at line 2)"),
+    config_case("config_batch_size_zero.yaml", "distill.batch_size", "expected >= 1, got 0",
+                script="distill.py", output="student_kd"),
+    config_case("config_num_heads_zero.yaml", "student.num_heads", "expected >= 1, got 0"),
+    config_case("config_lr_negative.yaml", "distill.lr", "expected > 0, got -0.001"),
+    config_case("config_lr_nan.yaml", "distill.lr", "expected > 0, got nan"),
+    config_case("config_finetune_lr_zero.yaml", "finetune.lr", "expected > 0, got 0.0",
+                script="finetune_teacher.py", output="teacher_lora"),
+    config_case("config_teacher_batch_size_zero.yaml", "teacher.batch_size", "expected >= 1, got 0",
+                script="build_teacher.py", output="teacher"),
+    config_case("config_max_item_tokens_zero.yaml", "teacher.max_item_tokens", "expected >= 1, got 0"),
+    config_case("config_dropout_one.yaml", "student.dropout", "expected >= 0 and < 1, got 1.0"),
+    config_case("config_patience_zero.yaml", "distill.patience", "expected >= 1, got 0"),
+    config_case("config_bootstrap_zero.yaml", "eval.bootstrap", "expected >= 1, got 0",
+                script="evaluate.py", output="eval"),
+    config_case("config_ivf_nlist_zero.yaml", "index.ivf_nlist", "expected >= 1, got 0",
+                script="build_index.py", output="index"),
+    config_case("config_teacher_scale_zero.yaml", "distill.teacher_scale", "expected > 0, got 0.0",
+                script="distill.py", output="student_kd"),
+    config_case("config_kd_term_vanishes.yaml", "distill.kd_loss", "the KD term is 0 whatever the scores",
+                script="distill.py", output="student_kd"),
+    # paths of the wrong kind
+    path_case("interactions_is_a_folder", "interactions.csv", "is a folder; expected a file",
+              lambda tmp: ({"data.interactions": str(folder(tmp / "interactions.csv"))}, [])),
+    path_case("items_unreadable", "items.csv", "cannot be read",
+              lambda tmp: ({"data.items": str(socket_file(tmp / "items.csv"))}, [])),
+    path_case("out_dir_is_a_file", "out_dir", "is a file; expected a folder",
+              lambda tmp: ({"out_dir": str(plain_file(tmp / "run"))}, [])),
+    path_case("out_dir_under_a_file", "afile", "is a file; expected a folder",
+              lambda tmp: ({"out_dir": str(plain_file(tmp / "afile") / "run")}, [])),
+    path_case("config_is_a_folder", "conf.yaml", "is a folder; expected a config file",
+              lambda tmp: ({}, ["--config", str(folder(tmp / "conf.yaml"))])),
+    path_case("recipe_is_a_folder", "recipe.yaml", "is a folder; expected a recipe file",
+              lambda tmp: ({}, ["--recipe", str(folder(tmp / "recipe.yaml"))]),
+              script="distill.py", output="student_kd"),
+    # data where no user can be evaluated: every stage after the data stage refuses it
+    no_eval_users_case("build_teacher.py", "teacher"),
+    no_eval_users_case("finetune_teacher.py", "teacher_lora"),
+    no_eval_users_case("distill.py", "student_kd"),
+    no_eval_users_case("evaluate.py", "eval"),
     # artifacts and models
     artifact_case("teacher_model_missing", "build_teacher.py", "no_such_model", "does not exist", "teacher",
                   keep=("data",), **{"teacher.model": str(BAD / "no_such_model")}),
@@ -306,10 +424,10 @@ def test_corpus_is_covered():
     files = {p.name for p in BAD.iterdir()}
     used = {c.id for c in CASES} | {"model_broken_config"}
     policies = {"ok_interactions.csv", "ok_items.csv", "inter_negative_timestamps.csv", "inter_duplicate_rows.csv",
-                "inter_short_users.csv", "README.md"}
+                "inter_short_users.csv", "inter_no_eval_users.csv", "README.md"}
     assert files - used - policies == set()
     assert {c.id for c in CASES if not c.needs_pipeline} - set(GENERATED) <= files
-    assert len(CASES) >= 20
+    assert len(CASES) >= 60
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -393,3 +511,63 @@ def test_policy_enormous_item_text_is_truncated(pipeline, tiny_bert):
     max_item_tokens = pipeline.cfg["teacher"]["max_item_tokens"]
     ids = TextEncoder(str(tiny_bert), device="cpu").tokenize(data.item_texts[:1], max_item_tokens)
     assert len(ids[0]) == max_item_tokens
+
+
+def test_policy_no_eval_users_warns_at_the_data_stage(tmp_path):
+    """Data where no user has 3 interactions is prepared (it may still train a student elsewhere), with a
+    warning that gives the counts; the later stages refuse it (the `no_eval_users_*` cases)."""
+    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tmp_path / "run", interactions=BAD / "inter_no_eval_users.csv"))
+    proc = run_script("prepare_data.py", cfg, home=tmp_path / "hf_home")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, proc.stderr
+    assert "no user has 3 or more interactions" in warnings[0] and "3 users, 5 interactions" in warnings[0]
+    assert (tmp_path / "run" / "data" / "meta.json").is_file()
+
+
+# ---------------------------------------------------------------- policy: one rule for timestamps
+
+
+ISO = {1000: "1970-01-01T00:16:40", 1001: "1970-01-01T00:16:41Z", 1002: "1970-01-01T01:16:42+01:00"}
+"""Unix seconds -> an ISO-8601 string for the same instant (naive = UTC; 'Z' and offsets honoured)."""
+
+
+def iso_interactions() -> list[dict]:
+    """ok_interactions.csv with every timestamp written as an ISO-8601 date-time."""
+    import csv
+
+    with open(OK_INTER, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        t = int(row["timestamp"])
+        row["timestamp"] = ISO.get(t) or f"1970-01-01T00:{t // 60:02d}:{t % 60:02d}"
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet_strings", "parquet_datetimes"])
+def test_policy_iso_timestamps_are_accepted_in_every_format(fmt, tmp_path):
+    """One rule for CSV, JSONL and Parquet: a file's timestamps are all numbers or all ISO-8601
+    date-times (strings, or a Parquet datetime column); both give the same split as Unix seconds."""
+    import pandas as pd
+
+    df = pd.DataFrame(iso_interactions())
+    if fmt == "csv":
+        path = tmp_path / "inter.csv"
+        df.to_csv(path, index=False)
+    elif fmt == "jsonl":
+        path = tmp_path / "inter.jsonl"
+        df.to_json(path, orient="records", lines=True)
+    else:
+        path = tmp_path / "inter.parquet"
+        if fmt == "parquet_datetimes":
+            df["timestamp"] = pd.to_datetime(df["timestamp"], format="ISO8601", utc=True)
+        df.to_parquet(path)
+    assert split_by_user(prepare(path)) == split_by_user(prepare(OK_INTER))
+
+
+def test_policy_numbers_and_dates_do_not_mix():
+    """A file whose first timestamp is a number expects numbers in every row (and dates likewise)."""
+    from llmkd.artifacts import LlmkdError
+
+    with pytest.raises(LlmkdError, match="row 2: field 'timestamp' is '2021-03-04T10:00:00'; expected a number"):
+        prepare(BAD / "inter_text_timestamp.csv")

@@ -160,3 +160,84 @@ def test_kd_loss_is_checked_when_the_config_loads():
         load_config(None, ["distill.kd_loss=infonce", "distill.kd_args={topk: 5}"])
     with pytest.raises(LlmkdError, match="distill.kd_args: expected a mapping"):
         load_config(None, ["distill.kd_args=[1, 2]"])
+
+
+# ---------------------------------------------------------------- strict YAML and declared ranges
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("distill:\n  alpha: 1.0\n  epochs: 2\n  alpha: 0.0\n", "distill.alpha", (4, 2)),
+    ("distill:\n  alpha: 1.0\nstudent:\n  dim: 8\ndistill:\n  epochs: 2\n", "distill", (5, 1)),
+    ("distill:\n  kd_args: {top_k: 5, top_k: 6}\n", "distill.kd_args.top_k", (2, 2)),
+    ("out_dir: a\nout_dir: b\n", "out_dir", (2, 1)),
+])
+def test_duplicate_keys_are_rejected_with_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(LlmkdError) as e:
+        load_config(path)
+    assert f"dup.yaml: duplicate key '{key}' at line {lines[0]} (first at line {lines[1]})" in str(e.value)
+
+
+def test_duplicate_keys_in_recipes_and_overrides(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("distill:\n  alpha: 0.5\n  alpha: 0.1\n")
+    with pytest.raises(LlmkdError, match=r"recipe.yaml: duplicate key 'distill.alpha' at line 3 \(first at line 2\)"):
+        load_config(None, recipe=recipe)
+    with pytest.raises(LlmkdError, match=r"--set 'distill.kd_args=.*duplicate key 'top_k'"):
+        load_config(None, ["distill.kd_args={top_k: 5, top_k: 6}"])
+
+
+def numeric_fields() -> list[tuple[str, dataclasses.Field]]:
+    """Every int / float (or list of them) field of every config section, as ('section.field', field)."""
+    out = []
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for f in dataclasses.fields(cls):
+            if str(f.type) in ("int", "float", "list[int]", "list[float]"):
+                out.append((f"{section.name}.{f.name}", f))
+    return out
+
+
+def test_every_numeric_field_declares_its_range():
+    """Ranges live where the field is declared (`bounded(...)` metadata), so none can be forgotten."""
+    missing = [name for name, f in numeric_fields() if "bounds" not in f.metadata]
+    assert len(numeric_fields()) > 40 and not missing, missing
+
+
+@pytest.mark.parametrize("name", [name for name, _ in numeric_fields()])
+def test_a_value_outside_the_declared_range_names_the_field(name):
+    """Each numeric field refuses a value just outside its range (or NaN) with one error naming it."""
+    field = dict(numeric_fields())[name]
+    b = field.metadata["bounds"]
+    value = b.gt if b.gt is not None else b.ge - 1 if b.ge is not None else b.lt if b.lt is not None else b.le + 1
+    if str(field.type).startswith("list"):
+        value = [value]
+    with pytest.raises(LlmkdError, match=rf"{name.replace('.', '[.]')}(\[0\])?: expected"):
+        load_config(None, [f"{name}={value}"])
+
+
+def test_ranges_hold_when_a_section_is_built_in_code():
+    from llmkd.config import DistillConfig, StudentConfig
+
+    with pytest.raises(LlmkdError, match=r"distill\.batch_size: expected >= 1, got 0"):
+        DistillConfig(batch_size=0)
+    with pytest.raises(LlmkdError, match=r"student\.num_heads: expected >= 1, got 0"):
+        StudentConfig(num_heads=0)
+    with pytest.raises(LlmkdError, match=r"distill\.lr: expected > 0, got nan"):
+        DistillConfig(lr=float("nan"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["distill.kd_loss=infonce", "distill.kd_top_k=5", "distill.kd_args={positives: 6}"],
+    ["distill.kd_loss=infonce", "distill.kd_top_k=1", "distill.kd_args={positives: 2}"],
+])
+def test_a_kd_term_that_vanishes_is_refused(overrides):
+    """Settings under which the KD loss is 0 for any scores would train a no-teacher student while
+    claiming KD: refused while the config loads (and accepted once alpha says there is no KD)."""
+    with pytest.raises(LlmkdError, match="distill.kd_loss.*the KD term is 0 whatever the scores"):
+        load_config(None, ["distill.alpha=1", *overrides])
+    assert load_config(None, ["distill.alpha=0", *overrides]).distill.alpha == 0
+    assert load_config(None, ["distill.alpha=1", *overrides[:2], "distill.kd_args={positives: 1}"])
