@@ -4,6 +4,10 @@ Every stage writes one folder. It is built in a temporary sibling and renamed in
 leaves either the previous artifact or the new one, never a half-written one. `meta.json` records the
 stage, its config, the data fingerprint and library versions; readers check it before trusting the
 folder.
+
+A run killed inside `atomic_dir` leaves hidden siblings (`.NAME.tmp-PID`, `.NAME.old-PID`) and, between
+the swap's two renames, no artifact at all; the next run that writes or reads the artifact repairs
+that (`recover`) and says what it did in one line.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import platform
 import re
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +29,18 @@ from typing import Any
 META_FILE = "meta.json"
 
 
+SWAP_PAUSE_ENV = "LLMKD_TEST_PAUSE_IN_SWAP"
+"""Test hook: a file path. `atomic_dir` writes it between the two renames of a swap, then sleeps, so a
+test can kill the process exactly there."""
+
+
 class LlmkdError(Exception):
     """A problem with the user's input (file, field, config or artifact); printed as one line."""
+
+
+def notice(message: str) -> None:
+    """One line to stderr about something the run did on the user's behalf (a recovery, a lock)."""
+    print(f"llmkd: {message}", file=sys.stderr, flush=True)
 
 
 def library_versions() -> dict[str, str]:
@@ -61,6 +76,7 @@ def write_json(path: Path, obj: Any) -> None:
 def read_meta(folder: str | Path, stage: str) -> dict[str, Any]:
     """Load `folder/meta.json` and check it was written by `stage`."""
     folder = Path(folder)
+    recover_if_needed(folder)
     path = folder / META_FILE
     if not path.is_file():
         raise LlmkdError(f"{folder}: not a {stage} artifact (no {META_FILE}); run the {stage} stage first")
@@ -97,24 +113,88 @@ def require_fingerprint(meta: dict[str, Any], expected: str, folder: str | Path)
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; on success replace `final` with it, on error delete it."""
+    """Yield a temporary sibling of `final`; on success replace `final` with it, on error delete it.
+
+    Holds `final`'s lock throughout (`llmkd.locks`; a stage that took it already keeps it) and first
+    repairs what a killed run left there (`recover`)."""
+    from llmkd.locks import artifact_lock  # locks imports this module
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+    with artifact_lock(final):
+        recover(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():  # an earlier process with this pid
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if final.exists():
+            final.rename(old)
+            _pause_for_tests(final)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+
+
+def _pause_for_tests(final: Path) -> None:
+    """The `SWAP_PAUSE_ENV` test hook: between the two renames, signal and sleep."""
+    signal = os.environ.get(SWAP_PAUSE_ENV)
+    if signal:
+        Path(signal).write_text(str(final), encoding="utf-8")
+        time.sleep(600)
+
+
+def leftovers(final: str | Path) -> list[tuple[str, int, Path]]:
+    """What killed runs of `atomic_dir(final)` left beside it: (kind 'tmp' or 'old', pid, path), by pid;
+    never this process's own (a read inside its `atomic_dir` block must not touch its `.tmp-`)."""
+    final = Path(final)
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)$")
+    if not final.parent.is_dir():
+        return []
+    found = [(m[1], int(m[2]), p) for p in final.parent.iterdir()
+             if (m := pattern.match(p.name)) and int(m[2]) != os.getpid()]
+    return sorted(found, key=lambda x: (x[1], x[0]))
+
+
+def recover(final: str | Path) -> None:
+    """Repair `final` after a run killed inside `atomic_dir` (call it holding `final`'s lock).
+
+    `.old-PID` is the previous artifact, moved aside by run PID just before it renamed its finished
+    `.tmp-PID` into place. Without `final`, the swap was cut between the two renames: it is finished
+    (the `.tmp-PID` of the same run is complete) or, failing that, undone (`.old-PID` restored). Every
+    other `.tmp-` is a half-written artifact and every other `.old-` a swap whose clean-up was cut: both
+    are removed. One line says what was done."""
+    final = Path(final)
+    found = leftovers(final)
+    if not found:
+        return
+    done = []
+    tmps = {pid: path for kind, pid, path in found if kind == "tmp"}
+    for kind, pid, path in found:
+        if kind == "old" and not final.exists():
+            source = tmps.pop(pid, None) or path
+            source.rename(final)
+            done.append(f"finished the swap of pid {pid} (killed between its renames)" if source != path else
+                        f"restored the previous artifact (pid {pid} was killed between its renames)")
+    for kind, pid, path in found:
+        if path.exists() and path != final:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}")
+    notice(f"{final}: recovered from an interrupted write: " + "; ".join(done))
+
+
+def recover_if_needed(final: str | Path) -> None:
+    """`recover` for a reader: only when leftovers are there and no other run is writing `final` now."""
+    from llmkd.locks import artifact_lock  # locks imports this module
+
+    if leftovers(final):
+        with contextlib.suppress(LlmkdError), artifact_lock(final, wait=0):
+            recover(final)
 
 
 class StageTimer:

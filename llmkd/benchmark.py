@@ -17,6 +17,7 @@ from llmkd.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
 from llmkd.evaluate import evaluate_scores, paired_bootstrap, popularity_scorer, summarize
+from llmkd.locks import locked
 from llmkd.recipe import NO_TEACHER_OVERRIDES, train_many
 from llmkd.report import SPLITS, load_student, student_scorer
 from llmkd.reuse import reuse, runs_in
@@ -32,6 +33,7 @@ def variant_config(cfg: Config, name: str, overrides: list[str], seed: int) -> C
     return from_dict(Config, raw)
 
 
+@locked(lambda a: Path(a["cfg"].out_dir) / a["report"])
 def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | None = None,
               aliases: dict[tuple[str, int], list[str]] | None = None, report: str = "seeds_report",
               jobs: int = 1, reuse_from: list[Path] = ()) -> dict:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from llmkd.artifacts import LlmkdError
 from llmkd.config import Config, load_config
+from llmkd.locks import WAIT_ENV
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -19,10 +20,17 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set distill.alpha=0 (repeatable)")
     p.add_argument("--recipe", default=None, metavar="YAML",
                    help="a distillation recipe (scripts/tune.py writes <out_dir>/tune/recipe.yaml), laid over --config")
+    p.add_argument("--wait-lock", nargs="?", const="inf", default=None, metavar="SECONDS",
+                   help="when another run is writing an artifact this run writes, wait for it (for SECONDS, or "
+                        "as long as it takes) instead of stopping at once; sets LLMKD_WAIT_LOCK")
     return p
 
 
 def config_from(args: argparse.Namespace) -> Config:
+    """The config the arguments describe; `--wait-lock` goes to the environment, where every process of
+    the run (workers, `accelerate launch` ranks) reads it (`llmkd.locks`)."""
+    if getattr(args, "wait_lock", None) is not None:
+        os.environ[WAIT_ENV] = args.wait_lock
     return load_config(args.config, args.overrides, args.recipe)
 
 

@@ -26,6 +26,7 @@ from llmkd.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.index import build_index, search
+from llmkd.locks import locked
 from llmkd.report import load_student
 from llmkd.teacher import TeacherCache, TextEncoder, adapter_path, item_prompts, user_prompt
 
@@ -134,6 +135,7 @@ def cold_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+@locked(lambda a: Path(a["cfg"].out_dir) / "cold_start")
 def run_cold_start(cfg: Config, students: list[str]) -> dict:
     result = cold_start_eval(cfg, students)
     md = cold_markdown(result)

@@ -33,6 +33,7 @@ from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, readin
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import mask_seen, metrics_from_ranks, nonfinite_rows, target_ranks
+from llmkd.locks import main_process_lock
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 from llmkd.windows import get_dataloaders, trim_padding
@@ -244,11 +245,18 @@ def run_key(cfg: Config, data_fingerprint: str) -> str:
 
 
 def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dict:
-    """Train one student (KD when alpha > 0) and export the best valid epoch to `out_dir/<name>`."""
+    """Train one student (KD when alpha > 0) and export the best valid epoch to `out_dir/<name>`, holding
+    the student's lock: it covers `checkpoints/<name>/` too, which another run would delete or resume."""
+    accelerator = make_accelerator(cfg, Path(cfg.out_dir) / "checkpoints" / cfg.distill.name)
+    with main_process_lock(accelerator, Path(cfg.out_dir) / cfg.distill.name):
+        return _train(cfg, accelerator, resume, get_loaders)
+
+
+def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> dict:
+    """`train`, under the lock."""
     out = Path(cfg.out_dir)
     dc = cfg.distill
     ckpt_dir = out / "checkpoints" / dc.name
-    accelerator = make_accelerator(cfg, ckpt_dir)
     set_seed(dc.seed)
     data = load_data(out / "data")
     teacher = TeacherCache(out / dc.teacher, data) if cfg.uses_teacher else None

@@ -25,6 +25,7 @@ from llmkd.benchmark import run_seeds, variant_config
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap
+from llmkd.locks import locked
 from llmkd.recipe import FAMILIES, NO_TEACHER_OVERRIDES, run_search
 from llmkd.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
@@ -213,6 +214,7 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
     return "\n".join(lines)
 
 
+@locked(lambda a: Path(a["cfg"].out_dir) / "kd_benchmark")
 def run_kd_benchmark(cfg: Config, seeds: list[int], families: dict | None = None, search_seed: int | None = None,
                      peer: tuple[str, float] = ("SASRec (RecBole, docs/peers.md)", 0.0959), jobs: int = 1,
                      budget_s: float | None = None, ratio: tuple[float, float] = (1.10, 1.20)) -> dict:

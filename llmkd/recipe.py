@@ -38,6 +38,7 @@ from llmkd.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
 from llmkd.distill import train
+from llmkd.locks import locked
 from llmkd.reuse import reuse
 
 NO_TEACHER = "no_teacher"
@@ -139,6 +140,7 @@ def recipe_fragment(overrides: list[str]) -> dict:
     return apply_overrides({}, overrides)
 
 
+@locked(lambda a: Path(a["cfg"].out_dir) / a["folder"])
 def run_search(cfg: Config, families: dict | None = None, budget_s: float | None = None, jobs: int = 1,
                seed: int | None = None, folder: str = "tune", train_fn=None) -> dict:
     """Search the candidates on valid within `budget_s` seconds (None = no limit); write the report and

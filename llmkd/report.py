@@ -30,6 +30,7 @@ from llmkd.evaluate import (
     summarize,
 )
 from llmkd.index import load_index, search
+from llmkd.locks import locked
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 
@@ -114,6 +115,7 @@ def teacher_label(folder: str) -> str:
     return "teacher" if folder == "teacher" else f"teacher ({folder})"
 
 
+@locked(lambda a: Path(a["cfg"].out_dir) / "eval")
 def run_evaluation(cfg: Config) -> dict:
     """Evaluate popularity, the teacher (`distill.teacher`), each student exactly, and the indexed student through FAISS."""
     out = Path(cfg.out_dir)

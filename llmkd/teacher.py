@@ -41,6 +41,7 @@ from llmkd.artifacts import (
 )
 from llmkd.config import TeacherConfig
 from llmkd.data import RecData
+from llmkd.locks import locked
 
 STATES = {
     "kd": "history = train[:-1]; its next item (the last train item) is the KD positive",
@@ -302,6 +303,7 @@ def cache_key_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in NOT_CACHED}
 
 
+@locked(lambda a: a["folder"])
 def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, force: bool = False,
                         adapter: Path | None = None, also: list[Path] = ()) -> dict:
     """Encode items and users at every state (and KD positions). Reuse `folder` when its inputs (model and

@@ -6,6 +6,7 @@ from llmkd.artifacts import StageTimer
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.index import build_index, save_index
+from llmkd.locks import artifact_lock
 from llmkd.report import load_student
 
 
@@ -15,11 +16,12 @@ def main() -> None:
     args = p.parse_args()
     cfg = config_from(args)
     out = Path(cfg.out_dir)
-    data = load_data(out / "data")
-    with StageTimer() as timer:
-        model = load_student(out / args.student, data)
-        index = build_index(model.item_vectors().detach().numpy(), cfg.index)
-    save_index(index, data.item_ids, out / "index", cfg.index, data.fingerprint, args.student, timer)
+    with artifact_lock(out / "index"):
+        data = load_data(out / "data")
+        with StageTimer() as timer:
+            model = load_student(out / args.student, data)
+            index = build_index(model.item_vectors().detach().numpy(), cfg.index)
+        save_index(index, data.item_ids, out / "index", cfg.index, data.fingerprint, args.student, timer)
     print(f"index: {cfg.index.type}, {index.ntotal} items x {index.d} dims from {args.student} -> {out / 'index'}")
 
 

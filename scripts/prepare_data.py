@@ -5,14 +5,15 @@ from pathlib import Path
 from llmkd.artifacts import StageTimer
 from llmkd.cli import config_from, parser, run
 from llmkd.data import build_data, save_data, split_checksums
+from llmkd.locks import artifact_lock
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
     cfg = config_from(args)
-    with StageTimer() as timer:
+    with artifact_lock(Path(cfg.out_dir) / "data"), StageTimer() as timer:
         data = build_data(cfg.data)
-    save_data(data, Path(cfg.out_dir) / "data", cfg.data, timer)
+        save_data(data, Path(cfg.out_dir) / "data", cfg.data, timer)
     print(f"data: {data.num_users} users, {data.num_items} items, "
           f"{sum(len(t) for t in data.train)} train interactions -> {Path(cfg.out_dir) / 'data'}")
     print(f"split sha256: {split_checksums(data)}")
