@@ -137,7 +137,22 @@ def _require_columns(columns: Sequence[str], required: Sequence[str], path: Path
         raise LlmkdError(f"{path}: missing column(s) {missing}; found {found}{hint}")
 
 
+def _require_scalars(col: pd.Series, field: str, path: Path | str) -> None:
+    """Refuse a nested object or list in a column of ids or timestamps (JSONL / Parquet): turned into
+    text it would be a new id (or no time at all), silently."""
+    if col.dtype != object:
+        return
+    nested = col.map(lambda v: isinstance(v, (dict, list, tuple, np.ndarray))).to_numpy(dtype=bool)
+    if nested.any():
+        row = int(np.flatnonzero(nested)[0])
+        value = col.iloc[row]
+        kind = "a nested object" if isinstance(value, dict) else "a list"
+        shown = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+        raise LlmkdError(f"{path}: row {row + 1}: field '{field}' is {kind} ({shown[:60]}); expected a single value")
+
+
 def _as_ids(col: pd.Series, field: str, path: Path | str) -> pd.Series:
+    _require_scalars(col, field, path)
     ids = col.astype("string").str.strip()
     bad = ids.isna() | (ids == "") | (ids.str.lower() == "nan")
     if bad.any():
@@ -153,15 +168,43 @@ def load_interactions(path: str | Path) -> pd.DataFrame:
     if len(df) == 0:
         raise LlmkdError(f"{path}: no interactions")
     out = pd.DataFrame({"user_id": _as_ids(df["user_id"], "user_id", path), "item_id": _as_ids(df["item_id"], "item_id", path)})
-    ts = pd.to_numeric(df["timestamp"], errors="coerce")
-    bad = ts.isna() | ~np.isfinite(ts.to_numpy(dtype=float, na_value=np.nan))
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise LlmkdError(
-            f"{path}: row {row + 1}: field 'timestamp' is {df['timestamp'].iloc[row]!r}; expected a number"
-        )
-    out["timestamp"] = ts.to_numpy(dtype=np.float64)
+    out["timestamp"] = as_seconds(df["timestamp"], path)
     return out
+
+
+def as_seconds(col: pd.Series, path: Path | str) -> np.ndarray:
+    """Timestamps -> (n,) float64 seconds. One rule for every format: a file's timestamps are all numbers
+    (any finite value, e.g. Unix seconds) or all ISO-8601 date-times (text, or a Parquet / JSONL datetime
+    column); a date-time without an offset is UTC. Row 1 says which; a row of the other kind is an error."""
+    _require_scalars(col, "timestamp", path)
+    if pd.api.types.is_datetime64_any_dtype(col):
+        dates = col.dt.tz_localize("UTC") if col.dt.tz is None else col
+        return _seconds_since_epoch(dates, col, path, "a date-time")
+    numbers = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    if np.isfinite(numbers[0]):
+        bad = ~np.isfinite(numbers)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise LlmkdError(f"{path}: row {row + 1}: field 'timestamp' is {col.iloc[row]!r}; expected a number "
+                             f"like row 1 ({TIMESTAMP_RULE})")
+        return numbers
+    dates = pd.to_datetime(col.astype("string"), format="ISO8601", utc=True, errors="coerce")
+    dates[np.isfinite(numbers)] = pd.NaT  # a bare number is not a date-time here (pandas would read '1002' as a year)
+    first = "a number or an ISO-8601 date-time" if pd.isna(dates.iloc[0]) else "an ISO-8601 date-time like row 1"
+    return _seconds_since_epoch(dates, col, path, first)
+
+
+TIMESTAMP_RULE = "a file's timestamps are all numbers or all ISO-8601 date-times"
+
+
+def _seconds_since_epoch(dates: pd.Series, raw: pd.Series, path: Path | str, expected: str) -> np.ndarray:
+    """UTC datetimes -> float64 seconds since 1970-01-01; a missing one (NaT) is an error naming its row."""
+    bad = dates.isna().to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise LlmkdError(f"{path}: row {row + 1}: field 'timestamp' is {raw.iloc[row]!r}; expected {expected} "
+                         f"({TIMESTAMP_RULE})")
+    return ((dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
 
 
 def render_texts(items: pd.DataFrame, template: str, path: Path | str) -> list[str]:
