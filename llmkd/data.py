@@ -396,8 +396,19 @@ def save_data(data: RecData, folder: str | Path, cfg: DataConfig, timer: StageTi
                                                timing=timer.as_dict() if timer else None))
 
 
-def load_data(folder: str | Path) -> RecData:
-    """Read a `data/` artifact."""
+def no_eval_users(data: RecData) -> str | None:
+    """Why `data` has no user to tune or evaluate on (none with 3 interactions), with the counts; else None."""
+    if len(data.eval_users("test")):
+        return None
+    n = sum(len(t) for t in data.train) + int((data.valid_item >= 0).sum()) + int((data.test_item >= 0).sum())
+    return (f"no user has 3 or more interactions ({data.num_users} users, {n} interactions), so no user has a "
+            "valid or test item")
+
+
+def load_data(folder: str | Path, need_eval_users: bool = True) -> RecData:
+    """Read a `data/` artifact. Every stage after the data stage trains or scores against valid and test
+    users, so data without any is refused (one line, rather than a crash later) unless `need_eval_users`
+    is False."""
     folder = Path(folder)
     meta = read_meta(folder, "data")
     with reading(folder / "split.safetensors", "data split"):
@@ -417,6 +428,10 @@ def load_data(folder: str | Path) -> RecData:
             data.cold_item_ids = [r["item_id"] for r in rows]
             data.cold_item_texts = [r["text"] for r in rows]
             data.cold_item_users = [r["users"] for r in rows]
+    why = no_eval_users(data) if need_eval_users else None
+    if why:
+        raise LlmkdError(f"{folder}: {why}; the teacher, LoRA tuning, distillation and evaluation need some "
+                         "(a user's last two interactions are held out)")
     return data
 
 

@@ -320,3 +320,22 @@ def test_cold_items_are_withheld_from_every_split(synthetic, synthetic_data, tmp
 def test_cold_fraction_that_leaves_no_cold_or_no_warm_item_is_refused(synthetic, fraction):
     with pytest.raises(LlmkdError, match="expected at least one cold and one warm item"):
         build_data(synthetic.data_config(cold_items=fraction))
+
+
+def test_data_without_evaluation_users_is_refused_by_later_stages(tmp_path):
+    """No user with 3 interactions: the split saves (the data stage warns), but reading it back for a
+    later stage is one error with the counts, not a crash on an empty valid split."""
+    from llmkd.data import no_eval_users
+
+    inter = tmp_path / "inter.csv"
+    inter.write_text("user_id,item_id,timestamp\n1,a,1\n1,b,2\n2,a,1\n", encoding="utf-8")
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\na,A\nb,B\n", encoding="utf-8")
+    cfg = DataConfig(source="files", interactions=str(inter), items=str(items))
+    data = build_data(cfg)
+    assert no_eval_users(data) == ("no user has 3 or more interactions (2 users, 3 interactions), so no user has a "
+                                   "valid or test item")
+    save_data(data, tmp_path / "data", cfg)
+    with pytest.raises(LlmkdError, match=r"data: no user has 3 or more interactions \(2 users, 3 interactions\)"):
+        load_data(tmp_path / "data")
+    assert load_data(tmp_path / "data", need_eval_users=False).num_users == 2
