@@ -10,6 +10,7 @@ from collections.abc import Callable
 from llmkd.artifacts import LlmkdError
 from llmkd.config import Config, load_config
 from llmkd.locks import WAIT_ENV
+from llmkd.paths import folder_or_nothing
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -31,7 +32,9 @@ def config_from(args: argparse.Namespace) -> Config:
     the run (workers, `accelerate launch` ranks) reads it (`llmkd.locks`)."""
     if getattr(args, "wait_lock", None) is not None:
         os.environ[WAIT_ENV] = args.wait_lock
-    return load_config(args.config, args.overrides, args.recipe)
+    cfg = load_config(args.config, args.overrides, args.recipe)
+    folder_or_nothing(cfg.out_dir, "out_dir")  # a file there would fail deep in mkdir
+    return cfg
 
 
 def run(main: Callable[[], object]) -> None:

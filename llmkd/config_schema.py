@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from llmkd.artifacts import LlmkdError
+from llmkd.paths import readable_file
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -148,9 +149,7 @@ def from_dict(cls: type, raw: Any, where: str = "config") -> Any:
 
 def read_yaml_mapping(path: str | Path, what: str, missing_hint: str = "") -> dict[str, Any]:
     """A YAML file whose top level is a mapping; a missing file or bad YAML is one error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise LlmkdError(f"{path}: {what} file not found{missing_hint}")
+    path = readable_file(path, f"{what} file", missing_hint)
     try:
         raw = strict_load(path.read_text(encoding="utf-8")) or {}
     except DuplicateKeyError as e:

@@ -39,6 +39,7 @@ from llmkd.artifacts import (
     write_json,
 )
 from llmkd.config import DataConfig
+from llmkd.paths import readable_file
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ML100K_ITEM_COLUMNS = {"movie_title": "title", "release_year": "year", "class": "genres"}
@@ -63,9 +64,7 @@ def read_table(path: str | Path, required: Sequence[str] = ()) -> pd.DataFrame:
     `required` columns are checked on a CSV's header before the file is parsed (a big file with the
     wrong delimiter fails at once), and on every format's columns after.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LlmkdError(f"{path}: file not found")
+    path = readable_file(path)
     suffix = ".tsv" if path.name.endswith(".inter") or path.name.endswith(".item") else path.suffix.lower()
     fmt = FORMATS.get(suffix)
     if fmt is None:
