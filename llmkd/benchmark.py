@@ -55,7 +55,7 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
         per_user[name] = {}
         for seed in seeds:
             vcfg = variant_config(cfg, name, overrides, seed)
-            model = load_student(out / vcfg.distill.name, data)
+            model = load_student(out / vcfg.distill.name, data, out)
             fn = student_scorer(model, data)
             per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size, name=f"{name} seed {seed}")
                                     for s in SPLITS}

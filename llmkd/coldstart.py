@@ -96,7 +96,7 @@ def cold_start_eval(cfg: Config, students: list[str], ks: tuple[int, ...] = (10,
 
     add("teacher", t_user, t_warm, t_cold)
     for name in students:
-        model = load_student(out / name, data)
+        model = load_student(out / name, data, out)
         proj = model.item_tower.content_proj
         if proj is None:
             raise LlmkdError(f"{out / name}: the student has no content projection (student.content_features: false), "

@@ -33,6 +33,7 @@ from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, readin
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import mask_seen, metrics_from_ranks, nonfinite_rows, target_ranks
+from llmkd.lineage import fingerprint, input_record
 from llmkd.locks import main_process_lock
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
@@ -259,7 +260,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
     ckpt_dir = out / "checkpoints" / dc.name
     set_seed(dc.seed)
     data = load_data(out / "data")
-    teacher = TeacherCache(out / dc.teacher, data) if cfg.uses_teacher else None
+    teacher = TeacherCache(out / dc.teacher, data) if cfg.uses_teacher else None  # its lineage checked too
     content_dim = teacher.item_emb.shape[1] if teacher is not None and cfg.student.content_features else 0
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:
@@ -341,6 +342,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
         net = TwoTower.from_pretrained(ckpt_dir / "best")
         meta = new_meta("student", cfg.to_dict(), data.fingerprint, **result,
                         teacher_fingerprint=teacher_fingerprint(out / dc.teacher) if cfg.uses_teacher else None,
+                        inputs={"teacher": input_record(out, out / dc.teacher)} if cfg.uses_teacher else {},
                         num_parameters=net.num_parameters(), num_processes=accelerator.num_processes,
                         distributed_type=str(accelerator.distributed_type), timing=timer.as_dict())
         with atomic_dir(out / dc.name) as tmp:
@@ -352,8 +354,8 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
 
 
 def teacher_fingerprint(folder: Path) -> str:
-    """A short hash of a teacher cache's meta.json: changes whenever the cache is rebuilt."""
-    return hashlib.sha256((folder / "meta.json").read_bytes()).hexdigest()[:16]
+    """A short hash of a teacher cache's meta.json: changes whenever the cache is rebuilt (`llmkd.lineage`)."""
+    return fingerprint(folder)
 
 
 def end_epoch(state: dict, metrics: dict[str, float], epoch: int, seconds: float) -> None:

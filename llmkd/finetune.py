@@ -29,6 +29,7 @@ from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_m
 from llmkd.config import Config
 from llmkd.data import RecData
 from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
+from llmkd.lineage import files_load
 from llmkd.locks import main_process_lock
 from llmkd.teacher import TextEncoder, item_prompts, model_fingerprint, resolve_model_path, user_prompt
 
@@ -125,15 +126,15 @@ def tuning_key(data: RecData, cfg: Config) -> dict:
 
 def finetune_teacher(data: RecData, cfg: Config, force: bool = False) -> dict:
     """Train a LoRA adapter for the teacher and export the best valid step to `<out_dir>/<finetune.output>`;
-    reuse the adapter already there when `tuning_key` matches (unless `force`). Holds the adapter's lock
-    throughout."""
+    reuse the adapter already there when `tuning_key` matches and its files load (unless `force`). Holds
+    the adapter's lock throughout."""
     out = Path(cfg.out_dir) / cfg.finetune.output
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with main_process_lock(accelerator, out):
         key = tuning_key(data, cfg)
         if not force and (out / "meta.json").is_file():
             meta = read_meta(out, "teacher_lora")
-            if meta.get("key") == key and (out / "adapter_model.safetensors").is_file():
+            if meta.get("key") == key and (out / "adapter_model.safetensors").is_file() and files_load(out):
                 return {"reused": True, **meta}
         return _tune(data, cfg, accelerator, key, out)
 

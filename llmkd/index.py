@@ -14,6 +14,7 @@ import numpy as np
 
 from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, reading, write_json
 from llmkd.config import IndexConfig
+from llmkd.lineage import input_record
 
 
 def build_index(xb: np.ndarray, cfg: IndexConfig) -> faiss.Index:
@@ -43,11 +44,15 @@ def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 def save_index(index: faiss.Index, item_ids: list[str], folder: str | Path, cfg: IndexConfig,
                data_fingerprint: str, student: str, timer: StageTimer | None = None) -> None:
-    """Write `index/` atomically."""
+    """Write `index/` atomically; `student` names the student folder beside it (in out_dir), whose
+    fingerprint is recorded when it is there (`llmkd.lineage`)."""
+    source = Path(folder).parent / student
+    inputs = {"student": input_record(Path(folder).parent, source)} if (source / "meta.json").is_file() else {}
     with atomic_dir(folder) as tmp:
         faiss.write_index(index, str(tmp / "faiss.index"))
         write_json(tmp / "item_ids.json", item_ids)
         write_json(tmp / "meta.json", new_meta("index", asdict(cfg), data_fingerprint, student=student,
+                                               inputs=inputs,
                                                ntotal=int(index.ntotal), dim=int(index.d),
                                                timing=timer.as_dict() if timer else None))
 

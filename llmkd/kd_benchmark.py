@@ -94,7 +94,7 @@ def diagnostics(cfg: Config, data: RecData, variants: dict[str, list[str]], seed
     for name, overrides in variants.items():
         vals = []
         for seed in seeds:
-            model = load_student(out / variant_config(cfg, name, overrides, seed).distill.name, data)
+            model = load_student(out / variant_config(cfg, name, overrides, seed).distill.name, data, out)
             vals.append(overlap_at_k(t_top, topk_lists(data, "test", student_scorer(model, data))))
         overlap[name] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
     a = np.mean([per_user[best][s]["test"]["ndcg@10"] for s in seeds], 0)
@@ -139,7 +139,7 @@ def teacher_headroom(cfg: Config, data: RecData, variants: dict[str, list[str]],
     for name in systems:
         chosen, per_user = [], {"valid": [], "test": []}
         for seed in seeds:
-            model = load_student(out / variant_config(cfg, name, variants[name], seed).distill.name, data)
+            model = load_student(out / variant_config(cfg, name, variants[name], seed).distill.name, data, out)
             scorer = student_scorer(model, data)
             s = {split: standardize(scorer(u, split).float()) for split, u in users.items()}
 

@@ -47,7 +47,7 @@ def teacher_recommender(cfg: Config, data: RecData, k: int) -> tuple[Recommender
 def student_recommender(cfg: Config, data: RecData, k: int, student: str) -> tuple[Recommender, int]:
     """The student as an online recommender (user tower -> FAISS top K over its item vectors, both
     computed once ahead of serving)."""
-    model = load_student(Path(cfg.out_dir) / student, data)
+    model = load_student(Path(cfg.out_dir) / student, data, Path(cfg.out_dir))
     with torch.inference_mode():
         table = model.item_tower().detach()  # (N + 1, d): what the index holds, plus the padding row
     index = build_index(table[: data.num_items].numpy(), cfg.index)

@@ -30,6 +30,7 @@ from llmkd.evaluate import (
     summarize,
 )
 from llmkd.index import load_index, search
+from llmkd.lineage import check_lineage, input_record
 from llmkd.locks import locked
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
@@ -43,9 +44,12 @@ def table_metrics(ks: list[int]) -> list[str]:
     return [f"ndcg@{k0}", *[f"recall@{k}" for k in sorted(ks)], f"mrr@{k0}", *[f"ndcg@{k}" for k in sorted(ks)[1:]]]
 
 
-def load_student(folder: Path, data: RecData) -> TwoTower:
+def load_student(folder: Path, data: RecData, out_dir: Path | None = None) -> TwoTower:
+    """A student made from `data` whose teacher cache (if any) is the one in `out_dir` (default: the
+    student folder's parent) as it was when the student was trained (`llmkd.lineage`)."""
     meta = read_meta(folder, "student")
     require_fingerprint(meta, data.fingerprint, folder)
+    check_lineage(folder, Path(out_dir) if out_dir is not None else Path(folder).parent, data.fingerprint)
     return TwoTower.from_pretrained(folder)
 
 
@@ -62,10 +66,16 @@ def student_scorer(model: TwoTower, data: RecData):
 
 
 def faiss_retriever(model: TwoTower, data: RecData, index_dir: Path):
+    """Top-k retrieval through the index, which must be built from this student as it is now."""
     index, item_ids, meta = load_index(index_dir)
     require_fingerprint(meta, data.fingerprint, index_dir)
+    check_lineage(index_dir, index_dir.parent, data.fingerprint)
     if item_ids != data.item_ids:
         raise LlmkdError(f"{index_dir}: item ids differ from the data artifact's; rebuild the index")
+    if index.d != model.item_vectors().shape[1]:  # an index older than lineage records
+        raise LlmkdError(f"{index_dir}: stale, {index.d}-d vectors but the student {meta['student']} has "
+                         f"{model.item_vectors().shape[1]}; rebuild it: python scripts/build_index.py "
+                         f"--config <config> --student {meta['student']}")
     return lambda users, split, k: search(index, student_user_vectors(model, data, users, split).numpy(), k)[1]
 
 
@@ -126,7 +136,7 @@ def run_evaluation(cfg: Config) -> dict:
         systems = {"popularity": popularity_scorer(data)}
         if (out / teacher).exists():
             systems[teacher_label(teacher)] = TeacherCache(out / teacher, data).scorer()
-        models = {name: load_student(out / name, data) for name in cfg.eval.students}
+        models = {name: load_student(out / name, data, out) for name in cfg.eval.students}
         systems.update({name: student_scorer(m, data) for name, m in models.items()})
         indexed = None  # every input is read (and refused) before any scoring starts
         if (out / "index").exists() and models:
@@ -165,8 +175,10 @@ def run_evaluation(cfg: Config) -> dict:
         (tmp / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
         if models:
             plot_curves(out, list(models), tmp / "valid_curve.png")
+        used = [*([teacher] if teacher_label(teacher) in systems else []), *models, *(["index"] if indexed else [])]
+        inputs = {name: input_record(out, out / name) for name in used}
         write_json(tmp / "meta.json", new_meta("eval", cfg.to_dict(), data.fingerprint, protocol=protocol,
-                                               timing=timer.as_dict()))
+                                               inputs=inputs, timing=timer.as_dict()))
     return {"metrics": metrics, "paired": paired, "protocol": protocol, "markdown": "\n".join(md)}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from llmkd.artifacts import LlmkdError, atomic_dir
 from llmkd.config import Config, from_dict
 from llmkd.distill import teacher_fingerprint
+from llmkd.lineage import files_load
 
 TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
 
@@ -32,9 +33,9 @@ def training_key(cfg: Config) -> dict:
 
 def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
     """A finished student in `folder` trained with the same training key on this data (and, if it learns
-    from a teacher, from the same teacher cache) can stand for a run of `cfg`. Config fields added
-    since it was trained take their defaults."""
-    if not (folder / "meta.json").is_file():
+    from a teacher, from the same teacher cache) can stand for a run of `cfg`, if its files load. Config
+    fields added since it was trained take their defaults."""
+    if not (folder / "meta.json").is_file() or not (folder / "model.safetensors").is_file() or not files_load(folder):
         return False
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     try:

@@ -41,6 +41,7 @@ from llmkd.artifacts import (
 )
 from llmkd.config import TeacherConfig
 from llmkd.data import RecData
+from llmkd.lineage import check_lineage, files_load, input_record
 from llmkd.locks import locked
 
 STATES = {
@@ -81,7 +82,7 @@ def convert_gguf(gguf: Path) -> Path:
             raise LlmkdError(f"teacher.model {gguf}: not a GGUF file (bad magic bytes)")
     st = gguf.stat()
     folder = cache_root() / f"{gguf.stem}-{hashlib.sha256(f'{gguf.resolve()}:{st.st_size}'.encode()).hexdigest()[:12]}"
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file() and files_load(folder):
         return folder
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -315,8 +316,13 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
            "adapter_fingerprint": model_fingerprint(str(adapter)) if adapter else None,
            "data_fingerprint": data.fingerprint}
 
+    if adapter is not None:  # an adapter tuned on other data, or on data rebuilt since, is refused
+        check_lineage(adapter, folder.parent, data.fingerprint)
+
     def matches(candidate: Path) -> dict | None:
         if not (candidate / "meta.json").is_file() or not (candidate / "embeddings.safetensors").is_file():
+            return None
+        if not files_load(candidate):  # truncated or corrupt: rebuilt, never reused
             return None
         meta = read_meta(candidate, "teacher")
         found = {**meta, "config": cache_key_config(meta.get("config") or {})}
@@ -346,6 +352,7 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
     meta = new_meta("teacher", asdict(cfg), data.fingerprint, model_path=path,
                     model_fingerprint=key["model_fingerprint"], adapter=str(adapter) if adapter else None,
                     adapter_fingerprint=key["adapter_fingerprint"], pooling=encoder.pooling,
+                    inputs={"adapter": input_record(folder.parent, adapter)} if adapter else {},
                     num_parameters=encoder.num_parameters(), dim=encoder.dim, states=STATES,
                     timing=timer.as_dict())
     with atomic_dir(folder) as tmp:
@@ -362,6 +369,7 @@ class TeacherCache:
         self.meta = read_meta(self.folder, "teacher")
         if data is not None:
             require_fingerprint(self.meta, data.fingerprint, self.folder)
+            check_lineage(self.folder, self.folder.parent, data.fingerprint)
         path = self.folder / "embeddings.safetensors"
         with reading(path, "teacher cache"):
             self.arrays = {k: torch.as_tensor(v) for k, v in load_file(str(path)).items()}

@@ -19,7 +19,7 @@ def main() -> None:
     with artifact_lock(out / "index"):
         data = load_data(out / "data")
         with StageTimer() as timer:
-            model = load_student(out / args.student, data)
+            model = load_student(out / args.student, data, out)
             index = build_index(model.item_vectors().detach().numpy(), cfg.index)
         save_index(index, data.item_ids, out / "index", cfg.index, data.fingerprint, args.student, timer)
     print(f"index: {cfg.index.type}, {index.ntotal} items x {index.d} dims from {args.student} -> {out / 'index'}")

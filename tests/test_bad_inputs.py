@@ -81,7 +81,9 @@ def write_yaml(path: Path, cfg: dict) -> Path:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A finished run (`run/`: data, teacher, student_kd, index) and a teacher cache of other data."""
+    """A finished run (`run/`: data, teacher, student_kd, index), a teacher cache of other data, and two
+    students trained after the index was built (`run/student_retrained`: the same settings, another seed;
+    `run/student_dim16`: another dimension), to stand for a student_kd retrained since."""
 
     root: Path
     run: Path
@@ -115,6 +117,11 @@ def pipeline(tmp_path_factory, tiny_bert) -> Pipeline:
     model = load_student(run / "student_kd", data)
     index = build_index(model.item_vectors().detach().numpy(), cfg.index)
     save_index(index, data.item_ids, run / "index", cfg.index, data.fingerprint, "student_kd")
+    for name, more in (("student_retrained", {"seed": 1}), ("student_dim16", {})):
+        again = json.loads(json.dumps(raw))
+        again["distill"].update(name=name, **more)
+        again["student"]["dim"] = 16 if name == "student_dim16" else again["student"]["dim"]
+        train(from_dict(Config, again))
     other = from_dict(Config, base_config(root / "other", interactions=BAD / "inter_short_users.csv",
                                           teacher=str(tiny_bert)))
     build_teacher_cache(build_data(other.data), other.teacher, root / "other" / "teacher")
@@ -268,6 +275,30 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def retrained_student(name: str) -> Callable[[Path, Pipeline], None]:
+    """student_kd replaced by a student trained after the index was built (`Pipeline`)."""
+    def break_it(run: Path, p: Pipeline) -> None:
+        shutil.rmtree(run / "student_kd")
+        shutil.copytree(p.run / name, run / "student_kd")
+
+    return break_it
+
+
+def legacy_index_of_student_with_other_dim(run: Path, p: Pipeline) -> None:
+    """student_kd retrained with another dimension under an index made before lineage was recorded."""
+    retrained_student("student_dim16")(run, p)
+    meta = json.loads((run / "index" / "meta.json").read_text())
+    del meta["inputs"]
+    (run / "index" / "meta.json").write_text(json.dumps(meta))
+
+
+def rebuilt_teacher(run: Path, p: Pipeline) -> None:
+    """The teacher cache rebuilt after student_kd was trained (a rebuild writes a new meta.json)."""
+    meta = json.loads((run / "teacher" / "meta.json").read_text())
+    meta["created"] = "2099-01-01T00:00:00+0000"
+    (run / "teacher" / "meta.json").write_text(json.dumps(meta))
+
+
 def other_teacher(run: Path, p: Pipeline) -> None:
     shutil.copytree(p.other_teacher, run / "teacher")
 
@@ -383,6 +414,22 @@ CASES = [
                   break_it=lambda run, p: truncate(run / "teacher" / "embeddings.safetensors")),
     artifact_case("teacher_cache_of_other_data", "distill.py", "teacher", "made from other data", "student_new",
                   keep=("data",), break_it=other_teacher, **{"distill.name": "student_new"}),
+    # stale artifacts: an input was rebuilt after them
+    artifact_case("index_of_retrained_student", "evaluate.py", "/index: stale, built from",
+                  "rebuild it: python scripts/build_index.py --config <config> --student student_kd", "eval",
+                  keep=("data", "teacher", "student_kd", "index"), break_it=retrained_student("student_retrained")),
+    artifact_case("index_of_student_with_other_dim", "evaluate.py", "/index: stale, built from",
+                  "rebuild it: python scripts/build_index.py", "eval",
+                  keep=("data", "teacher", "student_kd", "index"), break_it=retrained_student("student_dim16")),
+    artifact_case("legacy_index_of_student_with_other_dim", "evaluate.py", "/index: stale, 8-d vectors",
+                  "student student_kd has 16; rebuild it: python scripts/build_index.py", "eval",
+                  keep=("data", "teacher", "student_kd", "index"), break_it=legacy_index_of_student_with_other_dim),
+    artifact_case("student_of_rebuilt_teacher", "build_index.py", "/student_kd: stale, built from",
+                  "rebuild it: accelerate launch scripts/distill.py --config <config> --set distill.name=student_kd",
+                  "index", keep=("data", "teacher", "student_kd"), break_it=rebuilt_teacher),
+    artifact_case("eval_of_student_of_rebuilt_teacher", "evaluate.py", "/student_kd: stale, built from",
+                  "before that teacher was rebuilt", "eval", keep=("data", "teacher", "student_kd", "index"),
+                  break_it=rebuilt_teacher),
 ]
 
 

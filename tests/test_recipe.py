@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import save_file
 
 from llmkd.artifacts import LlmkdError, write_json
 from llmkd.config import Config, DataConfig, load_config
@@ -38,7 +40,8 @@ def fake_score(cfg: Config) -> float:
 
 
 class FakeTrainer:
-    """Writes what `llmkd.distill.train` would leave behind for `reuse` and the search: meta.json."""
+    """Writes what `llmkd.distill.train` would leave behind for `reuse` and the search: meta.json, and
+    weights and config files that load (a student whose files do not load is never reused)."""
 
     def __init__(self, clock: list[float], seconds: float = 10.0) -> None:
         self.clock, self.seconds, self.trained = clock, seconds, []
@@ -53,6 +56,8 @@ class FakeTrainer:
                                                                              .read_text())["data_fingerprint"],
                                               "teacher_fingerprint": teacher_fingerprint(teacher),
                                               "best_valid_ndcg@10": fake_score(cfg), "best_epoch": 3})
+            write_json(folder / "config.json", {})
+            save_file({"w": np.zeros(1, dtype=np.float32)}, str(folder / "model.safetensors"))
             self.trained.append(cfg.distill.name)
         self.clock[0] += self.seconds * -(-len(cfgs) // jobs)  # batches of `jobs` run side by side
 
