@@ -107,7 +107,7 @@ def test_a_kill_between_the_two_renames_is_recovered_by_the_next_run(tmp_path, s
         load_data(run / "data")
     else:
         again = _prepare(_data_config(tmp_path, synthetic, 9))
-        out, err = again.communicate()
+        _, err = again.communicate()
         assert again.returncode == 0, err
         assert err.count(f"recovered from an interrupted write: finished the swap of pid {pid}") == 1, err
     after = json.loads((run / "data" / "meta.json").read_text())

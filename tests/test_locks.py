@@ -65,9 +65,8 @@ def test_a_held_artifact_is_refused_at_once_naming_the_holder(tmp_path, hold):
     folder = tmp_path / "run" / "student_kd"
     proc = hold([folder])
     t0 = time.monotonic()
-    with pytest.raises(LlmkdError) as e:
-        with artifact_lock(folder):
-            pass
+    with pytest.raises(LlmkdError) as e, artifact_lock(folder):
+        pass
     assert time.monotonic() - t0 < 1.0
     msg = str(e.value)
     assert msg.startswith(f"{folder}: in use by pid {proc.pid} on {socket.gethostname()}, since ")
@@ -85,9 +84,8 @@ def test_waiting_for_a_held_artifact(tmp_path, hold, monkeypatch, capsys):
     assert time.monotonic() - t0 > 0.5
     assert capsys.readouterr().err.count("in use by pid") == 1
     monkeypatch.setenv(WAIT_ENV, "soon")
-    with pytest.raises(LlmkdError, match="LLMKD_WAIT_LOCK='soon': expected seconds"):
-        with artifact_lock(folder):
-            pass
+    with pytest.raises(LlmkdError, match="LLMKD_WAIT_LOCK='soon': expected seconds"), artifact_lock(folder):
+        pass
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_and_reported(tmp_path, hold, capsys):
@@ -201,7 +199,7 @@ def test_distill_script_refuses_a_running_student_or_waits_for_it(run_cfg, hold,
     out = Path(cfg.out_dir)
     args = [sys.executable, "scripts/distill.py", "--config", str(config), "--set", "distill.name=student_twice"]
     proc = hold([out / "student_twice"])
-    refused = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.splitlines() == [f"error: {out / 'student_twice'}: in use by pid {proc.pid} on "
                                            + refused.stderr.split(f"pid {proc.pid} on ", 1)[1].strip()]
@@ -210,6 +208,7 @@ def test_distill_script_refuses_a_running_student_or_waits_for_it(run_cfg, hold,
     proc.wait()
 
     hold([out / "student_twice"], seconds=15.0)  # still held when the script reaches the lock
-    waited = subprocess.run([*args, "--wait-lock"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    waited = subprocess.run([*args, "--wait-lock"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=300, check=False)
     assert waited.returncode == 0, waited.stderr
     assert "in use by pid" in waited.stderr and (out / "student_twice" / "model.safetensors").is_file()
