@@ -11,7 +11,8 @@ TUNE_BUDGET ?= 300
 JOBS ?= 1
 # torch 2.13.0 is pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build on Linux.
 TORCH ?= torch==2.13.0
-# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise (without --cpu): give torch every core.
+# `llmkd distill` / `llmkd finetune` launch through Accelerate (options before `--`), which sets
+# OMP_NUM_THREADS=1 unless told otherwise (without --cpu): give torch every core.
 THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 ACCELERATE_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	--num_cpu_threads_per_process $(THREADS)
@@ -39,11 +40,11 @@ install-gpt: install
 
 demo: install
 	$(RUN) scripts/prepare_data.py $(SET)
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
+	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(SET) --set distill.alpha=0 --set distill.name=student_no_kd
+	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(SET) --set distill.alpha=0 --set distill.name=student_no_kd
 	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET)
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(SET) --recipe $(OUT)/tune/recipe.yaml
+	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(SET) --recipe $(OUT)/tune/recipe.yaml
 	$(RUN) scripts/build_index.py $(SET) --student student_kd
 	$(RUN) scripts/evaluate.py $(SET)
 
@@ -51,7 +52,7 @@ demo: install
 # TUNE_BUDGET seconds; writes $(OUT)/tune/recipe.yaml, which `distill.py --recipe` reads.
 tune: install
 	$(RUN) scripts/prepare_data.py $(SET)
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
+	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
 	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET) --jobs $(JOBS)
 
@@ -59,7 +60,7 @@ tune: install
 # (reuses $(OUT)/data, $(OUT)/teacher and the search's runs).
 seeds: install
 	$(RUN) scripts/prepare_data.py $(SET)
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(SET)
+	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
 	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET)
 	$(RUN) scripts/seeds.py $(SET) --seeds $(SEEDS) --recipe $(OUT)/tune/recipe.yaml
@@ -70,7 +71,7 @@ KD_CONFIG ?= configs/ml100k_lora_long.yaml
 KD_SET = --config $(KD_CONFIG)
 benchmark-kd: install
 	$(RUN) scripts/prepare_data.py $(KD_SET)
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(KD_SET)
+	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(KD_SET)
 	$(RUN) scripts/build_teacher.py $(KD_SET)
 	$(RUN) scripts/benchmark_kd.py $(KD_SET) --seeds $(SEEDS) --jobs 2
 	$(RUN) scripts/benchmark_online.py $(KD_SET) --student seeds/content_features_s0 seeds/combined_s0 seeds/student_no_kd_s0
@@ -86,13 +87,13 @@ BEAUTY_FAMILIES ?= content_features user_align item_align listwise_kl ranking_di
 benchmark-beauty: install
 	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
 	$(RUN) scripts/build_teacher.py $(BEAUTY_SET) --zero-shot --name teacher_zero_shot
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(BEAUTY_SET)
+	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(BEAUTY_SET)
 	$(RUN) scripts/build_teacher.py $(BEAUTY_SET)
 	$(RUN) scripts/benchmark_kd.py $(BEAUTY_SET) --seeds $(SEEDS) --jobs 2 --budget $(BEAUTY_BUDGET) \
 		--families $(BEAUTY_FAMILIES) --target 1.25 1.40 --peer "ActionPiece (ICML 2025, docs/peers.md)=0.0424"
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(BEAUTY_SET) --set distill.alpha=0 \
+	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(BEAUTY_SET) --set distill.alpha=0 \
 		--set distill.name=student_no_kd --reuse-from $(BEAUTY_OUT)/kd_benchmark/search/runs
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(BEAUTY_SET) --recipe $(BEAUTY_OUT)/kd_benchmark/search/recipe.yaml
+	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(BEAUTY_SET) --recipe $(BEAUTY_OUT)/kd_benchmark/search/recipe.yaml
 	$(RUN) scripts/build_index.py $(BEAUTY_SET) --student student_kd
 	$(RUN) scripts/evaluate.py $(BEAUTY_SET)
 	cp $(BEAUTY_OUT)/kd_benchmark/summary/results.json results/amazon_beauty_kd_benchmark.json
@@ -103,9 +104,9 @@ benchmark-beauty: install
 COLD_SET = --config configs/ml100k_cold.yaml
 cold-start: install
 	$(RUN) scripts/prepare_data.py $(COLD_SET)
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/finetune_teacher.py $(COLD_SET)
+	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(COLD_SET)
 	$(RUN) scripts/build_teacher.py $(COLD_SET)
-	$(BIN)/accelerate launch $(ACCELERATE_ARGS) scripts/distill.py $(COLD_SET)
+	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(COLD_SET)
 	$(RUN) scripts/cold_start.py $(COLD_SET)
 
 test: install

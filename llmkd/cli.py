@@ -44,5 +44,20 @@ def run(main: Callable[[], object]) -> None:
     try:
         main()
     except LlmkdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(f"error: {e}")
         sys.exit(2)
+
+
+ERROR_FILE_ENV = "LLMKD_ERROR_FILE"
+"""Set by the `llmkd` launcher (`llmkd.commands`): each process appends its error line to this file and the
+launcher prints each distinct line once, so N ranks meeting the same bad config give one line, not N."""
+
+
+def report_error(line: str) -> None:
+    """Print a user error to stderr, or hand it to the `llmkd` launcher when one started this process."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    else:
+        print(line, file=sys.stderr)
