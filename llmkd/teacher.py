@@ -134,6 +134,16 @@ def is_decoder(config) -> bool:
     return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def learned_positions(config) -> int | None:
+    """The positions of a model with learned absolute position embeddings (BERT, GPT-2), past which a text
+    fails deep in torch; None for rotary or relative positions, which have no hard end."""
+    if any(getattr(config, name, None) for name in ("rope_theta", "rope_parameters", "rope_scaling")):
+        return None
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
 class TextEncoder:
     """Embeds texts with a HF model (+ optional PEFT adapter): `encode(texts) -> (n, d) float32`, L2-normalised."""
 
@@ -183,6 +193,11 @@ class TextEncoder:
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids per text, truncated; an empty text keeps one token (EOS or PAD)."""
         enc = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        longest, limit = max(map(len, enc), default=0), learned_positions(self.model.config)
+        if limit is not None and longest > limit:
+            raise LlmkdError(f"{self.path}: a text of {longest} tokens under a budget of {max_length} "
+                             "(teacher.max_item_tokens / teacher.max_history_tokens) is longer than the model's "
+                             f"{limit} positions; set the budget to {limit} or less")
         filler = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
         return [ids if ids else [filler] for ids in enc]
 

@@ -313,3 +313,20 @@ def test_an_old_cache_with_top_k_lists_still_loads_and_is_reused(built_cache, sy
     torch.testing.assert_close(TeacherCache(old, synthetic_data).scorer()(users, "test"),
                                TeacherCache(folder, synthetic_data).scorer()(users, "test"))
     assert build_teacher_cache(synthetic_data, cfg, old)["reused"] is True
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2"])
+def test_a_token_budget_beyond_the_models_positions_is_one_error(model, request):
+    """Learned absolute positions (BERT, GPT-2) end at max_position_embeddings: a longer text would fail deep
+    in torch (index out of range), so a budget that lets one through is an error naming the config fields."""
+    encoder = TextEncoder(str(request.getfixturevalue(model)), device="cpu")
+    long = " ".join(["movie"] * 700)
+    with pytest.raises(LlmkdError, match=r"teacher\.max_item_tokens / teacher\.max_history_tokens.*512 positions"):
+        encoder.encode([long, "short"], 600)
+    assert encoder.encode([long], 512).shape[0] == 1
+    assert encoder.encode(["short"], 600).shape[0] == 1  # within the positions, whatever the budget
+
+
+def test_rotary_positions_are_not_limited_that_way(tiny_llama):
+    encoder = TextEncoder(str(tiny_llama), device="cpu")
+    assert encoder.encode([" ".join(["movie"] * 700)], 600).shape[0] == 1
