@@ -122,6 +122,8 @@ def test_override_errors():
         load_config(None, ["distill.epochs=many"])
     with pytest.raises(LlmkdError):
         load_config(None, ["out_dir.x=1"])  # out_dir is not a section
+    with pytest.raises(LlmkdError, match=r"--set 'distill.kd_args=\{top_k: 5': invalid YAML value"):
+        load_config(None, ["distill.kd_args={top_k: 5"])
 
 
 def test_resolved_config_round_trips():
