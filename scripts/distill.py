@@ -1,8 +1,11 @@
 """Train the two-tower student with Accelerate: hard labels + alpha * KD on the teacher's scores.
 
-    accelerate launch scripts/distill.py --config configs/ml100k.yaml
-    accelerate launch scripts/distill.py --config configs/ml100k.yaml --set distill.alpha=0 --set distill.name=student_no_kd
-    accelerate launch scripts/distill.py --config configs/ml100k.yaml --recipe runs/ml100k/tune/recipe.yaml
+    llmkd distill --config configs/ml100k.yaml
+    llmkd distill --config configs/ml100k.yaml --set distill.alpha=0 --set distill.name=student_no_kd
+    llmkd distill --config configs/ml100k.yaml --recipe runs/ml100k/tune/recipe.yaml
+
+(`llmkd distill [accelerate launch options --] ...` launches this script through Accelerate and keeps a
+user error to one line and exit status 2; `accelerate launch scripts/distill.py ...` works too.)
 
 With --recipe (the overrides chosen on valid by scripts/tune.py), a search run trained with exactly these
 settings on the same data and teacher cache is copied instead of trained again (--retrain to train anyway);

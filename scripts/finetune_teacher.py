@@ -1,6 +1,6 @@
 """LoRA-tune the teacher on the train split (contrastive history text -> next item); writes a PEFT adapter.
 
-    accelerate launch scripts/finetune_teacher.py --config configs/ml100k.yaml
+    llmkd finetune --config configs/ml100k.yaml      # = accelerate launch scripts/finetune_teacher.py ...
 """
 
 from pathlib import Path
