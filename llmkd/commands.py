@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     """`llmkd COMMAND ...`: exit with the stage's status; a usage error is one line and status 2."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
     try:
