@@ -102,15 +102,6 @@ def reading(path: str | Path, what: str) -> Iterator[None]:
         raise LlmkdError(f"{path}: unreadable {what} ({detail}); rebuild it") from None
 
 
-def require_fingerprint(meta: dict[str, Any], expected: str, folder: str | Path) -> None:
-    """Refuse an artifact made from other data than `expected` (a data fingerprint)."""
-    found = meta.get("data_fingerprint")
-    if found != expected:
-        raise LlmkdError(
-            f"{folder}: made from other data (data_fingerprint {found}, expected {expected}); rebuild it"
-        )
-
-
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success replace `final` with it, on error delete it.

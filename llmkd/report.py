@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, require_fingerprint, write_json
+from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import (
@@ -47,8 +47,7 @@ def table_metrics(ks: list[int]) -> list[str]:
 def load_student(folder: Path, data: RecData, out_dir: Path | None = None) -> TwoTower:
     """A student made from `data` whose teacher cache (if any) is the one in `out_dir` (default: the
     student folder's parent) as it was when the student was trained (`llmkd.lineage`)."""
-    meta = read_meta(folder, "student")
-    require_fingerprint(meta, data.fingerprint, folder)
+    read_meta(folder, "student")
     check_lineage(folder, Path(out_dir) if out_dir is not None else Path(folder).parent, data.fingerprint)
     return TwoTower.from_pretrained(folder)
 
@@ -68,7 +67,6 @@ def student_scorer(model: TwoTower, data: RecData):
 def faiss_retriever(model: TwoTower, data: RecData, index_dir: Path):
     """Top-k retrieval through the index, which must be built from this student as it is now."""
     index, item_ids, meta = load_index(index_dir)
-    require_fingerprint(meta, data.fingerprint, index_dir)
     check_lineage(index_dir, index_dir.parent, data.fingerprint)
     if item_ids != data.item_ids:
         raise LlmkdError(f"{index_dir}: item ids differ from the data artifact's; rebuild the index")

@@ -36,7 +36,6 @@ from llmkd.artifacts import (
     new_meta,
     read_meta,
     reading,
-    require_fingerprint,
     write_json,
 )
 from llmkd.config import TeacherConfig
@@ -383,7 +382,6 @@ class TeacherCache:
         self.folder = Path(folder)
         self.meta = read_meta(self.folder, "teacher")
         if data is not None:
-            require_fingerprint(self.meta, data.fingerprint, self.folder)
             check_lineage(self.folder, self.folder.parent, data.fingerprint)
         path = self.folder / "embeddings.safetensors"
         with reading(path, "teacher cache"):
