@@ -180,10 +180,11 @@ def recover(final: str | Path) -> None:
 
 
 def recover_if_needed(final: str | Path) -> None:
-    """`recover` for a reader: only when leftovers are there and no other run is writing `final` now."""
-    from llmkd.locks import artifact_lock  # locks imports this module
+    """`recover` for a reader: only when a killed run left something (leftovers, or its lock file, which
+    taking the lock reports and removes) and no other run is writing `final` now."""
+    from llmkd.locks import artifact_lock, lock_path  # locks imports this module
 
-    if leftovers(final):
+    if leftovers(final) or lock_path(final).exists():
         with contextlib.suppress(LlmkdError), artifact_lock(final, wait=0):
             recover(final)
 

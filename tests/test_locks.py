@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import REPO, TEXT_TEMPLATE
 
-from llmkd.artifacts import LlmkdError, atomic_dir, write_json
+from llmkd.artifacts import LlmkdError, atomic_dir, read_meta, write_json
 from llmkd.locks import WAIT_ENV, artifact_lock, lock_path
 
 HOLD = """
@@ -40,14 +40,16 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture
 def hold(tmp_path):
-    """hold(folders, seconds) -> the process holding their locks (killed at the end of the test)."""
-    procs = []
+    """hold(folders, seconds) -> the process holding their locks (killed at the end of the test, its lock
+    files removed as a release would)."""
+    procs, held = [], []
 
     def start(folders: list[Path], seconds: float = 120.0) -> subprocess.Popen:
         flag = tmp_path / f"held_{len(procs)}"
         proc = subprocess.Popen([sys.executable, "-c", HOLD, str(flag), str(seconds), *map(str, folders)],
                                 env=_env(), cwd=REPO)
         procs.append(proc)
+        held.extend(folders)
         deadline = time.time() + 60
         while not flag.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -59,6 +61,8 @@ def hold(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    for folder in held:
+        lock_path(folder).unlink(missing_ok=True)
 
 
 def test_a_held_artifact_is_refused_at_once_naming_the_holder(tmp_path, hold):
@@ -99,6 +103,19 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_reported(tmp_path, hold, 
     err = capsys.readouterr().err
     assert f"took over the lock of pid {proc.pid} on {socket.gethostname()}" in err and err.count("\n") == 1
     assert not lock_path(folder).exists()
+
+
+def test_a_reader_removes_the_lock_left_by_a_killed_run(tmp_path, hold, capsys):
+    """The next run that only reads the artifact takes the dead run's lock over too (and says so)."""
+    folder = tmp_path / "student_kd"
+    folder.mkdir()
+    write_json(folder / "meta.json", {"stage": "student"})
+    proc = hold([folder])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_meta(folder, "student") == {"stage": "student"}
+    assert f"took over the lock of pid {proc.pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held_0", "student_kd"]
 
 
 def test_the_lock_is_reentrant_and_leaves_no_file(tmp_path):
