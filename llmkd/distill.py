@@ -33,7 +33,7 @@ from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, readin
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import mask_seen, metrics_from_ranks, nonfinite_rows, target_ranks
-from llmkd.student import TwoTower
+from llmkd.student import TwoTower, init_from_content
 from llmkd.teacher import TeacherCache
 from llmkd.windows import get_dataloaders, trim_padding
 
@@ -256,6 +256,8 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:
         model.item_tower.content[: data.num_items] = teacher.item_emb
+    if cfg.student.content_init:
+        init_from_content(model.item_tower.embedding, teacher.item_emb, cfg.student.content_init)
     kd_targets = (KDTargets(teacher, data.train, dc.kd_top_k, dc.teacher_scale, accelerator.device)
                   if dc.learns_from_teacher else None)
     train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)

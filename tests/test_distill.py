@@ -276,3 +276,28 @@ def test_trim_padding_keeps_every_real_state():
         cut, _ = model(trimmed["input_ids"])
     real = x != 30
     torch.testing.assert_close(cut[real[:, 3:]], full[real])
+
+
+def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, synthetic, monkeypatch):
+    """student.content_init > 0: the trainer loads the teacher cache and starts the id embeddings from
+    its item vectors (`init_from_content`, tested in test_student); 0 leaves the random init alone."""
+    from llmkd import distill
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+
+    data = build_data(synthetic.data_config())
+    save_data(data, tmp_path / "data", synthetic.data_config())
+    item_emb = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32)
+    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data: SimpleNamespace(item_emb=item_emb))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "meta.json").write_text("{}")  # the student records the cache's fingerprint
+    calls = []
+    monkeypatch.setattr(distill, "init_from_content", lambda emb, vectors, std: calls.append((emb.weight.shape, vectors, std)))
+    for init in (0.0, 0.1):
+        cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                     student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0, content_init=init),
+                     distill=DistillConfig(name=f"s_init{init}", alpha=0.0, epochs=1, batch_size=64))
+        assert cfg.uses_teacher == (init > 0)
+        distill.train(cfg)
+    assert len(calls) == 1 and calls[0][1] is item_emb and calls[0][2] == 0.1
+    assert calls[0][0] == (data.num_items + 1, 8)
