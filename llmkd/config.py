@@ -141,6 +141,10 @@ class StudentConfig:
     """Add the teacher's frozen item-text embeddings to the item tower through a learned projection."""
     content_hidden: int = bounded(0, ge=0)
     """Width of a hidden GELU layer in that projection (0 = a linear projection)."""
+    content_init: float = bounded(0.0, ge=0)
+    """Initialise the item id embeddings from the teacher's item-text vectors: their top `dim` principal
+    components, scaled to this standard deviation (0 = random, std 0.02). They then train as usual, so
+    serving needs nothing of the teacher (LLM-embedding initialisation, Harte et al., RecSys 2023)."""
     id_dropout: float = bounded(0.0, ge=0, lt=1)
     """With content features: during training each item's id embedding is dropped with this probability
     (DropoutNet-style), so the text path learns to carry an item alone (cold items have no id)."""
@@ -291,7 +295,7 @@ class Config:
     @property
     def uses_teacher(self) -> bool:
         """True when training reads the teacher cache: a teacher loss term or its item vectors as features."""
-        return self.distill.learns_from_teacher or self.student.content_features
+        return self.distill.learns_from_teacher or self.student.content_features or self.student.content_init > 0
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

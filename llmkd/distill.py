@@ -35,7 +35,7 @@ from llmkd.data import RecData, load_data
 from llmkd.evaluate import mask_seen, metrics_from_ranks, nonfinite_rows, target_ranks
 from llmkd.lineage import fingerprint, input_record
 from llmkd.locks import main_process_lock
-from llmkd.student import TwoTower
+from llmkd.student import TwoTower, init_from_content
 from llmkd.teacher import TeacherCache
 from llmkd.windows import get_dataloaders, trim_padding
 
@@ -61,6 +61,8 @@ class KDTargets:
 
     Teacher row r is the history train[pos_user[r]][:pos_cut[r]]; `seen(rows)` masks all of it, not just
     the student's window of `data.max_history` items (an item consumed before the window is seen too).
+    The candidates depend on the teacher alone, so they are ranked once for every row when training
+    starts, not again at every epoch (that catalog-wide scoring was most of a KD step's time).
     """
 
     def __init__(self, teacher: TeacherCache, train: list[np.ndarray], k: int, scale: float,
@@ -82,6 +84,21 @@ class KDTargets:
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self.prefix_start = torch.as_tensor(starts[self.pos_user], dtype=torch.long, device=device)  # (M,)
         self.prefix_len = torch.as_tensor(self.pos_cut, dtype=torch.long, device=device)  # (M,)
+        self.top_ids, self.top_scores = self.rank_candidates()
+
+    @torch.no_grad()
+    def rank_candidates(self, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's top-K unseen items by teacher score: ids (M, K) int32, scores (M, K) (-inf where
+        fewer than K items are unseen), in chunks of rows so memory stays chunk x N."""
+        m = len(self.user)
+        ids = torch.empty(m, self.k, dtype=torch.int32, device=self.user.device)
+        scores = torch.empty(m, self.k, dtype=torch.float32, device=self.user.device)
+        for start in tqdm(range(0, m, chunk), desc="KD candidates", unit="chunk", disable=m <= chunk, leave=False):
+            rows = torch.arange(start, min(m, start + chunk), device=self.user.device)
+            full = self.user[rows] @ self.items.T * self.scale  # (C, N)
+            top = torch.topk(full.masked_fill(self.seen(rows), float("-inf")), self.k, dim=1)
+            ids[rows], scores[rows] = top.indices.to(torch.int32), top.values
+        return ids, scores
 
     def seen(self, rows: torch.Tensor) -> torch.Tensor:
         """(P,) teacher rows -> (P, N) bool: every item of row r's history train[u][:cut], whatever the window."""
@@ -103,14 +120,14 @@ class KDTargets:
             out[u][cut] = row
         return out
 
-    def __call__(self, rows: torch.Tensor, seen: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(P,) teacher rows, (P, N) bool seen items, (P,) positives -> candidates, teacher scores, mask, each (P, K+1)."""
-        full = self.user[rows] @ self.items.T * self.scale  # (P, N)
-        top = torch.topk(full.masked_fill(seen, float("-inf")), self.k, dim=1)
-        real = torch.isfinite(top.values)  # False where fewer than K items are unseen
-        cand = torch.cat([top.indices, positives[:, None]], 1)
-        scores = torch.cat([top.values.masked_fill(~real, 0.0), full.gather(1, positives[:, None])], 1)
-        mask = torch.cat([real, ~((top.indices == positives[:, None]) & real).any(1, keepdim=True)], 1)  # positive once
+    def __call__(self, rows: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(P,) teacher rows, (P,) positives -> candidates, teacher scores, mask, each (P, K+1)."""
+        top_ids, top_scores = self.top_ids[rows].long(), self.top_scores[rows]
+        real = torch.isfinite(top_scores)  # False where fewer than K items are unseen
+        positive_scores = (self.user[rows] * self.items[positives]).sum(-1, keepdim=True) * self.scale  # (P, 1)
+        cand = torch.cat([top_ids, positives[:, None]], 1)
+        scores = torch.cat([top_scores.masked_fill(~real, 0.0), positive_scores], 1)
+        mask = torch.cat([real, ~((top_ids == positives[:, None]) & real).any(1, keepdim=True)], 1)  # positive once
         return cand, scores, mask
 
 
@@ -142,9 +159,8 @@ def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log
     loss = hard_loss(states, items, labels, dc, log_q) * share[0]
     h, pos, r = states[at], labels[at], rows[at]  # (P, d), (P,), (P,)
     if dc.alpha > 0 and len(r):
-        seen = kd_targets.seen(r)  # (P, N): all the user consumed before each position
-        cand, t_scores, mask = kd_targets(r, seen, pos)
-        s_scores = (h @ items.T).gather(1, cand)  # (P, K+1)
+        cand, t_scores, mask = kd_targets(r, pos)
+        s_scores = torch.einsum("pd,pkd->pk", h, items[cand])  # (P, K+1), without scoring the whole catalog
         loss = loss + dc.alpha * kd_loss(s_scores, t_scores, mask) * share[1]
     if dc.user_align > 0 or dc.item_align > 0:
         user_proj, item_proj = heads(h, items)  # one call through DDP, every output used
@@ -265,6 +281,8 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:
         model.item_tower.content[: data.num_items] = teacher.item_emb
+    if cfg.student.content_init:
+        init_from_content(model.item_tower.embedding, teacher.item_emb, cfg.student.content_init)
     kd_targets = (KDTargets(teacher, data.train, dc.kd_top_k, dc.teacher_scale, accelerator.device)
                   if dc.learns_from_teacher else None)
     train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)

@@ -48,13 +48,16 @@ NO_TEACHER_OVERRIDES = ["distill.alpha=0", "distill.user_align=0", "distill.item
                         "student.content_features=false"]
 SCORE_KD = ("listwise_kl", "ranking_distillation", "relaxed_ranking", "margin_mse", "pairwise_hinge", "infonce")
 ALIGN = ("user_align", "item_align")
-CONTENT = "content_features"
+CONTENT = ("content_features", "content_init")  # the teacher's item-text vectors as features / as initial ids
 
 # family -> (fixed overrides, grid searched on valid); alpha weighs a score-KD loss against the hard loss.
 # Order = search priority: on both measured datasets content features were the strongest family.
 FAMILIES: dict[str, tuple[list[str], dict[str, list]]] = {
     # embedding distillation: the teacher's item-text vectors through a learned projection into the item tower
-    CONTENT: (["distill.alpha=0", "student.content_features=true"], {"student.content_hidden": [0, 256]}),
+    "content_features": (["distill.alpha=0", "student.content_features=true"], {"student.content_hidden": [0, 256]}),
+    # the id embeddings start from the principal components of the teacher's item vectors (std 0.02 = the
+    # random init's scale); nothing of the teacher is kept for serving
+    "content_init": (["distill.alpha=0"], {"student.content_init": [0.02, 0.1]}),
     # multi-task: the student's user state, through a head, predicts the teacher's user vector
     "user_align": (["distill.alpha=0"], {"distill.user_align": [1.0, 0.3, 3.0]}),
     # embedding alignment: the student's item vectors, through a head, match the teacher's
@@ -109,7 +112,8 @@ def best_by_family(cands: list[Candidate]) -> dict[str, Candidate]:
 
 
 def combinations(best: dict[str, Candidate]) -> list[Candidate]:
-    """Content + the best score loss, content + the best alignment, and all three (each at its best point).
+    """The best content family + the best score loss, + the best alignment, and all three (each at its best
+    point).
 
     Overrides are concatenated content, alignment, score loss: the score loss's alpha comes last, so the
     `distill.alpha=0` of the other families does not switch it off."""
@@ -117,7 +121,7 @@ def combinations(best: dict[str, Candidate]) -> list[Candidate]:
         found = [best[n] for n in names if n in best]
         return max(found, key=lambda c: c.record["valid_ndcg@10"]) if found else None
 
-    content, score, align = best.get(CONTENT), top(SCORE_KD), top(ALIGN)
+    content, score, align = top(CONTENT), top(SCORE_KD), top(ALIGN)
     if content is None:
         return []
     out = []

@@ -66,6 +66,22 @@ class ItemTower(nn.Module):
         return vectors
 
 
+def init_from_content(embedding: nn.Embedding, vectors: np.ndarray, std: float) -> None:
+    """Overwrite the id rows (all but the padding row) with the top principal components of `vectors`
+    (num_items, D), scaled to standard deviation `std`; columns beyond D keep their random values.
+
+    PCA by an eigendecomposition of the D x D covariance: deterministic, and memory O(D^2) whatever the
+    catalog size (an SVD of the item matrix would hold a num_items x D factor)."""
+    x = torch.as_tensor(vectors, dtype=torch.float64)
+    x = x - x.mean(0)
+    _, eigvecs = torch.linalg.eigh(x.T @ x / max(len(x) - 1, 1))  # ascending eigenvalues
+    k = min(embedding.embedding_dim, x.shape[1])
+    pcs = x @ eigvecs[:, -k:].flip(1)  # (num_items, k), largest variance first
+    pcs = pcs * (std / pcs.std().clamp(min=1e-12))
+    with torch.no_grad():
+        embedding.weight[: len(x), :k] = pcs.to(embedding.weight.dtype)
+
+
 class UserTower(nn.Module):
     """Causal user states from history vectors: small transformer or recency-weighted mean, then an MLP."""
 
@@ -133,6 +149,7 @@ class TwoTower(nn.Module):
         """The one factory from a `StudentConfig` to constructor arguments."""
         kw = asdict(cfg)
         use_user_id, content = kw.pop("use_user_id"), kw.pop("content_features")
+        kw.pop("content_init")  # an initialisation, applied by the trainer (`init_from_content`)
         return cls(num_items=num_items, max_len=max_len, num_users=num_users if use_user_id else 0,
                    content_dim=content_dim if content else 0, **kw)
 

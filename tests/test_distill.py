@@ -64,25 +64,28 @@ def test_teacher_rows_point_at_the_history_each_position_has_seen(stride):
 
 
 def test_kd_targets_exclude_seen_items_and_add_the_positive_once():
-    train = [np.arange(0, 6), np.arange(3, 9)]
+    """Each row's candidates are the teacher's top-K items among those its history has not consumed,
+    with exact teacher scores, and the positive once; ranked once at the start (not per step)."""
+    train = [np.arange(0, 6), np.arange(3, 9), np.arange(0, 9)]  # user 2 at cut 8 leaves one item unseen
     cache = make_cache(train, n_items=9, stride=1)
     kd = KDTargets(cache, train, k=2, scale=20.0, device=torch.device("cpu"))
-    rows = torch.tensor([0, 1, 7])
+    rows = torch.arange(len(cache.arrays["pos_user"]))
     full = cache.arrays["user_pos"][rows].float() @ cache.item_emb.T * 20.0
-    seen = torch.zeros(3, 9, dtype=torch.bool)
-    seen[0, full[0].argmax()] = True  # the teacher's favourite is already seen in row 0
-    seen[2, :8] = True  # row 2: a single unseen item, fewer than K
-    in_top = int(full[1].argmax())
-    positives = torch.tensor([int(full[0].argmin()), in_top, 8])
-    cand, scores, mask = kd(rows, seen, positives)
-    assert cand.shape == scores.shape == mask.shape == (3, 3)
-    assert int(full[0].argmax()) not in cand[0, :2].tolist()
-    expected0 = torch.topk(full[0].masked_fill(seen[0], float("-inf")), 2).indices
-    assert cand[0, :2].tolist() == expected0.tolist() and mask[0].all()
+    seen = kd.seen(rows)
+    last = int(torch.nonzero((cache.arrays["pos_user"] == 2) & (cache.arrays["pos_cut"] == 8))[0])
+    positives = torch.as_tensor([train[u][c] for u, c in zip(cache.arrays["pos_user"], cache.arrays["pos_cut"])])
+    positives[0] = int(full[0].masked_fill(seen[0], float("-inf")).argmax())  # a positive among the top-K
+    cand, scores, mask = kd(rows, positives)
+    assert cand.shape == scores.shape == mask.shape == (len(rows), 3)
+    for r in rows.tolist():
+        top = torch.topk(full[r].masked_fill(seen[r], float("-inf")), 2)
+        real = torch.isfinite(top.values)
+        assert cand[r, :2][real].tolist() == top.indices[real].tolist(), r
+        assert not seen[r, cand[r, :2][mask[r, :2]]].any(), r
     torch.testing.assert_close(scores[mask], full.gather(1, cand)[mask])  # exact teacher scores
     assert cand[:, -1].tolist() == positives.tolist()
-    assert mask[1, -1].item() is False  # the positive is already a top-K candidate: not counted twice
-    assert mask[2].tolist() == [True, False, False]  # one real unseen item; the positive (8) is it
+    assert mask[0, -1].item() is False  # the positive is already a top-K candidate: not counted twice
+    assert mask[last].tolist() == [True, False, False]  # one unseen item (8), and it is the positive
 
 
 def test_seen_is_the_whole_history_of_each_teacher_row():
@@ -196,8 +199,8 @@ class SpyKD(KDTargets):
 
     calls: list
 
-    def __call__(self, rows, seen, positives):
-        cand, scores, mask = super().__call__(rows, seen, positives)
+    def __call__(self, rows, positives):
+        cand, scores, mask = super().__call__(rows, positives)
         self.calls.append((rows.clone(), cand.clone(), mask.clone()))
         return cand, scores, mask
 
@@ -276,3 +279,28 @@ def test_trim_padding_keeps_every_real_state():
         cut, _ = model(trimmed["input_ids"])
     real = x != 30
     torch.testing.assert_close(cut[real[:, 3:]], full[real])
+
+
+def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, synthetic, monkeypatch):
+    """student.content_init > 0: the trainer loads the teacher cache and starts the id embeddings from
+    its item vectors (`init_from_content`, tested in test_student); 0 leaves the random init alone."""
+    from llmkd import distill
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+
+    data = build_data(synthetic.data_config())
+    save_data(data, tmp_path / "data", synthetic.data_config())
+    item_emb = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32)
+    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data: SimpleNamespace(item_emb=item_emb))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "meta.json").write_text("{}")  # the student records the cache's fingerprint
+    calls = []
+    monkeypatch.setattr(distill, "init_from_content", lambda emb, vectors, std: calls.append((emb.weight.shape, vectors, std)))
+    for init in (0.0, 0.1):
+        cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                     student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0, content_init=init),
+                     distill=DistillConfig(name=f"s_init{init}", alpha=0.0, epochs=1, batch_size=64))
+        assert cfg.uses_teacher == (init > 0)
+        distill.train(cfg)
+    assert len(calls) == 1 and calls[0][1] is item_emb and calls[0][2] == 0.1
+    assert calls[0][0] == (data.num_items + 1, 8)

@@ -193,3 +193,41 @@ def test_user_vectors_with_a_precomputed_table_and_trimmed_padding(variant):
         full = model(h, u)[0][:, -1]
         fast = model.user_vectors(h, u, table=model.item_tower())
     torch.testing.assert_close(fast, full)
+
+
+# ---------------------------------------------------------------- ids initialised from the teacher's item vectors
+
+
+def test_content_init_is_the_scaled_principal_components():
+    """Wide enough embeddings keep all the geometry of the centred vectors (Gram matrix up to one scale);
+    narrower ones keep the top components, largest variance first; the padding row stays zero."""
+    from llmkd.student import init_from_content
+
+    g = np.random.default_rng(0)
+    vectors = (g.normal(size=(40, 6)) * [5, 3, 2, 1, 0.5, 0.1] + 7.0).astype(np.float32)  # off-centre on purpose
+    centred = vectors - vectors.mean(0)
+    wide = torch.nn.Embedding(41, 10, padding_idx=40)
+    with torch.no_grad():
+        wide.weight[40].zero_()
+    extra = wide.weight[:40, 6:].detach().clone()
+    init_from_content(wide, vectors, std=0.05)
+    w = wide.weight.detach().double().numpy()
+    assert np.isclose(w[:40, :6].std(ddof=1), 0.05, rtol=1e-6)
+    gram, want = w[:40, :6] @ w[:40, :6].T, centred @ centred.T
+    assert np.allclose(gram, want * (gram.trace() / want.trace()), atol=1e-6)
+    assert torch.equal(wide.weight[:40, 6:].detach(), extra) and not wide.weight[40].any()
+
+    narrow = torch.nn.Embedding(41, 2, padding_idx=40)
+    init_from_content(narrow, vectors, std=0.05)
+    w = narrow.weight.detach().double().numpy()[:40]
+    top = np.linalg.svd(centred, compute_uv=False)[:2] ** 2  # the two largest component variances
+    assert w[:, 0].var() > w[:, 1].var()
+    assert np.isclose(w[:, 0].var() / w[:, 1].var(), top[0] / top[1], rtol=1e-4)
+    assert np.allclose(np.corrcoef(w.T)[0, 1], 0.0, atol=1e-6)  # principal components are uncorrelated
+
+
+def test_content_init_validation_and_factory():
+    with pytest.raises(LlmkdError, match="student.content_init"):
+        StudentConfig(content_init=-0.1)
+    model = TwoTower.from_config(StudentConfig(dim=8, num_heads=2, content_init=0.1), num_items=5, max_len=4, num_users=3)
+    assert model.item_tower.content_proj is None  # an initialisation only: no content path to serve with
