@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -371,10 +372,13 @@ def test_seeds_report_and_reuse_of_the_no_teacher_twin(pipeline):
     second = run_seeds(cfg, [0, 1], variants)
     assert (twin.stat().st_mtime_ns, kd.stat().st_mtime_ns) == stamps  # same config, same teacher: reused
     assert second["rows"] == first["rows"]
+    shutil.copytree(out / "teacher", pipeline["root"] / "teacher_before")
     run(script("build_teacher.py", pipeline["cfg"], "--force"), pipeline["home"])  # a new teacher cache
     run_seeds(cfg, [0, 1], variants)
     assert twin.stat().st_mtime_ns == stamps[0]  # the no-teacher twin is still reused ...
     assert kd.stat().st_mtime_ns != stamps[1]  # ... a student that learned from the old teacher is not
+    shutil.rmtree(out / "teacher")  # the pipeline's teacher back: its students are not stale for later tests
+    shutil.copytree(pipeline["root"] / "teacher_before", out / "teacher")
 
 
 def test_alignment_terms_train_and_are_not_exported(pipeline):
