@@ -59,6 +59,8 @@ def load_run_student(out: Path, student: str, fingerprint: str) -> tuple[TwoTowe
 def teacher_record(out: Path, student_meta: dict, folder: Path) -> tuple[dict, Path | None]:
     """What `add_items` needs to embed new item text as the student's content vectors were made: the teacher
     cache's base model, pooling, templates and adapter; refused if the cache changed since training."""
+    from llmkd.data import item_text_template  # lazily: loading a bundle needs no pandas
+
     cache = out / student_meta["config"]["distill"]["teacher"]
     tmeta = read_meta(cache, "teacher")
     used = student_meta.get("teacher_fingerprint")
@@ -69,11 +71,11 @@ def teacher_record(out: Path, student_meta: dict, folder: Path) -> tuple[dict, P
     adapter = Path(tmeta["adapter"]) if tmeta.get("adapter") else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise LlmkdError(f"{cache}/meta.json: adapter {adapter} not found; the bundle must carry it for add_items")
-    tc = tmeta["config"]
+    tc, dc = tmeta["config"], student_meta["config"]["data"]
     record = {"model": tc["model"], "model_path": tmeta["model_path"], "model_fingerprint": tmeta["model_fingerprint"],
               "pooling": tmeta["pooling"], "item_template": tc["item_template"],
               "max_item_tokens": tc["max_item_tokens"], "batch_size": tc["batch_size"],
-              "text_template": student_meta["config"]["data"]["text_template"],
+              "text_template": item_text_template(dc["source"], dc["text_template"]),
               "adapter": "adapter" if adapter else None, "adapter_fingerprint": tmeta.get("adapter_fingerprint"),
               "dim": tmeta["dim"], "cache": str(cache)}
     return record, adapter
@@ -94,7 +96,7 @@ def eval_metrics(out: Path, student: str, student_meta: dict) -> dict[str, Any]:
 
 def export_bundle(cfg: Config, student: str, output: str | Path) -> Path:
     """Write the bundle of `cfg.out_dir/student` to `output` (atomically): see the module docstring."""
-    from llmkd.data import load_data  # the data artifact: ids, popularity and fingerprint
+    from llmkd.data import load_data  # lazily, as above: the data artifact gives ids, popularity, fingerprint
     from llmkd.serving.card import model_card
 
     out, output = Path(cfg.out_dir), Path(output)
