@@ -36,10 +36,10 @@ class BadRequest(LlmkdError):
 class UnknownItems(BadRequest):
     """Item ids that are not in the bundle's vocabulary; `ids` lists them (in request order)."""
 
-    def __init__(self, field: str, ids: list[str], catalog: int) -> None:
+    def __init__(self, field: str, ids: list[str], catalog: int, droppable: bool = True) -> None:
         shown = ", ".join(repr(i) for i in ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
         super().__init__(field, f"unknown item id{'s' if len(ids) > 1 else ''} {shown} (not among the bundle's "
-                                f"{catalog} items); pass unknown='drop' to ignore unknown ids")
+                                f"{catalog} items)" + ("; pass unknown='drop' to ignore unknown ids" if droppable else ""))
         self.ids = ids
 
 
@@ -177,7 +177,7 @@ class Recommender:
             raise BadRequest("item_id", f"expected a string item id, got {type(item_id).__name__} {item_id!r}")
         row = self.row.get(item_id)
         if row is None:
-            raise UnknownItems("item_id", [item_id], self.num_items)
+            raise UnknownItems("item_id", [item_id], self.num_items, droppable=False)
         xq = self.table[row : row + 1].numpy()
         D, I = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), min(self.index.ntotal, k + 1))
         keep = (I[0] >= 0) & (I[0] != row)
