@@ -16,11 +16,16 @@ from conftest import REPO
 from llmkd.artifacts import LlmkdError
 
 
-@pytest.fixture
-def bundle(served_run, tmp_path):
+@pytest.fixture(params=["flat"])
+def bundle(served_run, tmp_path, request):
+    """A fresh bundle of the text student per test; index.type = the param (indirect parametrisation)."""
+    import dataclasses
+
+    from llmkd.config import IndexConfig
     from llmkd.serving.bundle import export_bundle
 
-    return export_bundle(served_run[0], "student_text", tmp_path / "bundle")
+    cfg = dataclasses.replace(served_run[0], index=IndexConfig(type=request.param))
+    return export_bundle(cfg, "student_text", tmp_path / "bundle")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +57,7 @@ def digest(folder) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.parametrize("bundle", ["flat", "hnsw", "ivf"], indirect=True)
 def test_added_items_get_the_cold_start_vector_and_are_recommendable(bundle, cold):
     import faiss
 
@@ -69,8 +75,11 @@ def test_added_items_get_the_cold_start_vector_and_are_recommendable(bundle, col
     np.testing.assert_array_equal(rec.table[:n].numpy(), before.table[:n].numpy())  # old items untouched
     index = faiss.read_index(str(bundle / "index/faiss.index"))
     assert faiss.vector_to_array(index.id_map).tolist() == list(range(n + m))
-    np.testing.assert_allclose(faiss.downcast_index(index.index).reconstruct_n(n, m), cold["vectors"], rtol=1e-5,
-                               atol=1e-6)
+    d = cold["vectors"].shape[1]
+    D, I = index.search(np.eye(d, dtype=np.float32), n + m)  # query e_i scores item j by its i-th coordinate
+    assert all((I == j).any(1).all() for j in range(n, n + m))
+    stored = np.stack([D[np.arange(d), (I == j).argmax(1)] for j in range(n, n + m)])
+    np.testing.assert_allclose(stored, cold["vectors"], rtol=1e-5, atol=1e-6)
     everything = rec.recommend(history, k=n + m - 4)
     assert set(cold["ids"]) <= set(everything["items"])  # recommendable at once
     old_only = [i for i in everything["items"] if i not in set(cold["ids"])]

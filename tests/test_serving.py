@@ -105,6 +105,28 @@ def test_recommend_equals_offline_ranking(rec, served_run, run_data, split):
     np.testing.assert_allclose(one["scores"], got[-1]["scores"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_bundles(served_run, rec, run_data, tmp_path, kind):
+    """index.type from the config reaches the bundle (inside the id map); on 36 items HNSW (efSearch 128) and
+    IVF (one list) are exhaustive, so they rank as the flat bundle does."""
+    import dataclasses
+
+    import faiss
+
+    from llmkd.config import IndexConfig
+    from llmkd.serving import Recommender
+    from llmkd.serving.bundle import export_bundle
+
+    cfg = dataclasses.replace(served_run[0], index=IndexConfig(type=kind))
+    approx = Recommender.from_pretrained(export_bundle(cfg, "student_text", tmp_path / "b"))
+    inner = faiss.downcast_index(approx.index.index)
+    assert isinstance(inner, {"hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}[kind])
+    assert approx.config["index"]["type"] == kind
+    histories = [[run_data.item_ids[i] for i in run_data.history(u, "test")] for u in run_data.eval_users("test")]
+    assert [r["items"] for r in approx.recommend_batch(histories, 10)] == \
+           [r["items"] for r in rec.recommend_batch(histories, 10)]
+
+
 def test_seen_and_excluded_items_are_not_recommended(rec, run_data):
     history = run_data.item_ids[:5]
     first = rec.recommend(history, k=rec.num_items - 5)["items"]

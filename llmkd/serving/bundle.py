@@ -44,6 +44,19 @@ INDEX = "index/faiss.index"
 TEACHER = "teacher"
 
 
+def serving_versions() -> dict[str, str]:
+    """Versions of the libraries a bundle loads with, beside `library_versions()`'s training ones."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("safetensors", "faiss-cpu", "fastapi", "uvicorn"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
 def load_run_student(out: Path, student: str, fingerprint: str) -> tuple[TwoTower, dict]:
     """The student folder `out/student` and its meta, refused when made from other data."""
     folder = out / student
@@ -89,8 +102,10 @@ def eval_metrics(out: Path, student: str, student_meta: dict) -> dict[str, Any]:
             by_system = json.loads(path.read_text(encoding="utf-8"))
         if student in by_system:
             return {"source": str(path), **by_system[student]}
-    if "best_valid_ndcg@10" in student_meta:
-        return {"source": f"{out / student}/meta.json", "valid": {"ndcg@10": student_meta["best_valid_ndcg@10"]}}
+    best = [h for h in student_meta.get("history", []) if h.get("epoch") == student_meta.get("best_epoch")]
+    if best:  # the valid metrics of the exported (best) epoch, as training recorded them
+        valid = {k: v for k, v in best[0].items() if "@" in k}
+        return {"source": f"{out / student}/meta.json (best epoch {best[0]['epoch']})", "valid": valid}
     return {}
 
 
@@ -116,6 +131,7 @@ def export_bundle(cfg: Config, student: str, output: str | Path) -> Path:
               "added_items": []}
     meta = new_meta("bundle", smeta["config"], data.fingerprint, student=str(out / student),
                     num_items=data.num_items, index=asdict(cfg.index))
+    meta["versions"] = {**meta["versions"], **serving_versions()}
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp / STUDENT)
         write_json(tmp / ITEM_IDS, data.item_ids)

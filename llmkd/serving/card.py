@@ -39,17 +39,33 @@ def recipe_lines(run: dict[str, Any], student_meta: dict[str, Any]) -> list[str]
     ]
 
 
+def used_teacher(run: dict[str, Any]) -> bool:
+    """Whether the student's training read the teacher (a KD or alignment term, or its item-text vectors)."""
+    d = run["distill"]
+    return d["alpha"] > 0 or d["user_align"] > 0 or d["item_align"] > 0 or run["student"]["content_features"]
+
+
+def teacher_line(run: dict[str, Any]) -> str:
+    t = run["teacher"]
+    if not used_teacher(run):
+        return f"- Teacher: none used (trained without the teacher; the run's config names `{t['model']}`)"
+    return (f"- Teacher: `{t['model']}`" + (f" with LoRA adapter `{t['adapter']}`" if t.get("adapter") else "")
+            + f", {t['user_mode']} user mode; teacher cache `{run['distill']['teacher']}`")
+
+
 def model_card(config: dict[str, Any], meta: dict[str, Any], student_meta: dict[str, Any], data: Any) -> str:
     """The README.md of a bundle (markdown)."""
     run = student_meta["config"]
-    t, dc = run["teacher"], run["data"]
+    dc = run["data"]
     text = config["item_text"]
     interactions = sum(len(h) for h in data.train)
     source = dc["source"] if dc["source"] != "files" else f"files {dc['interactions']} + {dc['items']}"
     lines = [
         f"# llmkd recommender bundle: `{config['student']}`", "",
-        ("A two-tower student distilled from a language-model teacher: a user vector from the history, "
-         "item vectors in a FAISS index, score = dot product. Loads with torch, faiss and safetensors only."), "",
+        ("A two-tower recommender " + ("distilled from a language-model teacher" if used_teacher(run) else
+                                       "trained without a teacher")
+         + ": a user vector from the history, item vectors in a FAISS index, score = dot product. Loads with "
+         "torch, faiss and safetensors only."), "",
         "## Use", "",
         "```python", "from llmkd import Recommender", "r = Recommender.from_pretrained('<this folder>')",
         "r.recommend(['<item id>', '<item id>'], k=10)   # {'items': [...], 'scores': [...]}", "```", "",
@@ -60,8 +76,7 @@ def model_card(config: dict[str, Any], meta: dict[str, Any], student_meta: dict[
          f"data fingerprint `{data.fingerprint}`"),
         "- Empty history: the most popular items in train (`popularity.json`)", "",
         "## Teacher and recipe", "",
-        f"- Teacher: `{t['model']}`" + (f" with LoRA adapter `{t['adapter']}`" if t.get("adapter") else "")
-        + f", {t['user_mode']} user mode",
+        teacher_line(run),
         *recipe_lines(run, student_meta),
         "- Item-text vectors: " + (f"stored ({text['dim']}-d, base `{text['model_path']}`, pooling {text['pooling']}"
                                    + (", adapter copied to teacher/adapter" if text["adapter"] else "")
