@@ -215,6 +215,7 @@ def test_loading_and_recommending_import_no_teacher_code(bundle, run_data):
 def test_id_student_and_user_id_student(served_run, tmp_path, run_data):
     """An id-only student exports (no teacher/ folder); a student with user-id embeddings is refused."""
     from llmkd.artifacts import new_meta, write_json
+    from llmkd.serving import Recommender
     from llmkd.serving.bundle import export_bundle
     from llmkd.student import TwoTower
 
@@ -226,6 +227,9 @@ def test_id_student_and_user_id_student(served_run, tmp_path, run_data):
     folder = export_bundle(cfg, "student_ids", tmp_path / "ids")
     assert not (folder / "teacher").exists()
     assert json.loads((folder / "config.json").read_text())["item_text"] is None
+    ids = Recommender.from_pretrained(folder)  # its item table is the embedding parameter itself
+    assert len(ids.recommend(run_data.item_ids[:2], k=4)["items"]) == 4
+    assert len(ids.similar_items(run_data.item_ids[0], k=3)["items"]) == 3
     with pytest.raises(LlmkdError, match="student_users: the student uses per-user id embeddings"):
         export_bundle(cfg, "student_users", tmp_path / "users")
     assert not (tmp_path / "users").exists()

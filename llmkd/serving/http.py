@@ -91,12 +91,21 @@ def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error(exc.status_code, field, str(exc.detail))
 
 
+def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not a bad request: 500 in the same JSON shape (the traceback goes to the server's log)."""
+    import traceback
+
+    traceback.print_exception(exc)
+    return error(500, "server", f"internal error ({type(exc).__name__}); see the server log")
+
+
 def create_app(rec: Recommender, max_body: int = MAX_BODY) -> FastAPI:
     """The FastAPI application over a loaded `Recommender`."""
     app = FastAPI(title="llmkd recommender", version=str(rec.config.get("format_version")),
                   description=f"Bundle of `{rec.config.get('student')}`: {rec.num_items} items.")
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
 
     @app.exception_handler(BadRequest)
     def bad_request(request: Request, exc: BadRequest) -> JSONResponse:

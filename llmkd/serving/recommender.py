@@ -56,8 +56,9 @@ class Recommender:
         self.row = {item: r for r, item in enumerate(item_ids)}
         self.popularity = np.asarray(popularity, dtype=np.float32)
         self.by_popularity = np.argsort(-self.popularity, kind="stable")  # ties to the lower row
-        with torch.inference_mode():
-            self.table = model.item_tower()  # (N + 1, d): item vectors + the zero padding row
+        model.requires_grad_(False)
+        with torch.inference_mode():  # detached: an id-only item tower returns its embedding parameter itself
+            self.table = model.item_tower().detach()  # (N + 1, d): item vectors + the zero padding row
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Recommender:
