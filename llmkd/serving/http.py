@@ -92,10 +92,7 @@ def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    """A bug, not a bad request: 500 in the same JSON shape (the traceback goes to the server's log)."""
-    import traceback
-
-    traceback.print_exception(exc)
+    """A bug, not a bad request: 500 in the same JSON shape (Starlette re-raises it, so uvicorn logs the traceback)."""
     return error(500, "server", f"internal error ({type(exc).__name__}); see the server log")
 
 
