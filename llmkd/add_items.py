@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 from llmkd.artifacts import LlmkdError, reading
-from llmkd.config import TeacherConfig
-from llmkd.serving.bundle import TEACHER, read_config
+from llmkd.config import Config, TeacherConfig
+from llmkd.serving.bundle import TEACHER, append_items, require_item_text
 
 
 def bundle_teacher(bundle: Path, record: dict):
@@ -37,24 +37,59 @@ def bundle_teacher(bundle: Path, record: dict):
     return TextEncoder(tc.model, tc.pooling, tc.batch_size, device="cpu", adapter=adapter), tc
 
 
+def teacher_of(bundle: Path) -> dict:
+    """The bundle's teacher record (teacher/teacher.json), once the bundle is known to have a text path."""
+    require_item_text(bundle)
+    with reading(bundle / TEACHER / "teacher.json", "teacher record"):
+        return json.loads((bundle / TEACHER / "teacher.json").read_text(encoding="utf-8"))
+
+
+def add_item_texts(bundle: str | Path, ids: list[str], texts: list[str], source: str = "new items") -> dict:
+    """Add items given as ids and rendered texts (the bundle's text template already applied)."""
+    from llmkd.coldstart import teacher_item_vectors
+
+    bundle = Path(bundle)
+    record = teacher_of(bundle)
+    if not ids:
+        raise LlmkdError(f"{source}: no items")
+    encoder, tc = bundle_teacher(bundle, record)
+    text = teacher_item_vectors(encoder, texts, tc)  # (M, d_teacher) float32
+    return append_items(bundle, ids, text, source=source)
+
+
 def add_items(bundle: str | Path, items_file: str | Path) -> dict:
     """Add the items of `items_file` (item_id + the columns of the bundle's text template; CSV / TSV /
     Parquet / JSONL) to `bundle`; returns {'added', 'num_items'}."""
-    from llmkd.coldstart import teacher_item_vectors
     from llmkd.data import load_items
-    from llmkd.serving.bundle import append_items
 
-    bundle = Path(bundle)
-    config = read_config(bundle)
-    if config.get("item_text") is None:  # before loading anything: say why at once
-        raise LlmkdError(f"{bundle}: the student has no item-text vectors (student.content_features: false), so "
-                         "it has no projection from text to an item vector; add items by retraining, or export a "
-                         "student trained with content_features: true")
-    with reading(bundle / TEACHER / "teacher.json", "teacher record"):
-        record = json.loads((bundle / TEACHER / "teacher.json").read_text(encoding="utf-8"))
+    record = teacher_of(Path(bundle))  # before reading the file: a bundle without a text path says so at once
     ids, texts = load_items(items_file, record["text_template"])
-    if not ids:
-        raise LlmkdError(f"{items_file}: no items")
-    encoder, tc = bundle_teacher(bundle, record)
-    text = teacher_item_vectors(encoder, texts, tc)  # (M, d_teacher) float32
-    return append_items(bundle, ids, text, source=str(items_file))
+    return add_item_texts(bundle, ids, texts, source=str(items_file))
+
+
+def cold_start_through_bundle(cfg: Config, student: str, output: str | Path,
+                              ks: tuple[int, ...] = (10, 20, 50)) -> dict:
+    """The cold-start protocol (`llmkd.coldstart`) served: export `student`, add the run's withheld items to the
+    bundle from their text, and rank the whole catalog for each cold user with `Recommender` (seen items
+    excluded). Recall / NDCG match the cold-start evaluation's FAISS row when the added vectors are its vectors."""
+    from llmkd.coldstart import set_metrics, warm_histories
+    from llmkd.data import load_data
+    from llmkd.serving import Recommender, export_bundle
+
+    data = load_data(Path(cfg.out_dir) / "data")
+    if not data.cold_item_ids:
+        raise LlmkdError(f"{Path(cfg.out_dir) / 'data'}: no cold items; set data.cold_items (e.g. 0.1) and rerun "
+                         "prepare_data.py")
+    bundle = export_bundle(cfg, student, output)
+    add_item_texts(bundle, data.cold_item_ids, data.cold_item_texts, source="the run's cold items")
+    rec = Recommender.from_pretrained(bundle)
+    users = sorted({u for us in data.cold_item_users for u in us})
+    relevant = [set() for _ in users]
+    where = {u: row for row, u in enumerate(users)}
+    for c, us in enumerate(data.cold_item_users):
+        for u in us:
+            relevant[where[u]].add(data.num_items + c)  # bundle rows: warm items, then the cold ones in order
+    hists = [[data.item_ids[i] for i in h] for h in warm_histories(data, users)]
+    top = [[rec.row[i] for i in r["items"]] for r in rec.recommend_batch(hists, min(max(ks), rec.num_items))]
+    return {"users": len(users), "cold_items": len(data.cold_item_ids), "index": cfg.index.type,
+            "whole catalog": set_metrics(top, relevant, list(ks))}

@@ -190,16 +190,22 @@ def check_new_ids(new_ids: list[str], known: list[str], source: str) -> None:
         raise LlmkdError(f"{source}: {what}; each new item needs an id the bundle does not have")
 
 
-def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, source: str = "new items") -> dict:
-    """Add items to a bundle of a text student: `text` (M, content_dim) float32 are their teacher vectors;
-    the student's content projection maps them, and they join the vocabulary, the student and the index.
-    The whole bundle is rewritten in a sibling and swapped in, so a crash leaves the old one intact."""
-    folder = Path(folder)
+def require_item_text(folder: Path) -> dict[str, Any]:
+    """The bundle's config, refused (saying why) when its student has no text path for new items."""
     config = read_config(folder)
     if config.get("item_text") is None:
         raise LlmkdError(f"{folder}: the student has no item-text vectors (student.content_features: false), so "
                          "it has no projection from text to an item vector; add items by retraining, or export a "
                          "student trained with content_features: true")
+    return config
+
+
+def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, source: str = "new items") -> dict:
+    """Add items to a bundle of a text student: `text` (M, content_dim) float32 are their teacher vectors;
+    the student's content projection maps them, and they join the vocabulary, the student and the index.
+    The whole bundle is rewritten in a sibling and swapped in, so a crash leaves the old one intact."""
+    folder = Path(folder)
+    config = require_item_text(folder)
     text = np.ascontiguousarray(text, dtype=np.float32)
     known = json.loads((folder / ITEM_IDS).read_text(encoding="utf-8"))
     check_new_ids(new_ids, known, source)
