@@ -168,3 +168,44 @@ def test_cold_start_protocol_through_the_bundle_equals_the_cold_start_evaluation
     expected = protocol["systems"]["student_text (FAISS flat)"]["whole catalog"]
     assert served["whole catalog"] == pytest.approx(expected, abs=1e-9)
     assert any(v > 0 for v in expected.values())  # something is retrieved: the comparison is not of zeros
+
+
+def test_the_bundle_carries_the_lora_adapter_add_items_needs(served_run, cold, tmp_path):
+    """A teacher cache built with a LoRA adapter: export copies the adapter into the bundle, and add_items
+    encodes with it (not the bare base model) even after the run's adapter folder is gone."""
+    import dataclasses
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    from safetensors.numpy import load_file
+
+    from llmkd.add_items import add_items
+    from llmkd.coldstart import teacher_item_vectors
+    from llmkd.serving.bundle import export_bundle
+    from llmkd.teacher import TextEncoder, build_teacher_cache
+
+    cfg, run = served_run
+    out = tmp_path / "run"
+    for name in ("data", "student_text"):
+        shutil.copytree(run / name, out / name)
+    encoder = TextEncoder(cfg.teacher.model, cfg.teacher.pooling, device="cpu")
+    torch.manual_seed(0)  # random, non-zero LoRA weights: an adapter that changes the vectors
+    lora = get_peft_model(encoder.model, LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False))
+    lora.save_pretrained(out / "lora")
+    build_teacher_cache(cold["data"], cfg.teacher, out / "teacher", adapter=out / "lora")
+    meta = json.loads((out / "student_text/meta.json").read_text())
+    meta.pop("teacher_fingerprint")  # the student was trained on the run's other cache; only the encoding matters here
+    (out / "student_text/meta.json").write_text(json.dumps(meta))
+    bundle = export_bundle(dataclasses.replace(cfg, out_dir=str(out)), "student_text", tmp_path / "bundle")
+    assert (bundle / "teacher/adapter/adapter_config.json").is_file()
+    texts = [cold["data"].cold_item_texts[cold["data"].cold_item_ids.index(i)] for i in cold["ids"]]
+    with_adapter = teacher_item_vectors(TextEncoder(cfg.teacher.model, device="cpu", adapter=out / "lora"), texts,
+                                        cfg.teacher)
+    bare = teacher_item_vectors(TextEncoder(cfg.teacher.model, device="cpu"), texts, cfg.teacher)
+    assert not np.allclose(with_adapter, bare, atol=1e-4)
+    shutil.rmtree(out / "lora")
+    n = len(cold["data"].item_ids)
+    add_items(bundle, cold["path"])
+    stored = load_file(str(bundle / "student/model.safetensors"))["item_tower.content"][n : n + len(texts)]
+    np.testing.assert_allclose(stored, with_adapter, rtol=1e-5, atol=1e-6)
