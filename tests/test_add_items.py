@@ -177,7 +177,6 @@ def test_the_bundle_carries_the_lora_adapter_add_items_needs(served_run, cold, t
     import shutil
 
     from peft import LoraConfig, get_peft_model
-
     from safetensors.numpy import load_file
 
     from llmkd.add_items import add_items
