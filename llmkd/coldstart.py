@@ -23,12 +23,29 @@ import numpy as np
 import torch
 
 from llmkd.artifacts import LlmkdError, atomic_dir, write_json
-from llmkd.config import Config
+from llmkd.config import Config, TeacherConfig
 from llmkd.data import RecData, load_data
 from llmkd.index import build_index, search
 from llmkd.locks import locked
 from llmkd.report import load_student
+from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache, TextEncoder, adapter_path, item_prompts, user_prompt
+
+
+def teacher_item_vectors(encoder: TextEncoder, texts: list[str], cfg: TeacherConfig) -> np.ndarray:
+    """Unseen items' texts -> (M, d_teacher) float32, embedded as the teacher cache embeds items
+    (`teacher.item_template`, `teacher.max_item_tokens`); also `llmkd.add_items`'s path."""
+    return encoder.encode(item_prompts(texts, cfg), cfg.max_item_tokens, desc="teacher: new items")
+
+
+def student_item_vectors(model: TwoTower, teacher_vectors: torch.Tensor, folder: Path | str) -> torch.Tensor:
+    """(M, d_teacher) teacher vectors -> (M, d) student item vectors through the learned content projection
+    (an unseen item has no id embedding); a student without one is refused, saying why."""
+    proj = model.item_tower.content_proj
+    if proj is None:
+        raise LlmkdError(f"{folder}: the student has no content projection (student.content_features: false), "
+                         "so it cannot embed unseen items; train one with content_features: true")
+    return proj(teacher_vectors)
 
 
 def warm_histories(data: RecData, users: list[int]) -> list[np.ndarray]:
@@ -81,8 +98,7 @@ def cold_start_eval(cfg: Config, students: list[str], ks: tuple[int, ...] = (10,
     hists = warm_histories(data, users)
     tc = cfg.teacher
     encoder = TextEncoder(tc.model, tc.pooling, tc.batch_size, adapter=adapter_path(tc, out))
-    t_cold = torch.as_tensor(encoder.encode(item_prompts(data.cold_item_texts, tc), tc.max_item_tokens,
-                                            desc="teacher: cold items"))
+    t_cold = torch.as_tensor(teacher_item_vectors(encoder, data.cold_item_texts, tc))
     t_warm = TeacherCache(out / cfg.distill.teacher, data).item_emb
     t_user = torch.as_tensor(encoder.encode([user_prompt(data.item_texts, h, tc) for h in hists],
                                             tc.max_history_tokens, desc="teacher: users"))
@@ -97,12 +113,9 @@ def cold_start_eval(cfg: Config, students: list[str], ks: tuple[int, ...] = (10,
     add("teacher", t_user, t_warm, t_cold)
     for name in students:
         model = load_student(out / name, data, out)
-        proj = model.item_tower.content_proj
-        if proj is None:
-            raise LlmkdError(f"{out / name}: the student has no content projection (student.content_features: false), "
-                             "so it cannot embed unseen items; train one with content_features: true")
+        s_cold = student_item_vectors(model, t_cold, out / name)
         s_user = model.user_vectors(model.pad_histories(hists))
-        s_warm, s_cold = model.item_vectors(), proj(t_cold)  # a cold item has no id embedding
+        s_warm = model.item_vectors()
         add(name, s_user, s_warm, s_cold)
         index = build_index(torch.cat([s_warm, s_cold]).numpy(), cfg.index)  # served: warm + cold in one index
         faiss_top = search(index, s_user.numpy(), kmax + max(len(h) for h in hists))[1]

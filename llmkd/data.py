@@ -311,12 +311,17 @@ def split_leave_last_out(inter: pd.DataFrame, item_ids: list[str], path: Path | 
     return list(user_ids), train, valid, test
 
 
+def item_text_template(source: str, template: str) -> str:
+    """The template item texts are rendered with: ml-100k's own for the default '{title}' there."""
+    return ML100K_TEMPLATE if source == "ml-100k" and template == "{title}" else template
+
+
 def build_data(cfg: DataConfig) -> RecData:
     """Load and validate the configured files, render item text, and split."""
     if cfg.source == "ml-100k":
         folder = ml100k_dir()
         inter_path, items_path = folder / "ml-100k.inter", folder / "ml-100k.item"
-        template = cfg.text_template if cfg.text_template != "{title}" else ML100K_TEMPLATE
+        template = item_text_template(cfg.source, cfg.text_template)
     else:
         inter_path, items_path, template = Path(cfg.interactions), Path(cfg.items), cfg.text_template
     inter = load_interactions(inter_path)  # first: the big file, whose header is checked before parsing

@@ -17,21 +17,35 @@ from llmkd.config import IndexConfig
 from llmkd.lineage import input_record
 
 
-def build_index(xb: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """An inner-product index over xb (n, d) float32: exact ('flat'), HNSW or IVF."""
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    n, d = xb.shape
+def empty_index(d: int, cfg: IndexConfig, xt: np.ndarray) -> faiss.Index:
+    """An empty inner-product index of dimension d: exact ('flat'), HNSW or IVF (trained on xt (n, d) float32)."""
     if cfg.type == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif cfg.type == "hnsw":
+        return faiss.IndexFlatIP(d)
+    if cfg.type == "hnsw":
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = cfg.hnsw_ef_search
-    else:
-        nlist = max(1, min(cfg.ivf_nlist, n // 39))  # FAISS wants ~39 training points per list
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(xb)
-        index.nprobe = min(cfg.ivf_nprobe, nlist)
+        return index
+    nlist = max(1, min(cfg.ivf_nlist, len(xt) // 39))  # FAISS wants ~39 training points per list
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(xt, dtype=np.float32))
+    index.nprobe = min(cfg.ivf_nprobe, nlist)
+    return index
+
+
+def build_index(xb: np.ndarray, cfg: IndexConfig) -> faiss.Index:
+    """An inner-product index over xb (n, d) float32: exact ('flat'), HNSW or IVF; FAISS ids = rows."""
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    index = empty_index(xb.shape[1], cfg, xb)
     index.add(xb)
+    return index
+
+
+def build_id_index(xb: np.ndarray, cfg: IndexConfig) -> faiss.IndexIDMap:
+    """`build_index` inside an `IndexIDMap` whose ids are the rows of xb (n, d) float32: the explicit id
+    map a serving bundle needs, so new items can be appended with `add_with_ids` (any inner type)."""
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    index = faiss.IndexIDMap(empty_index(xb.shape[1], cfg, xb))
+    index.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
     return index
 
 

@@ -330,7 +330,7 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
            "adapter_fingerprint": model_fingerprint(str(adapter)) if adapter else None,
            "data_fingerprint": data.fingerprint}
 
-    if adapter is not None:  # an adapter tuned on other data, or on data rebuilt since, is refused
+    if adapter is not None and (Path(adapter) / "meta.json").is_file():  # tuned here: not on other data
         check_lineage(adapter, folder.parent, data.fingerprint)
 
     def matches(candidate: Path) -> dict | None:
@@ -366,7 +366,8 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
     meta = new_meta("teacher", asdict(cfg), data.fingerprint, model_path=path,
                     model_fingerprint=key["model_fingerprint"], adapter=str(adapter) if adapter else None,
                     adapter_fingerprint=key["adapter_fingerprint"], pooling=encoder.pooling,
-                    inputs={"adapter": input_record(folder.parent, adapter)} if adapter else {},
+                    inputs={"adapter": input_record(folder.parent, adapter)}  # one from elsewhere: untracked
+                    if adapter and (Path(adapter) / "meta.json").is_file() else {},
                     num_parameters=encoder.num_parameters(), dim=encoder.dim, states=STATES,
                     timing=timer.as_dict())
     with atomic_dir(folder) as tmp:

@@ -194,3 +194,29 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     """Folder with a tiny random Llama (AutoModel / AutoTokenizer loadable offline)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+# ---------------------------------------------------------------- a tiny trained run for serving
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory, synthetic, tiny_bert):
+    """data (10% of items withheld as cold) -> tiny BERT teacher cache -> a text student (content features,
+    no KD, 2 epochs) trained in-process: the smallest run a serving bundle and add-items can be made from.
+    Returns (cfg, out_dir)."""
+    from llmkd import distill
+    from llmkd.config import Config, DistillConfig, IndexConfig, StudentConfig, TeacherConfig
+    from llmkd.data import build_data, save_data
+    from llmkd.teacher import build_teacher_cache
+
+    out = tmp_path_factory.mktemp("served_run")
+    cfg = Config(out_dir=str(out), data=synthetic.data_config(max_history=8, cold_items=0.1),
+                 teacher=TeacherConfig(model=str(tiny_bert), batch_size=16, max_history_tokens=64),
+                 student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0, content_features=True),
+                 distill=DistillConfig(name="student_text", alpha=0.0, epochs=2, patience=5, batch_size=16),
+                 index=IndexConfig(type="flat"))
+    data = build_data(cfg.data)
+    save_data(data, out / "data", cfg.data)
+    build_teacher_cache(data, cfg.teacher, out / "teacher")
+    distill.train(cfg)
+    return cfg, out

@@ -1,0 +1,147 @@
+"""The HTTP service over a bundle: FastAPI on uvicorn (OpenAPI docs at /docs).
+
+    POST /recommend         {"history": [ids], "k": 10, "exclude": [ids] | null, "unknown": "error" | "drop"}
+    POST /recommend/batch   {"histories": [[ids], ...], "k": 10, "exclude": [[ids] | null, ...] | null, ...}
+    GET  /items/{id}/similar?k=10
+    GET  /health, GET /metadata
+
+Every bad request gets a 4xx whose body is {"error": "<field>: <what was expected>", "field": "<field>"}:
+malformed JSON, wrong types, unknown item ids (422; 404 for the path's item), k outside [1, catalog],
+histories over `max_history` items or batches over `max_batch` (422), bodies over `max_body` bytes (413).
+Handlers are plain functions (FastAPI runs them in its thread pool); the model is read-only, so
+concurrent requests share it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+
+from llmkd.serving.recommender import BadRequest, Recommender, UnknownItems
+
+MAX_HISTORY = 10_000
+"""Longest history (and exclude list) accepted: the user tower reads the last `max_len` items anyway."""
+MAX_BATCH = 1_024
+MAX_BODY = 8 * 1024 * 1024
+
+Ids = list[StrictStr]
+
+
+class RecommendRequest(BaseModel):
+    """One history, oldest item first."""
+
+    model_config = ConfigDict(extra="forbid")
+    history: Ids = Field(max_length=MAX_HISTORY, description="item ids, oldest first; [] = popular items")
+    k: StrictInt = Field(10, description="how many items (1 .. catalog size)")
+    exclude: Ids | None = Field(None, max_length=MAX_HISTORY, description="more item ids never to recommend")
+    exclude_seen: bool = Field(True, description="leave the history's items out")
+    unknown: Literal["error", "drop"] = Field("error", description="unknown ids: an error (422) or dropped")
+
+
+class BatchRequest(BaseModel):
+    """Many histories in one call (one user-tower pass, one index search)."""
+
+    model_config = ConfigDict(extra="forbid")
+    histories: list[Ids] = Field(max_length=MAX_BATCH)
+    k: StrictInt = 10
+    exclude: list[Ids | None] | None = None
+    exclude_seen: bool = True
+    unknown: Literal["error", "drop"] = "error"
+
+
+class Recommendations(BaseModel):
+    items: list[str]
+    scores: list[float]
+
+
+def error(status: int, field: str, message: str) -> JSONResponse:
+    """The one error body: {"error": "field: message", "field": field}."""
+    return JSONResponse(status_code=status, content={"error": f"{field}: {message}", "field": field})
+
+
+def field_name(loc: tuple) -> str:
+    """A pydantic error location -> 'history[3]', 'k', 'body' (the 'body' / 'query' / 'path' prefix dropped)."""
+    parts = list(loc[1:]) or [loc[0]]
+    name = str(parts[0])
+    for p in parts[1:]:
+        name += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return name
+
+
+def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming the first bad field; malformed JSON names the body."""
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return error(422, "body", f"malformed JSON ({first.get('ctx', {}).get('error', first['msg'])})")
+    msg = first["msg"]
+    if first.get("type") == "too_long":
+        msg = f"too long: at most {first.get('ctx', {}).get('max_length')} entries"
+    return error(422, field_name(tuple(first["loc"])), msg)
+
+
+def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own 4xx (no such route, wrong method, a body that cannot be parsed at all) in the same shape."""
+    field = "body" if exc.status_code == 400 else "path" if exc.status_code in (404, 405) else "request"
+    return error(exc.status_code, field, str(exc.detail))
+
+
+def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not a bad request: 500 in the same JSON shape (Starlette re-raises it, so uvicorn logs the traceback)."""
+    return error(500, "server", f"internal error ({type(exc).__name__}); see the server log")
+
+
+def create_app(rec: Recommender, max_body: int = MAX_BODY) -> FastAPI:
+    """The FastAPI application over a loaded `Recommender`."""
+    app = FastAPI(title="llmkd recommender", version=str(rec.config.get("format_version")),
+                  description=f"Bundle of `{rec.config.get('student')}`: {rec.num_items} items.")
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+
+    @app.exception_handler(BadRequest)
+    def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        status = 404 if isinstance(exc, UnknownItems) and exc.field == "item_id" else 422
+        return error(status, exc.field, str(exc).split(": ", 1)[1])
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > max_body):
+            return error(413, "body", f"at most {max_body} bytes, got {size}")
+        return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "items": rec.num_items}
+
+    @app.get("/metadata")
+    def metadata() -> dict:
+        return rec.metadata()
+
+    @app.post("/recommend", response_model=Recommendations)
+    def recommend(req: RecommendRequest) -> dict:
+        return rec.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
+
+    @app.post("/recommend/batch", response_model=list[Recommendations])
+    def recommend_batch(req: BatchRequest) -> list[dict]:
+        return rec.recommend_batch(req.histories, req.k, req.exclude, req.exclude_seen, req.unknown)
+
+    @app.get("/items/{item_id}/similar", response_model=Recommendations)
+    def similar(item_id: str, k: int = Query(10, description="how many items (1 .. catalog size)")) -> dict:
+        return rec.similar_items(item_id, k)
+
+    return app
+
+
+def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Load `bundle` and serve it until interrupted."""
+    import uvicorn
+
+    app = create_app(Recommender.from_pretrained(bundle))
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

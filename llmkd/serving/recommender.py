@@ -1,0 +1,185 @@
+"""The Python API over a bundle: `Recommender.from_pretrained(folder).recommend(history, k)`.
+
+A history (item ids, oldest first) becomes a user vector through the student's user tower; the FAISS
+index returns the items with the highest dot product, over-fetched by the number of excluded items so
+that k remain after the user's seen items (and `exclude`) are removed. With a flat index this is the
+offline evaluation's ranking (full catalog, seen items masked). An empty history gets the most popular
+train items. Imports torch, faiss and safetensors only (through `llmkd.student`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from llmkd.artifacts import LlmkdError, reading
+from llmkd.serving.bundle import INDEX, ITEM_IDS, POPULARITY, STUDENT, read_config
+from llmkd.student import TwoTower
+
+UNKNOWN_POLICIES = ("error", "drop")
+
+
+class BadRequest(LlmkdError):
+    """A request the bundle cannot answer as asked; `field` names the argument ('k', 'history', ...)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnknownItems(BadRequest):
+    """Item ids that are not in the bundle's vocabulary; `ids` lists them (in request order)."""
+
+    def __init__(self, field: str, ids: list[str], catalog: int, droppable: bool = True) -> None:
+        shown = ", ".join(repr(i) for i in ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        super().__init__(field, f"unknown item id{'s' if len(ids) > 1 else ''} {shown} (not among the bundle's "
+                                f"{catalog} items)" + ("; pass unknown='drop' to ignore unknown ids" if droppable else ""))
+        self.ids = ids
+
+
+class Recommender:
+    """A loaded bundle: student towers, vocabulary, popularity and FAISS index."""
+
+    def __init__(self, model: TwoTower, item_ids: list[str], popularity: np.ndarray, index: faiss.Index,
+                 config: dict[str, Any]) -> None:
+        n = model.num_items
+        if not (len(item_ids) == len(popularity) == index.ntotal == n):
+            raise LlmkdError(f"bundle: sizes disagree: {len(item_ids)} ids, {len(popularity)} popularity counts, "
+                             f"{index.ntotal} indexed vectors, {n} student items; re-export it")
+        self.model, self.item_ids, self.index, self.config = model.eval(), item_ids, index, config
+        self.row = {item: r for r, item in enumerate(item_ids)}
+        self.popularity = np.asarray(popularity, dtype=np.float32)
+        self.by_popularity = np.argsort(-self.popularity, kind="stable")  # ties to the lower row
+        model.requires_grad_(False)
+        with torch.inference_mode():  # detached: an id-only item tower returns its embedding parameter itself
+            self.table = model.item_tower().detach()  # (N + 1, d): item vectors + the zero padding row
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> Recommender:
+        """Load a bundle written by `export_bundle` (`scripts/export.py`)."""
+        folder = Path(folder)
+        config = read_config(folder)
+        model = TwoTower.from_pretrained(folder / STUDENT)
+        with reading(folder / ITEM_IDS, "item vocabulary"):
+            item_ids = json.loads((folder / ITEM_IDS).read_text(encoding="utf-8"))
+        with reading(folder / POPULARITY, "popularity"):
+            popularity = np.asarray(json.loads((folder / POPULARITY).read_text(encoding="utf-8")), dtype=np.float32)
+        with reading(folder / INDEX, "FAISS index"):
+            index = faiss.read_index(str(folder / INDEX))
+        return cls(model, item_ids, popularity, index, config)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def metadata(self) -> dict[str, Any]:
+        """The bundle's config (counts, dims, index, text path, metrics) as served by GET /metadata."""
+        return {**self.config, "num_items": self.num_items}
+
+    # ---------------------------------------------------------------- checks
+
+    def check_k(self, k: Any, field: str = "k") -> int:
+        """k as an int in [1, catalog size], else `BadRequest` naming `field`."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise BadRequest(field, f"expected an integer, got {type(k).__name__} {k!r}")
+        if not 1 <= k <= self.num_items:
+            raise BadRequest(field, f"expected 1 <= {field} <= {self.num_items} (the catalog size), got {k}")
+        return int(k)
+
+    def rows(self, ids: Sequence[str] | None, field: str, unknown: str = "error") -> np.ndarray:
+        """Item ids -> vocabulary rows (n,) int64; unknown ids raise `UnknownItems` or are dropped."""
+        if unknown not in UNKNOWN_POLICIES:
+            raise BadRequest("unknown", f"expected one of {UNKNOWN_POLICIES}, got {unknown!r}")
+        if ids is None:
+            return np.zeros(0, dtype=np.int64)
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise BadRequest(field, f"expected a list of item ids, got {type(ids).__name__}")
+        for i, item in enumerate(ids):
+            if not isinstance(item, str):
+                raise BadRequest(f"{field}[{i}]", f"expected a string item id, got {type(item).__name__} {item!r}")
+        found = [self.row.get(item, -1) for item in ids]
+        missing = [item for item, r in zip(ids, found) if r < 0]
+        if missing and unknown == "error":
+            raise UnknownItems(field, list(dict.fromkeys(missing)), self.num_items)
+        return np.asarray([r for r in found if r >= 0], dtype=np.int64)
+
+    # ---------------------------------------------------------------- queries
+
+    def recommend(self, history: Sequence[str], k: int = 10, exclude: Sequence[str] | None = None,
+                  exclude_seen: bool = True, unknown: str = "error") -> dict[str, list]:
+        """Top-k items for one history (oldest first): {'items': [ids], 'scores': [floats]}, best first.
+
+        Seen items are excluded unless `exclude_seen=False`; `exclude` removes more. Unknown ids are an
+        error (`UnknownItems`) unless `unknown='drop'`. An empty history gets the most popular items."""
+        excl = None if exclude is None else [exclude]
+        return self.recommend_batch([history], k, excl, exclude_seen, unknown, field="history")[0]
+
+    def recommend_batch(self, histories: Sequence[Sequence[str]], k: int = 10,
+                        exclude: Sequence[Sequence[str] | None] | None = None, exclude_seen: bool = True,
+                        unknown: str = "error", field: str = "histories") -> list[dict[str, list]]:
+        """`recommend` for many histories at once (one user-tower pass, one index search); `exclude` is
+        None or one list (or None) per history."""
+        k = self.check_k(k)
+        if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence):
+            raise BadRequest(field, f"expected a list of histories, got {type(histories).__name__}")
+        if exclude is not None and len(exclude) != len(histories):
+            raise BadRequest("exclude", f"expected one list per history ({len(histories)}), got {len(exclude)}")
+        one = field == "history"
+        hists = [self.rows(h, field if one else f"{field}[{i}]", unknown) for i, h in enumerate(histories)]
+        masks = []
+        for i, h in enumerate(hists):
+            extra = self.rows(exclude[i] if exclude is not None else None, "exclude" if one else f"exclude[{i}]",
+                              unknown)
+            masks.append(np.unique(np.concatenate([h, extra]) if exclude_seen else extra))
+        out: list[dict[str, list]] = [{} for _ in hists]
+        warm = [i for i, h in enumerate(hists) if len(h)]
+        if warm:
+            for i, res in zip(warm, self._search([hists[i] for i in warm], [masks[i] for i in warm], k)):
+                out[i] = res
+        for i, h in enumerate(hists):
+            if not len(h):
+                out[i] = self._popular(masks[i], k)
+        return out
+
+    def user_vectors(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Histories as vocabulary rows -> (B, d) float32 user vectors (the student's last state)."""
+        with torch.inference_mode():
+            return self.model.user_vectors(self.model.pad_histories(rows), table=self.table).numpy()
+
+    def _search(self, rows: list[np.ndarray], masks: list[np.ndarray], k: int) -> list[dict[str, list]]:
+        """Index search over-fetched by the largest mask, masked rows removed, k kept."""
+        xq = np.ascontiguousarray(self.user_vectors(rows), dtype=np.float32)
+        fetch = min(self.index.ntotal, k + max(len(m) for m in masks))
+        D, I = self.index.search(xq, fetch)
+        out = []
+        for d, i, m in zip(D, I, masks):
+            keep = (i >= 0) & ~np.isin(i, m)
+            out.append(self._result(i[keep][:k], d[keep][:k]))
+        return out
+
+    def _popular(self, mask: np.ndarray, k: int) -> dict[str, list]:
+        """The k most popular train items outside `mask` (scores = train interaction counts)."""
+        order = self.by_popularity[~np.isin(self.by_popularity, mask)][:k]
+        return self._result(order, self.popularity[order])
+
+    def _result(self, rows: np.ndarray, scores: np.ndarray) -> dict[str, list]:
+        return {"items": [self.item_ids[r] for r in rows.tolist()], "scores": [float(s) for s in scores]}
+
+    def similar_items(self, item_id: str, k: int = 10) -> dict[str, list]:
+        """The k items whose vectors have the highest dot product with `item_id`'s (itself excluded)."""
+        k = self.check_k(k)
+        if not isinstance(item_id, str):
+            raise BadRequest("item_id", f"expected a string item id, got {type(item_id).__name__} {item_id!r}")
+        row = self.row.get(item_id)
+        if row is None:
+            raise UnknownItems("item_id", [item_id], self.num_items, droppable=False)
+        xq = self.table[row : row + 1].numpy()
+        D, I = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), min(self.index.ntotal, k + 1))
+        keep = (I[0] >= 0) & (I[0] != row)
+        return self._result(I[0][keep][:k], D[0][keep][:k])

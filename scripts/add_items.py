@@ -1,0 +1,26 @@
+"""Add new items to a serving bundle from their text, without retraining (text students only).
+
+    python scripts/add_items.py bundles/ml100k new_items.csv
+
+The items file has an item_id column and the columns of the bundle's text template (CSV / TSV / Parquet /
+JSONL). The bundle's teacher embeds each text, the student's content projection maps it, and the items
+join the vocabulary and the index in one atomic rewrite: a crash leaves the old bundle intact.
+"""
+
+import argparse
+
+from llmkd.add_items import add_items
+from llmkd.cli import run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="bundle folder (scripts/export.py)")
+    p.add_argument("items", help="items file: item_id + the text template's columns")
+    args = p.parse_args()
+    result = add_items(args.bundle, args.items)
+    print(f"added {result['added']} items to {args.bundle}: catalog now {result['num_items']} items")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,160 @@
+"""The HTTP service (`scripts/serve.py`, `llmkd.serving.http`) as a real server process on 127.0.0.1.
+
+Every bad request of the corpus gets a 4xx whose message names the field, never a 500, and the server
+keeps answering good requests after all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, path: str, body: object = None, raw: bytes | None = None, method: str | None = None,
+         headers: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of one request; `raw` sends bytes as they are."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(served_run, tmp_path_factory):
+    """A bundle of the tiny text student served by scripts/serve.py; yields (base URL, Recommender)."""
+    from llmkd.serving import Recommender
+    from llmkd.serving.bundle import export_bundle
+
+    bundle = export_bundle(served_run[0], "student_text", tmp_path_factory.mktemp("http") / "bundle")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts/serve.py"), str(bundle), "--port", str(port),
+                             "--log-level", "warning"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if call(base, "/health")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    yield base, Recommender.from_pretrained(bundle)
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_health_metadata_and_docs(server):
+    base, rec = server
+    assert call(base, "/health") == (200, {"status": "ok", "items": rec.num_items})
+    status, meta = call(base, "/metadata")
+    assert status == 200 and meta["num_items"] == rec.num_items and meta["student"] == "student_text"
+    with urllib.request.urlopen(base + "/docs", timeout=30) as r:
+        assert r.status == 200 and b"swagger" in r.read().lower()
+    status, spec = call(base, "/openapi.json")
+    assert {"/recommend", "/recommend/batch", "/items/{item_id}/similar", "/health", "/metadata"} <= set(spec["paths"])
+
+
+def test_recommend_over_http_equals_the_python_api(server):
+    base, rec = server
+    history = rec.item_ids[:3]
+    status, got = call(base, "/recommend", {"history": history, "k": 10})
+    expected = rec.recommend(history, k=10)
+    assert status == 200 and got["items"] == expected["items"] and len(got["items"]) == 10
+    assert not set(got["items"]) & set(history)
+    assert got["scores"] == pytest.approx(expected["scores"], rel=1e-5)
+    status, got = call(base, "/recommend", {"history": history, "k": 5, "exclude": expected["items"][:2]})
+    assert status == 200 and got["items"] == expected["items"][2:7]
+    status, batch = call(base, "/recommend/batch", {"histories": [history, [], rec.item_ids[5:6]], "k": 4})
+    assert status == 200 and [b["items"] for b in batch] == [r["items"] for r in
+                                                            rec.recommend_batch([history, [], rec.item_ids[5:6]], 4)]
+    status, sim = call(base, f"/items/{rec.item_ids[7]}/similar?k=3")
+    assert status == 200 and sim["items"] == rec.similar_items(rec.item_ids[7], 3)["items"]
+    status, got = call(base, "/recommend", {"history": [history[0], "no-such"], "k": 3, "unknown": "drop"})
+    assert status == 200 and got["items"] == rec.recommend(history[:1], k=3)["items"]
+
+
+def bad_requests(n_items: int, known: str) -> list[tuple[str, str, dict]]:
+    """(id, field the message must name, request) for the corpus; `request` holds path and body or raw."""
+    huge = [known] * 100_000
+    return [
+        ("malformed json", "body", {"path": "/recommend", "raw": b'{"history": ["1", '}),
+        ("empty body", "body", {"path": "/recommend", "raw": b""}),
+        ("not utf-8", "body", {"path": "/recommend", "raw": b'{"history": ["\xff\xfe"], "k": 3}'}),
+        ("body is a list", "body", {"path": "/recommend", "body": [known]}),
+        ("body is a number", "body", {"path": "/recommend", "body": 7}),
+        ("deeply nested json", "body", {"path": "/recommend", "raw": b"[" * 100_000 + b"]" * 100_000}),
+        ("history missing", "history", {"path": "/recommend", "body": {"k": 3}}),
+        ("history is a string", "history", {"path": "/recommend", "body": {"history": known}}),
+        ("history holds an int", "history[1]", {"path": "/recommend", "body": {"history": [known, 5]}}),
+        ("history holds null", "history[0]", {"path": "/recommend", "body": {"history": [None]}}),
+        ("history holds a list", "history[0]", {"path": "/recommend", "body": {"history": [[known]]}}),
+        ("unknown id", "no-such-item", {"path": "/recommend", "body": {"history": ["no-such-item"], "k": 10}}),
+        ("unknown among known", "'zz9'", {"path": "/recommend", "body": {"history": [known, "zz9"]}}),
+        ("history of 100k items", "history", {"path": "/recommend", "body": {"history": huge}}),
+        ("k = 0", "k", {"path": "/recommend", "body": {"history": [known], "k": 0}}),
+        ("k < 0", "k", {"path": "/recommend", "body": {"history": [known], "k": -3}}),
+        ("k above the catalog", "k", {"path": "/recommend", "body": {"history": [known], "k": n_items + 1}}),
+        ("k huge", "k", {"path": "/recommend", "body": {"history": [known], "k": 10**30}}),
+        ("k a string", "k", {"path": "/recommend", "body": {"history": [known], "k": "10"}}),
+        ("k a float", "k", {"path": "/recommend", "body": {"history": [known], "k": 2.5}}),
+        ("k a bool", "k", {"path": "/recommend", "body": {"history": [known], "k": True}}),
+        ("exclude a string", "exclude", {"path": "/recommend", "body": {"history": [known], "exclude": known}}),
+        ("exclude unknown", "exclude", {"path": "/recommend", "body": {"history": [known], "exclude": ["nope"]}}),
+        ("unknown field", "kk", {"path": "/recommend", "body": {"history": [known], "kk": 3}}),
+        ("bad unknown policy", "unknown", {"path": "/recommend", "body": {"history": [known], "unknown": "maybe"}}),
+        ("batch not a list", "histories", {"path": "/recommend/batch", "body": {"histories": known}}),
+        ("batch holds an int", "histories[1][0]", {"path": "/recommend/batch", "body": {"histories": [[known], [3]]}}),
+        ("batch unknown id", "histories[1]", {"path": "/recommend/batch", "body": {"histories": [[known], ["q"]]}}),
+        ("batch too large", "histories", {"path": "/recommend/batch", "body": {"histories": [[known]] * 2000}}),
+        ("batch exclude count", "exclude", {"path": "/recommend/batch",
+                                            "body": {"histories": [[known]], "exclude": [[], []]}}),
+        ("similar unknown item", "item_id", {"path": "/items/no-such/similar"}),
+        ("similar k = 0", "k", {"path": f"/items/{known}/similar?k=0"}),
+        ("similar k not a number", "k", {"path": f"/items/{known}/similar?k=abc"}),
+        ("no such route", "path", {"path": "/nothing"}),
+        ("wrong method", "path", {"path": "/recommend", "method": "GET"}),
+        # the server refuses on the header, before reading: a client still sending 9 MiB would see a reset
+        ("body over the limit", "body", {"path": "/recommend", "raw": b"{}",
+                                         "headers": {"Content-Length": str(9 * 1024 * 1024)}}),
+    ]
+
+
+def test_bad_request_corpus(server):
+    base, rec = server
+    corpus = bad_requests(rec.num_items, rec.item_ids[0])
+    assert len(corpus) >= 20
+    failures = []
+    for name, field, req in corpus:
+        status, body = call(base, req["path"], req.get("body"), req.get("raw"), req.get("method"),
+                            req.get("headers"))
+        message = body.get("error", "")
+        if not (400 <= status < 500 and field in message):
+            failures.append(f"{name}: {status} {body}")
+    assert not failures, "\n".join(failures)
+    assert call(base, "/health")[0] == 200  # still serving
+    assert call(base, "/recommend", {"history": rec.item_ids[:2], "k": 10})[0] == 200

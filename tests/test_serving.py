@@ -1,0 +1,251 @@
+"""The serving bundle and the Python API (`llmkd.serving`): export, load, recommend, refuse.
+
+Built on `served_run` (conftest.py): a tiny text student trained in-process on the synthetic data.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from llmkd.artifacts import LlmkdError
+
+
+@pytest.fixture(scope="module")
+def bundle(served_run, tmp_path_factory):
+    from llmkd.serving.bundle import export_bundle
+
+    return export_bundle(served_run[0], "student_text", tmp_path_factory.mktemp("bundle") / "b")
+
+
+@pytest.fixture(scope="module")
+def rec(bundle):
+    from llmkd.serving import Recommender
+
+    return Recommender.from_pretrained(bundle)
+
+
+@pytest.fixture(scope="module")
+def run_data(served_run):
+    from llmkd.data import load_data
+
+    return load_data(served_run[1] / "data")
+
+
+def offline_top(served_run, data, split: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The offline evaluation's ranking: (users, top-k rows, their scores), student scores over all items
+    (`llmkd.report.student_scorer`), seen items masked (`llmkd.evaluate.mask_seen`), ties to the lower row."""
+    from llmkd.evaluate import mask_seen
+    from llmkd.report import load_student, student_scorer
+
+    model = load_student(served_run[1] / "student_text", data)
+    users = data.eval_users(split)
+    with torch.no_grad():
+        scores = mask_seen(student_scorer(model, data)(users, split).clone(), [data.history(u, split) for u in users])
+    order = np.argsort(-scores.numpy(), axis=1, kind="stable")[:, :k]
+    return users, order, np.take_along_axis(scores.numpy(), order, 1)
+
+
+def test_bundle_holds_what_serving_needs(bundle, run_data):
+    import faiss
+
+    files = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert {"config.json", "meta.json", "README.md", "student/config.json", "student/model.safetensors",
+            "item_ids.json", "popularity.json", "index/faiss.index", "teacher/teacher.json"} <= files
+    assert json.loads((bundle / "item_ids.json").read_text()) == run_data.item_ids
+    assert json.loads((bundle / "popularity.json").read_text()) == run_data.item_counts().tolist()
+    index = faiss.read_index(str(bundle / "index/faiss.index"))
+    assert isinstance(index, faiss.IndexIDMap) and index.ntotal == run_data.num_items
+    assert faiss.vector_to_array(index.id_map).tolist() == list(range(run_data.num_items))
+    card = (bundle / "README.md").read_text()
+    for words in ("## Data", "## Teacher and recipe", "## Metrics", "## Library versions", "torch", "faiss"):
+        assert words in card
+    assert not list(bundle.parent.glob(".b.*")), "atomic write left a sibling"
+
+
+def test_stored_text_vectors_are_the_teacher_cache(bundle, served_run):
+    from safetensors.numpy import load_file
+
+    content = load_file(str(bundle / "student/model.safetensors"))["item_tower.content"]
+    teacher = load_file(str(served_run[1] / "teacher/embeddings.safetensors"))["item_emb"]
+    np.testing.assert_array_equal(content[:-1], teacher)  # the last row is the padding item
+
+
+def test_card_reports_eval_metrics_when_recorded(served_run, tmp_path):
+    from llmkd.serving.bundle import export_bundle
+
+    cfg, out = served_run
+    metrics = {"student_text": {"valid": {"ndcg@10": 0.1234, "users": 5}, "test": {"ndcg@10": 0.0567, "users": 5}}}
+    (out / "eval").mkdir(exist_ok=True)
+    (out / "eval/metrics.json").write_text(json.dumps(metrics))
+    try:
+        card = (export_bundle(cfg, "student_text", tmp_path / "b") / "README.md").read_text()
+    finally:
+        (out / "eval/metrics.json").unlink()
+    assert "| valid | 0.1234 | 5 |" in card and "| test | 0.0567 | 5 |" in card
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_recommend_equals_offline_ranking(rec, served_run, run_data, split):
+    k = 10
+    users, top, scores = offline_top(served_run, run_data, split, k)
+    histories = [[run_data.item_ids[i] for i in run_data.history(u, split)] for u in users]
+    got = rec.recommend_batch(histories, k)
+    for row, res in enumerate(got):
+        assert res["items"] == [run_data.item_ids[i] for i in top[row]], f"user {users[row]}"
+        np.testing.assert_allclose(res["scores"], scores[row], rtol=1e-5, atol=1e-5)
+    one = rec.recommend(histories[-1], k)  # alone: other padding, the same ranking
+    assert one["items"] == got[-1]["items"]
+    np.testing.assert_allclose(one["scores"], got[-1]["scores"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_bundles(served_run, rec, run_data, tmp_path, kind):
+    """index.type from the config reaches the bundle (inside the id map); on 36 items HNSW (efSearch 128) and
+    IVF (one list) are exhaustive, so they rank as the flat bundle does."""
+    import dataclasses
+
+    import faiss
+
+    from llmkd.config import IndexConfig
+    from llmkd.serving import Recommender
+    from llmkd.serving.bundle import export_bundle
+
+    cfg = dataclasses.replace(served_run[0], index=IndexConfig(type=kind))
+    approx = Recommender.from_pretrained(export_bundle(cfg, "student_text", tmp_path / "b"))
+    inner = faiss.downcast_index(approx.index.index)
+    assert isinstance(inner, {"hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}[kind])
+    assert approx.config["index"]["type"] == kind
+    histories = [[run_data.item_ids[i] for i in run_data.history(u, "test")] for u in run_data.eval_users("test")]
+    assert [r["items"] for r in approx.recommend_batch(histories, 10)] == \
+           [r["items"] for r in rec.recommend_batch(histories, 10)]
+
+
+def test_seen_and_excluded_items_are_not_recommended(rec, run_data):
+    history = run_data.item_ids[:5]
+    first = rec.recommend(history, k=rec.num_items - 5)["items"]
+    assert len(first) == rec.num_items - 5 and not set(first) & set(history)
+    top3 = first[:3]
+    res = rec.recommend(history, k=10, exclude=top3)["items"]
+    assert not set(res) & set(top3) and res == first[3:13]
+    kept = rec.recommend(history, k=rec.num_items, exclude_seen=False)["items"]
+    assert set(history) <= set(kept)
+
+
+def test_empty_history_gets_popular_items(rec, run_data):
+    counts = run_data.item_counts()
+    expected = [run_data.item_ids[i] for i in np.argsort(-counts, kind="stable")[:5]]
+    res = rec.recommend([], k=5)
+    assert res["items"] == expected and res["scores"] == [float(counts[run_data.item_ids.index(i)]) for i in expected]
+    assert rec.recommend([], k=5, exclude=expected[:2])["items"] == [run_data.item_ids[i] for i in
+                                                                     np.argsort(-counts, kind="stable")[2:7]]
+
+
+def test_unknown_ids_are_named_and_dropped_only_when_asked(rec, run_data):
+    from llmkd.serving import UnknownItems
+
+    known = run_data.item_ids[:3]
+    with pytest.raises(UnknownItems, match=r"history: unknown item ids 'nope', 'gone'") as e:
+        rec.recommend([known[0], "nope", known[1], "gone", "nope"], k=5)
+    assert e.value.ids == ["nope", "gone"] and isinstance(e.value, LlmkdError)
+    assert rec.recommend([known[0], "nope", known[1]], k=5, unknown="drop") == rec.recommend(known[:2], k=5)
+    with pytest.raises(UnknownItems, match="exclude: unknown item id 'x'"):
+        rec.recommend(known, k=5, exclude=["x"])
+    with pytest.raises(UnknownItems, match="histories\\[1\\]: unknown item id 'zz'"):
+        rec.recommend_batch([known, ["zz"]], k=5)
+    with pytest.raises(UnknownItems, match="item_id: unknown item id 'q'"):
+        rec.similar_items("q")
+
+
+@pytest.mark.parametrize("k", [0, -1, 10_000, 2.0, "3", True, None])
+def test_bad_k_is_refused_naming_k(rec, k):
+    from llmkd.serving import BadRequest
+
+    with pytest.raises(BadRequest, match=r"^k: expected") as e:
+        rec.recommend(["x"], k=k)
+    assert e.value.field == "k"
+
+
+def test_non_string_ids_are_refused_naming_the_position(rec, run_data):
+    from llmkd.serving import BadRequest
+
+    with pytest.raises(BadRequest, match=r"history\[1\]: expected a string item id, got int 5"):
+        rec.recommend([run_data.item_ids[0], 5], k=3)
+    with pytest.raises(BadRequest, match="history: expected a list of item ids, got str"):
+        rec.recommend("101", k=3)
+
+
+def test_similar_items_rank_by_the_item_vectors(rec):
+    vectors = rec.table[: rec.num_items].numpy()
+    item = rec.item_ids[7]
+    scores = vectors @ vectors[7]
+    scores[7] = -np.inf
+    expected = [rec.item_ids[i] for i in np.argsort(-scores, kind="stable")[:5]]
+    res = rec.similar_items(item, k=5)
+    assert res["items"] == expected
+    np.testing.assert_allclose(res["scores"], np.sort(scores)[::-1][:5], rtol=1e-5)
+
+
+def test_loading_and_recommending_import_no_teacher_code(bundle, run_data):
+    """In a fresh interpreter: `import llmkd` imports no torch; loading and recommending import neither
+    transformers nor peft nor the teacher / training modules."""
+    code = (
+        "import sys, llmkd\n"
+        "assert 'torch' not in sys.modules, 'import llmkd imported torch'\n"
+        "from llmkd import Recommender\n"
+        f"r = Recommender.from_pretrained({str(bundle)!r})\n"
+        f"print(r.recommend({run_data.item_ids[:2]!r}, k=3)['items'], r.recommend([], k=2)['items'],\n"
+        f"      r.similar_items({run_data.item_ids[0]!r}, k=2)['items'])\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft', 'accelerate', 'datasets')\n"
+        "       or m in ('llmkd.teacher', 'llmkd.distill', 'llmkd.finetune', 'llmkd.losses', 'llmkd.data')]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("'") >= 14  # three lists of ids were printed
+
+
+def test_id_student_and_user_id_student(served_run, tmp_path, run_data):
+    """An id-only student exports (no teacher/ folder); a student with user-id embeddings is refused."""
+    from llmkd.artifacts import new_meta, write_json
+    from llmkd.serving import Recommender
+    from llmkd.serving.bundle import export_bundle
+    from llmkd.student import TwoTower
+
+    cfg, out = served_run
+    for name, users in (("student_ids", 0), ("student_users", run_data.num_users)):
+        model = TwoTower(run_data.num_items, max_len=8, dim=8, num_layers=1, num_heads=1, num_users=users)
+        model.save_pretrained(out / name)
+        write_json(out / name / "meta.json", new_meta("student", cfg.to_dict(), run_data.fingerprint))
+    folder = export_bundle(cfg, "student_ids", tmp_path / "ids")
+    assert not (folder / "teacher").exists()
+    assert json.loads((folder / "config.json").read_text())["item_text"] is None
+    ids = Recommender.from_pretrained(folder)  # its item table is the embedding parameter itself
+    assert len(ids.recommend(run_data.item_ids[:2], k=4)["items"]) == 4
+    assert len(ids.similar_items(run_data.item_ids[0], k=3)["items"]) == 3
+    with pytest.raises(LlmkdError, match="student_users: the student uses per-user id embeddings"):
+        export_bundle(cfg, "student_users", tmp_path / "users")
+    assert not (tmp_path / "users").exists()
+
+
+def test_a_bundle_with_sizes_that_disagree_is_refused(bundle, tmp_path):
+    import shutil
+
+    from llmkd.serving import Recommender
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    ids = json.loads((copy / "item_ids.json").read_text())
+    (copy / "item_ids.json").write_text(json.dumps(ids[:-1]))
+    with pytest.raises(LlmkdError, match="sizes disagree"):
+        Recommender.from_pretrained(copy)
+    (copy / "meta.json").unlink()
+    with pytest.raises(LlmkdError, match="not a bundle artifact"):
+        Recommender.from_pretrained(copy)
