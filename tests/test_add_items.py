@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -209,3 +210,36 @@ def test_the_bundle_carries_the_lora_adapter_add_items_needs(served_run, cold, t
     add_items(bundle, cold["path"])
     stored = load_file(str(bundle / "student/model.safetensors"))["item_tower.content"][n : n + len(texts)]
     np.testing.assert_allclose(stored, with_adapter, rtol=1e-5, atol=1e-6)
+
+
+def test_concurrent_additions_do_not_lose_one_another(bundle, tmp_path, monkeypatch):
+    """append_items reads and rewrites the bundle under one lock. While another process adds an item, a
+    second addition stops at once naming it, or (asked to wait) waits and then builds on its result; one
+    that read the bundle before taking the lock would silently drop the other's item."""
+    from llmkd.serving.bundle import append_items
+
+    dim = json.loads((bundle / "teacher/teacher.json").read_text())["dim"]
+    signal = tmp_path / "held"
+    code = ("import time\nfrom pathlib import Path\nimport numpy as np\nfrom llmkd.locks import artifact_lock\n"
+            "from llmkd.serving.bundle import append_items\n"
+            f"with artifact_lock({str(bundle)!r}):\n    Path({str(signal)!r}).write_text('1')\n    time.sleep(2)\n"
+            f"    append_items({str(bundle)!r}, ['other'], np.zeros((1, {dim}), dtype=np.float32))\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
+                              env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    try:
+        for _ in range(600):
+            if signal.exists() or holder.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert signal.exists(), "the other writer did not start"
+        before = digest(bundle)
+        with pytest.raises(LlmkdError, match=rf"in use by pid {holder.pid}"):
+            append_items(bundle, ["mine"], np.zeros((1, dim), dtype=np.float32))
+        assert digest(bundle) == before
+        monkeypatch.setenv("LLMKD_WAIT_LOCK", "60")
+        append_items(bundle, ["mine"], np.ones((1, dim), dtype=np.float32))
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((bundle / "item_ids.json").read_text())[-2:] == ["other", "mine"]

@@ -33,6 +33,7 @@ from llmkd.artifacts import LlmkdError, atomic_dir, new_meta, read_meta, reading
 from llmkd.config import Config
 from llmkd.index import build_id_index
 from llmkd.lineage import check_lineage
+from llmkd.locks import locked
 from llmkd.student import TwoTower
 
 FORMAT = "llmkd-bundle"
@@ -111,6 +112,7 @@ def eval_metrics(out: Path, student: str, student_meta: dict) -> dict[str, Any]:
     return {}
 
 
+@locked(lambda a: a["output"])
 def export_bundle(cfg: Config, student: str, output: str | Path) -> Path:
     """Write the bundle of `cfg.out_dir/student` to `output` (atomically): see the module docstring."""
     from llmkd.data import load_data  # lazily, as above: the data artifact gives ids, popularity, fingerprint
@@ -202,6 +204,7 @@ def require_item_text(folder: Path) -> dict[str, Any]:
     return config
 
 
+@locked(lambda a: a["folder"])  # read and rewritten under one lock: concurrent additions cannot lose one another
 def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, source: str = "new items") -> dict:
     """Add items to a bundle of a text student: `text` (M, content_dim) float32 are their teacher vectors;
     the student's content projection maps them, and they join the vocabulary, the student and the index.
