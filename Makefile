@@ -81,7 +81,7 @@ benchmark-kd: install
 # evaluation; results copied to results/amazon_beauty_*.
 BEAUTY_OUT ?= runs/amazon_beauty
 BEAUTY_SET = --config configs/amazon_beauty.yaml --set out_dir=$(BEAUTY_OUT)
-BEAUTY_BUDGET ?= 3600
+BEAUTY_BUDGET ?= 7200
 BEAUTY_FAMILIES ?= content_features content_init user_align item_align listwise_kl ranking_distillation relaxed_ranking \
 	margin_mse pairwise_hinge infonce
 benchmark-beauty: install
