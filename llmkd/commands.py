@@ -1,16 +1,23 @@
-"""The `llmkd` command: one entry point for the pipeline's stages.
+"""The `llmkd` command: one entry point for every stage of the pipeline and for serving.
 
-    llmkd distill --config configs/ml100k.yaml --set distill.alpha=0 --set distill.name=student_no_kd
+    llmkd prepare --config configs/ml100k.yaml
     llmkd finetune --config configs/ml100k.yaml
+    llmkd distill --config configs/ml100k.yaml --set distill.alpha=0 --set distill.name=student_no_kd
     llmkd distill --multi_gpu --num_processes 2 -- --config configs/ml100k.yaml   # launch options, then --
+    llmkd export --config configs/ml100k.yaml --student student_kd --output bundles/ml100k
+    llmkd recommend bundles/ml100k --history 50,172,133 --k 10
+    llmkd serve bundles/ml100k --host 127.0.0.1 --port 8000
 
-`distill` and `finetune` run `scripts/distill.py` / `scripts/finetune_teacher.py` through Accelerate's
-launcher (`accelerate.commands.launch`, the code behind `accelerate launch`), so they scale out the same way
-and read the same `accelerate config`. Arguments before a `--` go to the launcher, the rest to the script
-(without `--`, all go to the script). What `accelerate launch` does not do: a user error in the script
-ends the command with the script's one `error:` line and exit status 2, where `accelerate launch` adds
-its own traceback and exits 1. A stage is a row of `STAGES`; stages that need no launcher can join with
-`launched=False`.
+Each subcommand is a row of `STAGES`: the script under `scripts/` it runs, so `llmkd X ...` and
+`python scripts/x.py ...` are one code path with one set of options (`--config`, `--set`, `--student`,
+`--output`, `--wait-lock` wherever they apply). `distill` and `finetune` run their script through
+Accelerate's launcher (`accelerate.commands.launch`, the code behind `accelerate launch`), so they scale
+out the same way and read the same `accelerate config`. Arguments before a `--` go to the launcher, the
+rest to the script (without `--`, all go to the script). What `accelerate launch` does not do: a user
+error in the script ends the command with the script's one `error:` line and exit status 2, where
+`accelerate launch` adds its own traceback and exits 1. The other stages run their script in this
+process, named `llmkd X` in its usage line: one interpreter start, and signals (Ctrl-C, a
+SIGTERM to `llmkd serve`) reach the stage itself.
 """
 
 from __future__ import annotations
@@ -38,16 +45,29 @@ class Stage:
 
 
 STAGES = {
+    "prepare": Stage("prepare_data.py", "split interactions + item text into <out_dir>/data", launched=False),
     "finetune": Stage("finetune_teacher.py", "LoRA-tune the teacher (a PEFT adapter under out_dir)"),
+    "teacher": Stage("build_teacher.py", "cache the teacher's item and user vectors", launched=False),
     "distill": Stage("distill.py", "train the two-tower student, with or without the teacher"),
+    "tune": Stage("tune.py", "search the distillation recipe on valid within a budget", launched=False),
+    "index": Stage("build_index.py", "FAISS index over a student's item vectors", launched=False),
+    "evaluate": Stage("evaluate.py", "popularity, teacher and students on test -> <out_dir>/eval", launched=False),
+    "export": Stage("export.py", "a self-contained serving bundle from a student", launched=False),
+    "recommend": Stage("recommend.py", "top-k items for one history from a bundle, as JSON", launched=False),
+    "add-items": Stage("add_items.py", "new items into a bundle from their text, no retraining", launched=False),
+    "serve": Stage("serve.py", "HTTP service over a bundle (FastAPI on uvicorn)", launched=False),
+    "cold-start": Stage("cold_start.py", "Recall@K on items withheld from training", launched=False),
+    "seeds": Stage("seeds.py", "no-KD vs KD students over several seeds", launched=False),
+    "benchmark-kd": Stage("benchmark_kd.py", "every KD variant, chosen on valid, over seeds", launched=False),
 }
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<10} {stage.help} (scripts/{stage.script})" for name, stage in STAGES.items())
-    return (f"usage: llmkd COMMAND [LAUNCH OPTIONS --] [ARGUMENTS]\n\ncommands:\n{rows}\n\n"
-            "ARGUMENTS go to the script (see `llmkd COMMAND --help`); LAUNCH OPTIONS, before a `--`, go to\n"
-            "`accelerate launch` (e.g. --multi_gpu --num_processes 2).")
+    rows = "\n".join(f"  {name:<13} {stage.help} (scripts/{stage.script})" for name, stage in STAGES.items())
+    launched = " and ".join(f"`{name}`" for name, stage in STAGES.items() if stage.launched)
+    return (f"usage: llmkd COMMAND [ARGUMENTS]\n       llmkd {{distill,finetune}} [LAUNCH OPTIONS --] [ARGUMENTS]\n\n"
+            f"commands:\n{rows}\n\nARGUMENTS are the script's (see `llmkd COMMAND --help`); for {launched}, LAUNCH "
+            "OPTIONS\nbefore a `--` go to `accelerate launch` (e.g. --multi_gpu --num_processes 2).")
 
 
 def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:
@@ -97,7 +117,31 @@ def run_stage(name: str, args: list[str]) -> int:
         return launch(script, launch_args, script_args)
     if launch_args:
         raise LlmkdError(f"llmkd {name}: takes no launch options (nothing before `--`)")
-    return subprocess.call([sys.executable, str(script), *script_args])
+    return run_in_process(script, f"llmkd {name}", script_args)
+
+
+def run_in_process(script: Path, prog: str, script_args: list[str]) -> int:
+    """Run `script` as `__main__` in this interpreter with argv `[prog, *script_args]` (argparse names it
+    `prog`; `runpy.run_path` would put the script's path there); return its exit status (0 when it
+    returns, else its SystemExit's). The script is `sys.modules['__main__']` meanwhile, as when run
+    directly, so spawned worker processes (`llmkd tune --jobs 2`) find it."""
+    import types
+
+    module = types.ModuleType("__main__")
+    module.__file__ = str(script)
+    code = compile(script.read_bytes(), str(script), "exec")
+    saved = sys.argv, sys.modules["__main__"]
+    sys.argv, sys.modules["__main__"] = [prog, *script_args], module
+    try:
+        exec(code, module.__dict__)  # noqa: S102 -- our own script, as `python script` would run it
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # sys.exit("message"), as the interpreter would print it
+        return 1
+    finally:
+        sys.argv, sys.modules["__main__"] = saved
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from llmkd.coldstart import run_cold_start
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--students", nargs="+", default=None,
+    p.add_argument("--student", "--students", dest="students", nargs="+", default=None,
                    help="student folders under out_dir (default: distill.name); each needs student.content_features")
     args = p.parse_args()
     cfg = config_from(args)
