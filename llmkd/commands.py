@@ -56,6 +56,7 @@ STAGES = {
     "recommend": Stage("recommend.py", "top-k items for one history from a bundle, as JSON", launched=False),
     "add-items": Stage("add_items.py", "new items into a bundle from their text, no retraining", launched=False),
     "serve": Stage("serve.py", "HTTP service over a bundle (FastAPI on uvicorn)", launched=False),
+    "load-test": Stage("load_test.py", "N concurrent clients against `llmkd serve` on loopback", launched=False),
     "cold-start": Stage("cold_start.py", "Recall@K on items withheld from training", launched=False),
     "seeds": Stage("seeds.py", "no-KD vs KD students over several seeds", launched=False),
     "benchmark-kd": Stage("benchmark_kd.py", "every KD variant, chosen on valid, over seeds", launched=False),

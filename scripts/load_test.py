@@ -1,0 +1,48 @@
+"""Load test of `llmkd serve` on loopback: N concurrent clients for a fixed time, bounded in requests.
+
+    python scripts/load_test.py bundles/ml100k --clients 32 --duration 30 --output results/serving_load.json
+    llmkd load-test bundles/ml100k --url http://127.0.0.1:8000 --server-pid 12345   # a server already running
+
+Without --url it starts `llmkd serve BUNDLE` on 127.0.0.1 itself and stops it at the end. Reports latency
+p50/p95/p99, requests/s, errors and the server's RSS before and after (llmkd/serving/load_test.py);
+writes the JSON to --output and a markdown table beside it.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from llmkd.artifacts import write_json
+from llmkd.cli import run
+from llmkd.serving.load_test import LoadConfig, load_test, markdown
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="bundle folder (llmkd export): served, and the source of the request histories")
+    p.add_argument("--url", default=None, help="a server already running on loopback (default: start one)")
+    p.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, for its RSS")
+    p.add_argument("--clients", type=int, default=32, help="concurrent keep-alive clients")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds measured")
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured requests first")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds after which a request is an error")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request histories")
+    p.add_argument("--output", default="results/serving_load.json", help="JSON report (a .md beside it)")
+    args = p.parse_args()
+    cfg = LoadConfig(clients=args.clients, duration_s=args.duration, max_requests=args.max_requests,
+                     warmup_s=args.warmup, k=args.k, timeout_s=args.timeout, seed=args.seed)
+    result = load_test(args.bundle, cfg, args.url, args.server_pid)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    md = markdown(result)
+    out.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+    print(md)
+    print(json.dumps({k: result[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "errors")}))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    run(main)
