@@ -57,6 +57,8 @@ STAGES = {
     "add-items": Stage("add_items.py", "new items into a bundle from their text, no retraining", launched=False),
     "serve": Stage("serve.py", "HTTP service over a bundle (FastAPI on uvicorn)", launched=False),
     "load-test": Stage("load_test.py", "N concurrent clients against `llmkd serve` on loopback", launched=False),
+    "benchmark-serving": Stage("benchmark_serving.py", "bundle API, HTTP and teachers side by side: latency, "
+                               "throughput, memory", launched=False),
     "cold-start": Stage("cold_start.py", "Recall@K on items withheld from training", launched=False),
     "seeds": Stage("seeds.py", "no-KD vs KD students over several seeds", launched=False),
     "benchmark-kd": Stage("benchmark_kd.py", "every KD variant, chosen on valid, over seeds", launched=False),

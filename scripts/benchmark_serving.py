@@ -1,0 +1,49 @@
+"""Cost through the serving bundle, side by side in one run: Python API (batch 1 and 256), HTTP, teachers.
+
+    python scripts/benchmark_serving.py --config configs/ml100k.yaml --bundle bundles/ml100k \
+        --teacher configs/ml100k_smollm2.yaml --output results/serving_cpu.json
+
+The run folder of --config gives the test users and the first teacher (its base model + LoRA adapter and
+cached item vectors); each --teacher YAML adds the teacher of its own run folder (same data), skipped with
+the reason in the JSON when it is not installed or not built. Writes --output and a markdown table beside.
+"""
+
+from pathlib import Path
+
+from llmkd.artifacts import write_json
+from llmkd.cli import config_from, parser, run
+from llmkd.config import load_config
+from llmkd.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--bundle", required=True, help="bundle folder (llmkd export) of a student of this run")
+    p.add_argument("--teacher", action="append", default=[], metavar="YAML",
+                   help="another teacher's run config (e.g. configs/ml100k_smollm2.yaml; repeatable)")
+    p.add_argument("--latency-users", type=int, default=200, help="users timed one at a time (bundle, HTTP)")
+    p.add_argument("--throughput-users", type=int, default=1024, help="users timed in batches (bundle, HTTP)")
+    p.add_argument("--teacher-latency-users", type=int, default=20)
+    p.add_argument("--teacher-throughput-users", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--http-clients", type=int, default=32)
+    p.add_argument("--http-seconds", type=float, default=10.0)
+    p.add_argument("--output", default="results/serving_cpu.json", help="JSON file (a .md beside it)")
+    args = p.parse_args()
+    cfg = config_from(args)
+    teachers = teacher_configs(cfg, [load_config(t) for t in args.teacher])
+    result = measure_serving_cost(cfg, args.bundle, teachers, args.latency_users, args.throughput_users,
+                                  args.teacher_latency_users, args.teacher_throughput_users, args.batch_size,
+                                  args.repeats, http_clients=args.http_clients, http_seconds=args.http_seconds)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    md = serving_cost_markdown(result)
+    out.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+    print(md)
+    print(f"\n-> {out}")
+
+
+if __name__ == "__main__":
+    run(main)
