@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from llmkd.artifacts import LlmkdError, reading
@@ -121,11 +122,70 @@ class UserTower(nn.Module):
             w = torch.exp(-self.recency_decay * (queries[:, None] - steps[None, :]).clamp(min=0))  # (Q, L)
             w = w * (causal[-len(queries) :] & real[:, None, :])  # (B, Q, L)
             x = torch.einsum("bts,bsd->btd", w, seq) / w.sum(-1, keepdim=True).clamp(min=1e-9)
+        return self.head(x, users)  # (B, L, d)
+
+    def head(self, x: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Q, d) pooled states -> user states: norm, residual MLP, + the user's embedding if any."""
         x = self.norm(x)
         x = x + self.mlp(x)
         if self.user_embedding is not None and users is not None:
             x = x + self.user_embedding(users)[:, None, :]
-        return x  # (B, L, d)
+        return x
+
+    @torch.inference_mode()
+    def last_state(self, seq: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, d) history vectors, (B, L) bool real-item mask -> (B, d): the newest state as `forward` computes
+        it in eval mode, for less (serving). Only the newest position's state is read, so the last encoder
+        layer runs attention and feed-forward for that one query (its keys and values still come from every
+        position); the other layers run as in `forward`, with the mask broadcast over heads instead of
+        repeated. Equal to `forward(...)[:, -1]` up to float rounding (tests/test_student.py)."""
+        if self.training:
+            raise RuntimeError("last_state is the eval-mode computation; call model.eval() first")
+        if self.pooling != "transformer":
+            return self.forward(seq, real, users, last_only=True)[:, -1]
+        L = seq.shape[1]
+        if bool(real.all()):  # no padding (one history, or all as long): the mask is the causal one
+            allowed = None
+        else:
+            causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+            allowed = ((causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=seq.device))[:, None]
+        x = self.input_norm(seq + self.position.weight[-L:])  # (B, L, d)
+        layers = self.encoder.layers
+        for layer in layers[:-1]:
+            h = layer.norm1(x)
+            x = x + attention(layer, h, h, allowed)
+            x = x + feed_forward(layer, x)
+        last = layers[-1]
+        h = last.norm1(x)  # (B, L, d): keys and values of every position
+        newest = None if allowed is None else allowed[:, :, -1:]  # (B, 1, 1, L); unmasked: it sees every position
+        x = x[:, -1:] + attention(last, h[:, -1:], h, newest, causal=False)  # (B, 1, d)
+        x = x + feed_forward(last, x)
+        if self.encoder.norm is not None:
+            x = self.encoder.norm(x)
+        return self.head(x, users)[:, -1]  # (B, d)
+
+
+def attention(layer: nn.TransformerEncoderLayer, hq: torch.Tensor, hkv: torch.Tensor, allowed: torch.Tensor | None,
+              causal: bool = True) -> torch.Tensor:
+    """`layer.self_attn` (eval) for queries (B, Q, d) over keys / values (B, L, d) -> (B, Q, d), through
+    `scaled_dot_product_attention` with the module's own projection weights. `allowed` (B, 1, Q, L) bool;
+    None: causal (query t sees keys <= t) when `causal`, else every key."""
+    attn = layer.self_attn
+    B, Q, d = hq.shape
+    H = attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    if hq is hkv:  # every position queries: one projection for q, k and v
+        q, k, v = F.linear(hq, w, b).view(B, Q, 3 * H, d // H).transpose(1, 2).chunk(3, dim=1)  # (B, H, L, d/H)
+    else:
+        q = F.linear(hq, w[:d], b[:d]).view(B, Q, H, d // H).transpose(1, 2)  # (B, H, Q, d/H)
+        k, v = F.linear(hkv, w[d:], b[d:]).view(B, -1, 2 * H, d // H).transpose(1, 2).chunk(2, dim=1)  # (B, H, L, d/H)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None and causal)  # (B, H, Q, d/H)
+    return attn.out_proj(o.transpose(1, 2).reshape(B, Q, d))
+
+
+def feed_forward(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's pre-norm feed-forward block (eval: no dropout), (B, Q, d) -> (B, Q, d)."""
+    return layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
 
 
 class TwoTower(nn.Module):
@@ -175,6 +235,15 @@ class TwoTower(nn.Module):
         first = first_real_column(real)
         history, real = history[:, first:], real[:, first:]
         return self.user_tower(table[history], real, users, last_only=True)[:, -1]
+
+    def serve_user_vectors(self, history: torch.Tensor, table: torch.Tensor, users: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+        """`user_vectors` for serving (eval mode, no autograd): the same padding trim, then the user tower's
+        `last_state`, which computes only what the newest state needs. (B, L) int64 -> (B, d) float32."""
+        real = history != self.num_items
+        first = first_real_column(real)
+        history, real = history[:, first:], real[:, first:]
+        return self.user_tower.last_state(table[history], real, users)
 
     def pad_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
         """Histories -> (B, max_len) int64, the most recent `max_len` items, left-padded."""

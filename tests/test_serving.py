@@ -249,3 +249,28 @@ def test_a_bundle_with_sizes_that_disagree_is_refused(bundle, tmp_path):
     (copy / "meta.json").unlink()
     with pytest.raises(LlmkdError, match="not a bundle artifact"):
         Recommender.from_pretrained(copy)
+
+
+def test_batch_masking_equals_a_per_query_isin():
+    """`masked` (one sorted search for the batch) against the plain per-query `np.isin`, with missing (-1)
+    results, repeated and empty masks."""
+    from llmkd.serving.recommender import masked
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n, B = int(rng.integers(1, 50)), int(rng.integers(1, 8))
+        I = rng.integers(-1, n, size=(B, int(rng.integers(1, 12))))
+        masks = [rng.integers(0, n, size=int(rng.integers(0, 2 * n))) for _ in range(B)]
+        want = np.stack([(i < 0) | np.isin(i, m) for i, m in zip(I, masks)])
+        np.testing.assert_array_equal(masked(I, masks, n), want)
+
+
+def test_served_user_vectors_equal_the_training_forwards_last_state(rec, run_data):
+    """The Recommender's user vectors (`serve_user_vectors`: last layer for the newest query only) equal the
+    training forward's last state for the same histories, batched (padded) and one at a time."""
+    users = run_data.eval_users("test")
+    rows = [np.asarray(run_data.history(u, "test")) for u in users]
+    with torch.no_grad():
+        full = rec.model(rec.model.pad_histories(rows))[0][:, -1].numpy()
+    np.testing.assert_allclose(rec.user_vectors(rows), full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([rec.user_vectors([r]) for r in rows[:5]]), full[:5], rtol=1e-5, atol=1e-5)

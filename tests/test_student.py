@@ -195,6 +195,45 @@ def test_user_vectors_with_a_precomputed_table_and_trimmed_padding(variant):
     torch.testing.assert_close(fast, full)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_served_vectors_equal_the_training_paths_last_state(variant, seed):
+    """`serve_user_vectors` (last layer for the newest query only, the mask broadcast over heads) gives the
+    state the training forward computes at the last position, for histories from 1 item to over max_len."""
+    model = make(variant, seed)
+    h = histories(seed, n=9)
+    u = users(9)
+    with torch.no_grad():
+        full = model(h, u)[0][:, -1]  # the training path: every position, every layer
+        table = model.item_tower()
+    served = model.serve_user_vectors(h, table, u)
+    assert served.shape == (9, 16) and not served.requires_grad
+    torch.testing.assert_close(served, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.serve_user_vectors(h[:1], table, u[:1]), full[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers, heads", [(1, 1), (3, 4)])
+def test_served_vectors_equal_for_other_depths_and_heads(layers, heads):
+    torch.manual_seed(layers)
+    model = TwoTower(num_items=N_ITEMS, max_len=MAX_LEN, dim=16, num_layers=layers, num_heads=heads, dropout=0.3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        h = histories(3, n=7)
+        full = model(h)[0][:, -1]
+        table = model.item_tower()
+        served = model.serve_user_vectors(h, table)
+        alone = torch.cat([model.serve_user_vectors(h[i : i + 1], table) for i in range(len(h))])  # no padding left
+    torch.testing.assert_close(served, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone, full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_serving_computation_refuses_training_mode():
+    model = make("transformer").train()
+    with pytest.raises(RuntimeError, match="eval"):
+        model.serve_user_vectors(histories(), model.item_tower().detach())
+
+
 # ---------------------------------------------------------------- ids initialised from the teacher's item vectors
 
 

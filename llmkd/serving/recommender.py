@@ -136,7 +136,7 @@ class Recommender:
         for i, h in enumerate(hists):
             extra = self.rows(exclude[i] if exclude is not None else None, "exclude" if one else f"exclude[{i}]",
                               unknown)
-            masks.append(np.unique(np.concatenate([h, extra]) if exclude_seen else extra))
+            masks.append(np.concatenate([h, extra]) if exclude_seen else extra)  # repeats are harmless
         out: list[dict[str, list]] = [{} for _ in hists]
         warm = [i for i, h in enumerate(hists) if len(h)]
         if warm:
@@ -148,19 +148,21 @@ class Recommender:
         return out
 
     def user_vectors(self, rows: list[np.ndarray]) -> np.ndarray:
-        """Histories as vocabulary rows -> (B, d) float32 user vectors (the student's last state)."""
+        """Histories as vocabulary rows -> (B, d) float32 user vectors (the student's last state, computed by
+        `serve_user_vectors`: only what the newest state needs)."""
         with torch.inference_mode():
-            return self.model.user_vectors(self.model.pad_histories(rows), table=self.table).numpy()
+            return self.model.serve_user_vectors(self.model.pad_histories(rows), self.table).numpy()
 
     def _search(self, rows: list[np.ndarray], masks: list[np.ndarray], k: int) -> list[dict[str, list]]:
         """Index search over-fetched by the largest mask, masked rows removed, k kept."""
         xq = np.ascontiguousarray(self.user_vectors(rows), dtype=np.float32)
         fetch = min(self.index.ntotal, k + max(len(m) for m in masks))
         D, I = self.index.search(xq, fetch)
+        keep = ~masked(I, masks, self.num_items)
         out = []
-        for d, i, m in zip(D, I, masks):
-            keep = (i >= 0) & ~np.isin(i, m)
-            out.append(self._result(i[keep][:k], d[keep][:k]))
+        for d, i, ok in zip(D, I, keep):
+            sel = np.flatnonzero(ok)[:k]
+            out.append(self._result(i[sel], d[sel]))
         return out
 
     def _popular(self, mask: np.ndarray, k: int) -> dict[str, list]:
@@ -169,7 +171,7 @@ class Recommender:
         return self._result(order, self.popularity[order])
 
     def _result(self, rows: np.ndarray, scores: np.ndarray) -> dict[str, list]:
-        return {"items": [self.item_ids[r] for r in rows.tolist()], "scores": [float(s) for s in scores]}
+        return {"items": [self.item_ids[r] for r in rows.tolist()], "scores": np.asarray(scores, np.float64).tolist()}
 
     def similar_items(self, item_id: str, k: int = 10) -> dict[str, list]:
         """The k items whose vectors have the highest dot product with `item_id`'s (itself excluded)."""
@@ -183,3 +185,19 @@ class Recommender:
         D, I = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), min(self.index.ntotal, k + 1))
         keep = (I[0] >= 0) & (I[0] != row)
         return self._result(I[0][keep][:k], D[0][keep][:k])
+
+
+def masked(I: np.ndarray, masks: list[np.ndarray], n: int) -> np.ndarray:
+    """(B, F) fetched rows (-1 = none), one array of masked rows per query -> (B, F) bool: masked or none.
+
+    One sorted search for the whole batch over (query, row) keys, memory O(B * F + total mask), whatever
+    the catalog size (a per-query `np.isin` costs more than the search itself at batch 1)."""
+    B = len(masks)
+    lengths = np.fromiter((len(m) for m in masks), dtype=np.int64, count=B)
+    keys = np.repeat(np.arange(B, dtype=np.int64) * (n + 1), lengths) + np.concatenate(masks).astype(np.int64)
+    keys.sort()
+    query = np.where(I < 0, n, I).astype(np.int64) + np.arange(B, dtype=np.int64)[:, None] * (n + 1)  # (B, F)
+    if not len(keys):
+        return I < 0
+    pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    return (keys[pos] == query) | (I < 0)
