@@ -274,3 +274,28 @@ def test_served_user_vectors_equal_the_training_forwards_last_state(rec, run_dat
         full = rec.model(rec.model.pad_histories(rows))[0][:, -1].numpy()
     np.testing.assert_allclose(rec.user_vectors(rows), full, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.concatenate([rec.user_vectors([r]) for r in rows[:5]]), full[:5], rtol=1e-5, atol=1e-5)
+
+
+def test_histories_grouped_by_length_give_the_same_vectors():
+    """`Recommender.user_vectors` serves each length group (`LENGTH_BUCKETS`) in its own pass; a random
+    2-layer student with histories of 1 to over max_len items gets the training forward's last states."""
+    import faiss
+
+    from llmkd.serving import Recommender
+    from llmkd.student import TwoTower
+
+    torch.manual_seed(0)
+    n = 60
+    model = TwoTower(n, max_len=40, dim=16, num_layers=2, num_heads=2, dropout=0.2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.item_tower.embedding.weight[n].zero_()
+        index = faiss.IndexIDMap(faiss.IndexFlatIP(16))
+        index.add_with_ids(model.item_vectors().numpy(), np.arange(n))
+    rec = Recommender(model, [str(i) for i in range(n)], np.ones(n, dtype=np.float32), index, {})
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, n, size=int(rng.integers(1, 50))) for _ in range(40)]
+    with torch.no_grad():
+        full = model(model.pad_histories(rows))[0][:, -1].numpy()
+    np.testing.assert_allclose(rec.user_vectors(rows), full, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,8 @@ from llmkd.serving.bundle import INDEX, ITEM_IDS, POPULARITY, STUDENT, read_conf
 from llmkd.student import TwoTower
 
 UNKNOWN_POLICIES = ("error", "drop")
+LENGTH_BUCKETS = np.array([4, 8, 16, 32])
+"""History-length groups served as separate passes (<= 4, 5-8, 9-16, 17-32, longer): cost follows length."""
 
 
 class BadRequest(LlmkdError):
@@ -149,9 +151,20 @@ class Recommender:
 
     def user_vectors(self, rows: list[np.ndarray]) -> np.ndarray:
         """Histories as vocabulary rows -> (B, d) float32 user vectors (the student's last state, computed by
-        `serve_user_vectors`: only what the newest state needs)."""
+        `serve_user_vectors`: only what the newest state needs).
+
+        Histories are grouped by length (`LENGTH_BUCKETS`) and each group is padded only to its own longest:
+        a row's state does not depend on the others' padding, and a batch of mostly short histories with a
+        few long ones would otherwise pay the longest's cost for every row."""
+        lengths = np.minimum([len(r) for r in rows], self.model.max_len)
+        bucket = np.searchsorted(LENGTH_BUCKETS, lengths)
+        out = np.empty((len(rows), self.table.shape[1]), dtype=np.float32)
         with torch.inference_mode():
-            return self.model.serve_user_vectors(self.model.pad_histories(rows), self.table).numpy()
+            for b in np.unique(bucket):
+                idx = np.flatnonzero(bucket == b)
+                hist = self.model.pad_histories([rows[i] for i in idx])
+                out[idx] = self.model.serve_user_vectors(hist, self.table).numpy()
+        return out
 
     def _search(self, rows: list[np.ndarray], masks: list[np.ndarray], k: int) -> list[dict[str, list]]:
         """Index search over-fetched by the largest mask, masked rows removed, k kept."""
