@@ -3,7 +3,7 @@
 The teacher the bundle records (base model + the LoRA adapter copied into `teacher/adapter`, the same
 pooling and templates as the teacher cache the student was trained on) embeds the new items' text;
 `llmkd.serving.bundle.append_items` stores them as the new items' content rows, with no id embedding, so
-the student's own item tower maps each to its content projection -- the vector `llmkd.coldstart` gives
+the student's own item tower maps each to its content projection -- the vector `llmkd.experiments.coldstart` gives
 a cold item (tests/test_add_items.py checks they are equal) -- and adds them to the vocabulary, the
 student and the index in one atomic rewrite of the bundle.
 
@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
 
 from llmkd.artifacts import LlmkdError, reading
-from llmkd.config import Config, TeacherConfig
+from llmkd.config import TeacherConfig
 from llmkd.serving.bundle import TEACHER, append_items, require_item_text
+from llmkd.student import TwoTower
+
+if TYPE_CHECKING:
+    from llmkd.teacher import TextEncoder
 
 
 def bundle_teacher(bundle: Path, record: dict):
@@ -46,8 +54,6 @@ def teacher_of(bundle: Path) -> dict:
 
 def add_item_texts(bundle: str | Path, ids: list[str], texts: list[str], source: str = "new items") -> dict:
     """Add items given as ids and rendered texts (the bundle's text template already applied)."""
-    from llmkd.coldstart import teacher_item_vectors
-
     bundle = Path(bundle)
     record = teacher_of(bundle)
     if not ids:
@@ -67,29 +73,20 @@ def add_items(bundle: str | Path, items_file: str | Path) -> dict:
     return add_item_texts(bundle, ids, texts, source=str(items_file))
 
 
-def cold_start_through_bundle(cfg: Config, student: str, output: str | Path,
-                              ks: tuple[int, ...] = (10, 20, 50)) -> dict:
-    """The cold-start protocol (`llmkd.coldstart`) served: export `student`, add the run's withheld items to the
-    bundle from their text, and rank the whole catalog for each cold user with `Recommender` (seen items
-    excluded). Recall / NDCG match the cold-start evaluation's FAISS row when the added vectors are its vectors."""
-    from llmkd.coldstart import set_metrics, warm_histories
-    from llmkd.data import load_data
-    from llmkd.serving import Recommender, export_bundle
+def teacher_item_vectors(encoder: TextEncoder, texts: list[str], cfg: TeacherConfig) -> np.ndarray:
+    """Unseen items' texts -> (M, d_teacher) float32, embedded as the teacher cache embeds items
+    (`teacher.item_template`, `teacher.max_item_tokens`); also the cold-start protocol's
+    (`llmkd.experiments.coldstart`)."""
+    from llmkd.teacher import item_prompts
 
-    data = load_data(Path(cfg.out_dir) / "data")
-    if not data.cold_item_ids:
-        raise LlmkdError(f"{Path(cfg.out_dir) / 'data'}: no cold items; set data.cold_items (e.g. 0.1) and rerun "
-                         "prepare_data.py")
-    bundle = export_bundle(cfg, student, output)
-    add_item_texts(bundle, data.cold_item_ids, data.cold_item_texts, source="the run's cold items")
-    rec = Recommender.from_pretrained(bundle)
-    users = sorted({u for us in data.cold_item_users for u in us})
-    relevant = [set() for _ in users]
-    where = {u: row for row, u in enumerate(users)}
-    for c, us in enumerate(data.cold_item_users):
-        for u in us:
-            relevant[where[u]].add(data.num_items + c)  # bundle rows: warm items, then the cold ones in order
-    hists = [[data.item_ids[i] for i in h] for h in warm_histories(data, users)]
-    top = [[rec.row[i] for i in r["items"]] for r in rec.recommend_batch(hists, min(max(ks), rec.num_items))]
-    return {"users": len(users), "cold_items": len(data.cold_item_ids), "index": cfg.index.type,
-            "whole catalog": set_metrics(top, relevant, list(ks))}
+    return encoder.encode(item_prompts(texts, cfg), cfg.max_item_tokens, desc="teacher: new items")
+
+
+def student_item_vectors(model: TwoTower, teacher_vectors: torch.Tensor, folder: Path | str) -> torch.Tensor:
+    """(M, d_teacher) teacher vectors -> (M, d) student item vectors through the learned content projection
+    (an unseen item has no id embedding); a student without one is refused, saying why."""
+    proj = model.item_tower.content_proj
+    if proj is None:
+        raise LlmkdError(f"{folder}: the student has no content projection (student.content_features: false), "
+                         "so it cannot embed unseen items; train one with content_features: true")
+    return proj(teacher_vectors)

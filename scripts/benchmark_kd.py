@@ -15,7 +15,7 @@ import yaml
 
 from llmkd.artifacts import LlmkdError
 from llmkd.cli import config_from, parser, run
-from llmkd.kd_benchmark import FAMILIES, run_kd_benchmark
+from llmkd.experiments.kd_benchmark import FAMILIES, run_kd_benchmark
 
 
 def main() -> None:

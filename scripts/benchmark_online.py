@@ -11,7 +11,7 @@ from pathlib import Path
 
 from llmkd.artifacts import write_json
 from llmkd.cli import config_from, parser, run
-from llmkd.online import measure_online_cost, online_markdown
+from llmkd.experiments.online import measure_online_cost, online_markdown
 
 
 def main() -> None:

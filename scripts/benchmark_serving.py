@@ -13,7 +13,7 @@ from pathlib import Path
 from llmkd.artifacts import write_json
 from llmkd.cli import config_from, parser, run
 from llmkd.config import load_config
-from llmkd.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
+from llmkd.experiments.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Cold-start items: Recall@K on items withheld from every training stage (see llmkd/coldstart.py).
+"""Cold-start items: Recall@K on items withheld from every training stage (see llmkd/experiments/coldstart.py).
 
     python scripts/prepare_data.py --config configs/ml100k_cold.yaml      # withholds data.cold_items
     accelerate launch scripts/finetune_teacher.py --config configs/ml100k_cold.yaml
@@ -10,7 +10,7 @@ Writes <out_dir>/cold_start/results.md and results.json.
 """
 
 from llmkd.cli import config_from, parser, run
-from llmkd.coldstart import run_cold_start
+from llmkd.experiments.coldstart import run_cold_start
 
 
 def main() -> None:

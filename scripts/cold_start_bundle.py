@@ -11,8 +11,8 @@ items get the same vectors there and here. Prints both when that file exists.
 import json
 from pathlib import Path
 
-from llmkd.add_items import cold_start_through_bundle
 from llmkd.cli import config_from, parser, run
+from llmkd.experiments.coldstart import cold_start_through_bundle
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ config or recipe says; with --recipe the search's runs are reused where their se
 from pathlib import Path
 
 from llmkd.artifacts import LlmkdError
-from llmkd.benchmark import DEFAULT_VARIANTS, run_seeds
 from llmkd.cli import config_from, parser, run
+from llmkd.experiments.seeds import DEFAULT_VARIANTS, run_seeds
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def bundle(served_run, tmp_path, request):
 @pytest.fixture(scope="module")
 def cold(served_run, synthetic, tmp_path_factory):
     """The run's withheld (cold) items as an items file, their ids and their cold-start student vectors."""
-    from llmkd.coldstart import student_item_vectors, teacher_item_vectors
+    from llmkd.add_items import student_item_vectors, teacher_item_vectors
     from llmkd.data import load_data
     from llmkd.report import load_student
     from llmkd.teacher import TextEncoder
@@ -159,8 +159,7 @@ def test_a_student_without_text_vectors_refuses_saying_why(served_run, cold, tmp
 def test_cold_start_protocol_through_the_bundle_equals_the_cold_start_evaluation(served_run, tmp_path):
     """Items added to a bundle are retrieved exactly as well as `make cold-start` retrieves them (its FAISS
     row, whole catalog): the same vectors, the same rankings, the same Recall / NDCG."""
-    from llmkd.add_items import cold_start_through_bundle
-    from llmkd.coldstart import cold_start_eval
+    from llmkd.experiments.coldstart import cold_start_eval, cold_start_through_bundle
 
     cfg, _ = served_run
     served = cold_start_through_bundle(cfg, "student_text", tmp_path / "b")
@@ -180,8 +179,7 @@ def test_the_bundle_carries_the_lora_adapter_add_items_needs(served_run, cold, t
     from peft import LoraConfig, get_peft_model
     from safetensors.numpy import load_file
 
-    from llmkd.add_items import add_items
-    from llmkd.coldstart import teacher_item_vectors
+    from llmkd.add_items import add_items, teacher_item_vectors
     from llmkd.serving.bundle import export_bundle
     from llmkd.teacher import TextEncoder, build_teacher_cache
 

@@ -353,7 +353,7 @@ def test_distill_reads_the_configured_teacher_folder(pipeline):
 
 
 def test_seeds_report_and_reuse_of_the_no_teacher_twin(pipeline):
-    from llmkd.benchmark import run_seeds
+    from llmkd.experiments.seeds import run_seeds
     from llmkd.config import load_config
 
     out = pipeline["out"]
@@ -406,7 +406,7 @@ def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
     """Search on valid picks the best grid point; its run is reused for that seed; the report has the
     teacher and popularity rows, the target checks and the diagnostics."""
     from llmkd.config import load_config
-    from llmkd.kd_benchmark import HEADROOM_WEIGHTS, run_kd_benchmark, teacher_headroom
+    from llmkd.experiments.kd_benchmark import HEADROOM_WEIGHTS, run_kd_benchmark, teacher_headroom
 
     out = pipeline["out"]
     cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]"])
@@ -465,7 +465,7 @@ def test_online_cost_benchmark(pipeline, tiny_bert):
     from transformers import AutoModel
 
     from llmkd.config import load_config
-    from llmkd.online import measure_online_cost
+    from llmkd.experiments.online import measure_online_cost
     from llmkd.student import TwoTower
 
     cfg = load_config(pipeline["cfg"])

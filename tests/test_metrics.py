@@ -222,7 +222,7 @@ def test_paired_bootstrap():
 
 
 def test_cold_start_set_metrics_by_hand():
-    from llmkd.coldstart import set_metrics
+    from llmkd.experiments.coldstart import set_metrics
 
     top = np.array([[3, 1, 4, 0], [2, 0, 1, 3]])
     relevant = [{1, 0}, {5}]  # user 0: hits at ranks 2 and 4; user 1: its item is not among the candidates

@@ -1,4 +1,4 @@
-"""Cost through the bundle (`llmkd.serving_cost`, scripts/benchmark_serving.py): a smoke run on the tiny run.
+"""Cost through the bundle (`llmkd.experiments.serving_cost`, scripts/benchmark_serving.py): a smoke run on the tiny run.
 
 Not a measurement (tiny models, a busy test machine): it checks the layout of results/serving_cpu.json,
 that the Python API and the HTTP service answer the same users alike, and that a teacher that cannot be
@@ -25,9 +25,9 @@ def bundle(served_run, tmp_path_factory):
 
 def test_bundle_api_and_http_serve_the_same_items_for_the_same_users(served_run, bundle):
     from llmkd.data import load_data
+    from llmkd.experiments.serving_cost import HttpClient, bundle_system, id_histories
     from llmkd.serving import Recommender
     from llmkd.serving.load_test import free_port, start_server, stop_server
-    from llmkd.serving_cost import HttpClient, bundle_system, id_histories
 
     data = load_data(served_run[1] / "data")
     rec = Recommender.from_pretrained(bundle)
@@ -45,7 +45,7 @@ def test_bundle_api_and_http_serve_the_same_items_for_the_same_users(served_run,
 
 
 def test_one_run_reports_every_system_and_the_ratio_per_teacher(served_run, bundle, tmp_path):
-    from llmkd.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
+    from llmkd.experiments.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
 
     cfg = served_run[0]
     missing = dataclasses.replace(cfg, out_dir=str(tmp_path / "no_run"))

@@ -1,6 +1,6 @@
 """Cost through the serving bundle: the bundle's Python API, its HTTP service and the teachers, one run.
 
-The same test users, in the same process and alternating over repeats (as `llmkd.online`, whose teacher
+The same test users, in the same process and alternating over repeats (as `llmkd.experiments.online`, whose teacher
 recommender and timer this reuses), through:
 - the bundle's Python API (`Recommender.recommend_batch`) at batch 1 and at `batch_size`;
 - its HTTP service (`llmkd serve` started here on loopback): one keep-alive client at batch 1
@@ -30,7 +30,7 @@ import torch
 from llmkd.artifacts import LlmkdError
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
-from llmkd.online import teacher_recommender, time_calls
+from llmkd.experiments.online import teacher_recommender, time_calls
 from llmkd.serving import Recommender
 from llmkd.serving.load_test import LoadConfig, free_port, rss_mb, run_phase, start_server, stop_server, summary
 

@@ -4,7 +4,7 @@
    trained at one seed for every point of its grid; the point with the best valid NDCG@10 (early
    stopping is on valid too) is chosen. Test is never looked at here.
 2. The no-KD twin and every family at its chosen point (plus `combined`: the teacher's item features
-   and the multi-task head, each at its chosen point) are trained at every seed (`llmkd.benchmark.run_seeds`; the search
+   and the multi-task head, each at its chosen point) are trained at every seed (`llmkd.experiments.seeds.run_seeds`; the search
    run is reused for its seed) and evaluated on test once.
 3. Diagnostics: teacher-student top-10 overlap; the lift of the best variant (chosen on valid)
    split by the test item's popularity (head / tail) and by the user's history length (short / long);
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from llmkd.artifacts import atomic_dir, write_json
-from llmkd.benchmark import run_seeds, variant_config
+from llmkd.experiments.seeds import run_seeds, variant_config
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap
