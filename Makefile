@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty cold-start clean
+.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving cold-start clean
 
 install: $(VENV)/.installed
 
@@ -108,6 +108,17 @@ cold-start: install
 	$(RUN) scripts/build_teacher.py $(COLD_SET)
 	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(COLD_SET)
 	$(RUN) scripts/cold_start.py $(COLD_SET)
+
+# Serving cost (README "Serving"), after `make demo`: export the student as a bundle, then its Python API,
+# HTTP service and the teachers side by side (SmolLM2 where `make install-gpt` and its run exist, else
+# skipped with the reason), and a 32-client load test. Run on an otherwise idle machine.
+BUNDLE ?= $(OUT)/bundle
+LOAD_SECONDS ?= 60
+benchmark-serving: install
+	$(BIN)/llmkd export $(SET) --student student_kd --output $(BUNDLE)
+	$(BIN)/llmkd benchmark-serving $(SET) --bundle $(BUNDLE) --teacher configs/ml100k_smollm2.yaml \
+		--output results/serving_cpu.json
+	$(BIN)/llmkd load-test $(BUNDLE) --clients 32 --duration $(LOAD_SECONDS) --output results/serving_load_cpu.json
 
 test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
