@@ -246,22 +246,46 @@ class DistillConfig:
             raise LlmkdError(f"distill.kd_loss / distill.kd_args: {e}") from None
 
 
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
+
+
 @dataclass
 class IndexConfig:
-    """FAISS index over the student's item vectors."""
+    """FAISS index over the student's item vectors (built with `faiss.index_factory`, `llmkd.index`).
+
+    `scripts/ann_sweep.py` measures recall@10 and queries/s of each type and search setting on a
+    catalog's vectors and writes the fastest one that reaches a target recall as an `index:` fragment
+    for `--recipe`."""
 
     type: str = "flat"
-    """'flat' (exact inner product), 'hnsw' or 'ivf'."""
+    """'flat' (exact inner product), 'hnsw' (graph), 'ivf' (inverted lists, exact vectors) or 'ivfpq'
+    (inverted lists, product-quantized codes: ~pq_m bytes an item)."""
     hnsw_m: int = bounded(32, ge=2)
+    """Graph neighbours per node: more = better recall, more memory and build time."""
+    hnsw_ef_construction: int = bounded(40, ge=1)
+    """Candidate list while building the graph (FAISS's default 40)."""
     hnsw_ef_search: int = bounded(128, ge=1)
-    ivf_nlist: int = bounded(32, ge=1)
+    """Candidate list while searching: the recall / speed knob of 'hnsw'."""
+    ivf_nlist: int | None = bounded(None, ge=1)
+    """Inverted lists (coarse clusters); null = round(4 * sqrt(n_items)). Always at most n_items / 39,
+    since FAISS wants ~39 training vectors per list."""
     ivf_nprobe: int = bounded(8, ge=1)
+    """Lists visited per query: the recall / speed knob of 'ivf' and 'ivfpq'."""
+    ivf_train_per_list: int = bounded(64, ge=39)
+    """Most training vectors per list for the coarse k-means (FAISS samples them): bounds training time
+    on a large catalog (FAISS's own default, 256, makes k-means 4x longer)."""
+    pq_m: int | None = bounded(None, ge=1)
+    """'ivfpq': sub-quantizers (bytes per item with 8 bits); must divide the dimension; null = dim / 2."""
+    pq_nbits: int = bounded(8, ge=1, le=16)
+    """'ivfpq': bits per sub-quantizer code."""
+    pq_refine: int = bounded(0, ge=0)
+    """'ivfpq': 0 = rank by the codes; k > 0 = re-rank the top k x K by exact inner product with the
+    stored float vectors (FAISS 'RFlat'; costs the flat index's memory on top of the codes)."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "index")
-        if self.type not in ("flat", "hnsw", "ivf"):
-            raise LlmkdError(f"index.type: expected 'flat', 'hnsw' or 'ivf', got {self.type!r}")
-
+        if self.type not in INDEX_TYPES:
+            raise LlmkdError(f"index.type: expected 'flat', 'hnsw', 'ivf' or 'ivfpq', got {self.type!r}")
 
 @dataclass
 class EvalConfig:

@@ -91,7 +91,7 @@ def check_bounds(section: Any, name: str) -> None:
         value = getattr(section, f.name)
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
         for i, v in items:
-            if v not in bounds:
+            if v is not None and v not in bounds:  # None: an optional field left to its automatic value
                 where = f"{name}.{f.name}" + (f"[{i}]" if i is not None else "")
                 raise LlmkdError(f"{where}: expected {bounds}, got {v!r}")
 

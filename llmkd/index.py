@@ -6,6 +6,7 @@ Artifact `index/`: faiss.index, item_ids.json (FAISS row -> original item id), m
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,23 +18,77 @@ from llmkd.config import IndexConfig
 from llmkd.lineage import input_record
 
 
-def empty_index(d: int, cfg: IndexConfig, xt: np.ndarray) -> faiss.Index:
-    """An empty inner-product index of dimension d: exact ('flat'), HNSW or IVF (trained on xt (n, d) float32)."""
+def ivf_nlist(n: int, cfg: IndexConfig) -> int:
+    """Inverted lists for n training vectors: `cfg.ivf_nlist`, or round(4 * sqrt(n)) when unset (the usual
+    rule: lists of ~sqrt(n) / 4 items), and never over n // 39 (FAISS wants ~39 training points per list)."""
+    want = cfg.ivf_nlist if cfg.ivf_nlist is not None else round(4 * math.sqrt(n))
+    return max(1, min(want, n // 39))
+
+
+def pq_m(d: int, cfg: IndexConfig) -> int:
+    """Sub-quantizers of an 'ivfpq' index: `cfg.pq_m`, or d / 2 (2 dimensions a byte) when unset."""
+    m = cfg.pq_m if cfg.pq_m is not None else max(1, d // 2)
+    if d % m:
+        raise LlmkdError(f"index.pq_m: {m} does not divide the vector dimension {d}; choose a divisor of {d}")
+    return m
+
+
+def factory_string(d: int, n: int, cfg: IndexConfig) -> str:
+    """The `faiss.index_factory` description of cfg for n (training) vectors of dimension d."""
     if cfg.type == "flat":
-        return faiss.IndexFlatIP(d)
+        return "Flat"
     if cfg.type == "hnsw":
-        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = cfg.hnsw_ef_search
-        return index
-    nlist = max(1, min(cfg.ivf_nlist, len(xt) // 39))  # FAISS wants ~39 training points per list
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.train(np.ascontiguousarray(xt, dtype=np.float32))
-    index.nprobe = min(cfg.ivf_nprobe, nlist)
+        return f"HNSW{cfg.hnsw_m}"
+    if cfg.type == "ivf":
+        return f"IVF{ivf_nlist(n, cfg)},Flat"
+    refine = ",RFlat" if cfg.pq_refine else ""
+    return f"IVF{ivf_nlist(n, cfg)},PQ{pq_m(d, cfg)}x{cfg.pq_nbits}{refine}"
+
+
+def search_parameters(cfg: IndexConfig, nlist: int | None = None) -> str:
+    """cfg's search-time knobs in `faiss.ParameterSpace` syntax ('' for flat); nprobe is clamped to
+    nlist when given (FAISS visits at most nlist lists anyway)."""
+    nprobe = cfg.ivf_nprobe if nlist is None else min(cfg.ivf_nprobe, nlist)
+    if cfg.type == "hnsw":
+        return f"efSearch={cfg.hnsw_ef_search}"
+    if cfg.type == "ivf":
+        return f"nprobe={nprobe}"
+    if cfg.type == "ivfpq":
+        return f"nprobe={nprobe}" + (f",k_factor_rf={cfg.pq_refine}" if cfg.pq_refine else "")
+    return ""
+
+
+def set_search_parameters(index: faiss.Index, cfg: IndexConfig) -> None:
+    """Apply cfg's search knobs to a built index of cfg's type (also inside an `IndexIDMap`), with
+    FAISS's `ParameterSpace`; they are saved with the index."""
+    ivf = faiss.try_extract_index_ivf(index)
+    params = search_parameters(cfg, ivf.nlist if ivf is not None else None)
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+
+def empty_index(d: int, cfg: IndexConfig, xt: np.ndarray) -> faiss.Index:
+    """An empty inner-product index of dimension d described by cfg (`factory_string`), trained on xt
+    (n, d) float32 when its type needs training, with cfg's search parameters set."""
+    if cfg.type == "ivfpq" and len(xt) < 2 ** cfg.pq_nbits:
+        raise LlmkdError(f"index.type 'ivfpq': {len(xt)} items cannot train {2 ** cfg.pq_nbits} codes per "
+                         f"sub-quantizer (pq_nbits {cfg.pq_nbits}); lower index.pq_nbits or use 'flat'")
+    index = faiss.index_factory(d, factory_string(d, len(xt), cfg), faiss.METRIC_INNER_PRODUCT)
+    if cfg.type == "hnsw":
+        index.hnsw.efConstruction = cfg.hnsw_ef_construction
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.max_points_per_centroid = cfg.ivf_train_per_list
+        if cfg.type == "ivfpq":  # polysemous codes serve Hamming filtering, which search here never uses
+            faiss.downcast_index(ivf).do_polysemous_training = False
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(xt, dtype=np.float32))
+    set_search_parameters(index, cfg)
     return index
 
 
 def build_index(xb: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """An inner-product index over xb (n, d) float32: exact ('flat'), HNSW or IVF; FAISS ids = rows."""
+    """An inner-product index over xb (n, d) float32 of `cfg.type` (`empty_index`); FAISS ids = rows."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     index = empty_index(xb.shape[1], cfg, xb)
     index.add(xb)

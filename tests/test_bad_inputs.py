@@ -343,7 +343,7 @@ CASES = [
     # configs
     config_case("config_unknown_key.yaml", "distill", "unknown key(s) ['learning_rate']"),
     config_case("config_wrong_type.yaml", "distill.epochs", "expected int, got str '3'"),
-    config_case("config_bad_choice.yaml", "index.type", "expected 'flat', 'hnsw' or 'ivf', got 'annoy'"),
+    config_case("config_bad_choice.yaml", "index.type", "expected 'flat', 'hnsw', 'ivf' or 'ivfpq', got 'annoy'"),
     config_case("config_kd_top_k_zero.yaml", "distill.kd_top_k", "expected >= 1, got 0",
                 script="distill.py", output="student_kd"),
     config_case("config_invalid_yaml.yaml", "config_invalid_yaml.yaml", "invalid YAML"),

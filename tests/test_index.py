@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 
@@ -75,6 +76,7 @@ def test_ivf_small_catalog_and_k_larger_than_n():
     IndexConfig(type="flat"),
     IndexConfig(type="hnsw", hnsw_m=8, hnsw_ef_search=77),
     IndexConfig(type="ivf", ivf_nlist=16, ivf_nprobe=5),
+    IndexConfig(type="ivfpq", ivf_nlist=16, ivf_nprobe=5, pq_m=4, pq_refine=3),
 ], ids=lambda c: c.type)
 def test_save_load_round_trip(cfg, xb_xq, tmp_path):
     xb, xq = xb_xq
@@ -87,8 +89,11 @@ def test_save_load_round_trip(cfg, xb_xq, tmp_path):
     assert meta["config"]["type"] == cfg.type and meta["ntotal"] == NB and meta["dim"] == D
     if cfg.type == "hnsw":  # search-time parameters survive the file
         assert back.hnsw.efSearch == cfg.hnsw_ef_search
-    if cfg.type == "ivf":
-        assert back.nprobe == cfg.ivf_nprobe and back.nlist == cfg.ivf_nlist
+    if cfg.type in ("ivf", "ivfpq"):
+        ivf = faiss.extract_index_ivf(back)
+        assert ivf.nprobe == cfg.ivf_nprobe and ivf.nlist == cfg.ivf_nlist
+    if cfg.type == "ivfpq":
+        assert faiss.downcast_index(back).k_factor == cfg.pq_refine
     a, b = search(index, xq, K), search(back, xq, K)
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_allclose(a[0], b[0])
