@@ -1,5 +1,9 @@
 """FAISS index over the student's item vectors (inner product = the student's score).
 
+`index.type` 'flat' (exact), 'hnsw', 'ivf' or 'ivfpq', each built from a `faiss.index_factory` string
+(`factory_string`) with its search knobs set through `faiss.ParameterSpace`, so they also reach an index
+inside the serving bundle's `IndexIDMap`. `scripts/ann_sweep.py` (`llmkd.ann`) chooses among them.
+
 Artifact `index/`: faiss.index, item_ids.json (FAISS row -> original item id), meta.json.
 """
 
