@@ -38,7 +38,8 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1, help="FAISS threads while searching and building")
+    p.add_argument("--threads", type=int, default=1, help="FAISS threads while searching (queries/s)")
+    p.add_argument("--build-threads", type=int, default=None, help="FAISS threads while building (default --threads)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best counts)")
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--nprobe", type=int, nargs="+", default=None)
@@ -85,7 +86,7 @@ def main() -> None:
     xb, xq = vectors(args)
     grid = default_grid(len(xb), xb.shape[1], args.hnsw_m, args.pq_m or PQ_MS, args.nprobe or NPROBES,
                         args.ef_search or EF_SEARCHES, args.pq_refine)
-    result = sweep(xb, xq, grid, k=args.k, repeats=args.repeats)
+    result = sweep(xb, xq, grid, k=args.k, repeats=args.repeats, build_threads=args.build_threads)
     result["target_recall"] = args.target_recall
     result["choice"] = pick(result["settings"], args.target_recall, args.k)
     result["cpu_count"] = os.cpu_count()

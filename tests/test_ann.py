@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -128,11 +129,12 @@ def test_sweep_rows_and_choice_rebuilds_through_recipe(xb_xq, tmp_path):
     recall the sweep measured."""
     xb, xq = xb_xq
     grid = default_grid(NB, D, hnsw_m=8, pq_ms=(8,), nprobes=(1, 4, 100), ef_searches=(8, 64))
-    result = sweep(xb, xq, grid, k=K, repeats=1, log=lambda *_: None)
+    result = sweep(xb, xq, grid, k=K, repeats=1, build_threads=2, log=lambda *_: None)
     types = [s["config"]["type"] for s in result["settings"]]
     assert types == ["flat", "ivf", "ivf", "hnsw", "hnsw", "ivfpq", "ivfpq"]  # nprobe 100 > nlist 76 (n // 39) dropped
     flat = result["settings"][0]
     assert flat["recall@10"] == 1.0 and result["flat_qps"] == flat["qps"] and result["items"] == NB
+    assert result["build_threads"] == 2 and result["threads"] == faiss.omp_get_max_threads()  # restored
     assert result["settings"][1]["params"] == {"nprobe": 1} and result["settings"][1]["config"]["ivf_nlist"] == 76
     choice = pick(result["settings"], 0.9)
     assert choice is not None and choice["recall@10"] >= 0.9
