@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, reading, write_json
-from llmkd.config import Config
+from llmkd.config import Config, from_dict
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import mask_seen, metrics_from_ranks, nonfinite_rows, target_ranks
 from llmkd.lineage import fingerprint, input_record
@@ -228,14 +228,14 @@ def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict) -> No
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path, run_key: str | None = None) -> dict | None:
-    """Restore the newest complete checkpoint (`last`, or `last.old` if a crash hit the swap). One made by
-    a run with another `run_key` (other settings, data or teacher cache) is not restored: None."""
+def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path, same_run=None) -> dict | None:
+    """Restore the newest complete checkpoint (`last`, or `last.old` if a crash hit the swap). One whose
+    train state `same_run(state)` rejects (other settings, data or teacher cache) is not restored: None."""
     for folder in (ckpt_dir / "last", ckpt_dir / "last.old"):
         if (folder / "train_state.json").is_file():
             with reading(folder, "training checkpoint"):
                 state = json.loads((folder / "train_state.json").read_text())
-                if run_key is not None and state.get("run_key") != run_key:
+                if same_run is not None and not same_run(state):
                     accelerator.print(f"{ckpt_dir}: checkpoint of a run with other settings, data or teacher "
                                       "cache; not resumed, training afresh")
                     return None
@@ -248,7 +248,7 @@ def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path, run_key: str | Non
 RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_every", "log_with", "eval_batch_size")
 
 
-def run_key(cfg: Config, data_fingerprint: str) -> str:
+def run_identity(cfg: Config, data_fingerprint: str) -> dict:
     """What a checkpoint must match to be resumed: the training key (`llmkd.reuse`) but for
     `RESUMABLE_CHANGES`, the data and the teacher cache."""
     from llmkd.reuse import training_key  # reuse imports this module
@@ -256,9 +256,30 @@ def run_key(cfg: Config, data_fingerprint: str) -> str:
     training = training_key(cfg)
     training["distill"] = {k: v for k, v in training["distill"].items() if k not in RESUMABLE_CHANGES}
     teacher = Path(cfg.out_dir) / cfg.distill.teacher
-    key = {"training": training, "data": data_fingerprint,
-           "teacher": teacher_fingerprint(teacher) if cfg.uses_teacher else None}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"training": training, "data": data_fingerprint,
+            "teacher": teacher_fingerprint(teacher) if cfg.uses_teacher else None}
+
+
+def run_record(cfg: Config, data_fingerprint: str) -> dict:
+    """What a checkpoint stores to be recognised: its config, data and teacher cache fingerprints."""
+    identity = run_identity(cfg, data_fingerprint)
+    return {"run_config": cfg.to_dict(), "run_data": data_fingerprint, "run_teacher": identity["teacher"]}
+
+
+def same_run(state: dict, cfg: Config, data_fingerprint: str) -> bool:
+    """Whether a checkpoint's train state belongs to this run. Its stored config is read back through
+    `from_dict`, so config fields added since it was written take their defaults (as `llmkd.reuse` does):
+    a new setting left at its default does not throw a half-trained run away. Checkpoints written before
+    the config was stored carry a hash of `run_identity` instead."""
+    now = run_identity(cfg, data_fingerprint)
+    if "run_config" not in state:
+        return state.get("run_key") == hashlib.sha256(json.dumps(now, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    try:
+        then = from_dict(Config, {**state["run_config"], "out_dir": cfg.out_dir})
+    except LlmkdError:
+        return False
+    return (run_identity(then, state["run_data"])["training"] == now["training"]
+            and (state["run_data"], state["run_teacher"]) == (now["data"], now["teacher"]))
 
 
 def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dict:
@@ -298,10 +319,10 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
     counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
     log_q = (counts / counts.sum()).log()
 
-    key = run_key(cfg, data.fingerprint)
     state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0,
-             "history": [], "run_key": key}
-    resumed = load_checkpoint(accelerator, ckpt_dir, key) if resume else None
+             "history": [], **run_record(cfg, data.fingerprint)}
+    resumed = (load_checkpoint(accelerator, ckpt_dir, lambda old: same_run(old, cfg, data.fingerprint))
+               if resume else None)
     if resumed is not None:
         state = resumed
         accelerator.print(f"resumed from {ckpt_dir}: epoch {state['epoch'] + 1}, {state['step']} batches done")

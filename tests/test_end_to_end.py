@@ -601,3 +601,26 @@ def test_resume_does_not_restore_a_checkpoint_of_other_settings(pipeline, capsys
     longer = train(load_config(pipeline["cfg"], ["distill.name=student_rekey", "distill.epochs=2",
                                                  "distill.alpha=0.25"]), resume=True)
     assert "resumed from" in capsys.readouterr().out and [h["epoch"] for h in longer["history"]] == [1, 2]
+
+
+def test_resume_survives_a_config_field_added_since_the_checkpoint(pipeline, capsys, monkeypatch):
+    """A checkpoint written before a config field existed (here: written by a Config.to_dict that lacks
+    student.content_init) still resumes when the new field is left at its default."""
+    from llmkd.config import Config, load_config
+    from llmkd.distill import train
+
+    name = ["distill.name=student_newfield", "distill.alpha=0.5"]
+    full = Config.to_dict
+
+    def older(self):
+        d = full(self)
+        d["student"].pop("content_init")
+        return d
+
+    monkeypatch.setattr(Config, "to_dict", older)
+    train(load_config(pipeline["cfg"], [*name, "distill.epochs=1"]))
+    monkeypatch.setattr(Config, "to_dict", full)
+    longer = train(load_config(pipeline["cfg"], [*name, "distill.epochs=2"]), resume=True)
+    assert "resumed from" in capsys.readouterr().out and [h["epoch"] for h in longer["history"]] == [1, 2]
+    changed = train(load_config(pipeline["cfg"], [*name, "distill.epochs=3", "student.content_init=0.05"]), resume=True)
+    assert "not resumed, training afresh" in capsys.readouterr().out and len(changed["history"]) == 3
