@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from llmkd.artifacts import LlmkdError, atomic_dir
+from llmkd.checkpoints import teacher_fingerprint
 from llmkd.config import Config, from_dict
-from llmkd.distill import teacher_fingerprint
 from llmkd.lineage import files_load
 
 TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
