@@ -26,9 +26,9 @@ from llmkd.commands import SCRIPTS, STAGES, main
 
 CONSOLE = Path(sys.executable).with_name("llmkd")
 CONFIG_STAGES = {"prepare", "finetune", "teacher", "distill", "tune", "index", "evaluate", "export", "cold-start",
-                 "seeds", "benchmark-kd"}
+                 "seeds", "benchmark-kd", "benchmark-serving"}
 STUDENT_STAGES = {"index", "export", "cold-start"}
-BUNDLE_STAGES = {"recommend", "add-items", "serve"}
+BUNDLE_STAGES = {"recommend", "add-items", "serve", "load-test"}
 
 
 def llmkd() -> list[str]:
