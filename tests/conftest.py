@@ -7,6 +7,7 @@ word-level tokenizer made offline with the `tokenizers` library over the synthet
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,3 +221,10 @@ def served_run(tmp_path_factory, synthetic, tiny_bert):
     build_teacher_cache(data, cfg.teacher, out / "teacher")
     distill.train(cfg)
     return cfg, out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (servers and torch.distributed rendezvous in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, TEXT_TEMPLATE
+from conftest import REPO, TEXT_TEMPLATE, free_port
 
 _CLI = Path(sys.executable).with_name("accelerate")
 ACCELERATE = [*([str(_CLI), "launch"] if _CLI.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]),
@@ -62,12 +61,6 @@ def distill(cfg: Path, *extra: str, processes: int = 1) -> list[str]:
     if processes > 1:
         launch += ["--multi_gpu", "--main_process_port", str(free_port())]
     return [*launch, str(REPO / "scripts" / "distill.py"), "--config", str(cfg), *extra]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weights(folder: Path) -> dict[str, np.ndarray]:
@@ -353,8 +346,8 @@ def test_distill_reads_the_configured_teacher_folder(pipeline):
 
 
 def test_seeds_report_and_reuse_of_the_no_teacher_twin(pipeline):
-    from llmkd.experiments.seeds import run_seeds
     from llmkd.config import load_config
+    from llmkd.experiments.seeds import run_seeds
 
     out = pipeline["out"]
     cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]"])

@@ -7,7 +7,6 @@ keeps answering good requests after all of them.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import REPO, free_port
 
 
 def call(base: str, path: str, body: object = None, raw: bytes | None = None, method: str | None = None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, free_port
 
 BAD = REPO / "tests" / "bad_inputs"
 CONSOLE = Path(sys.executable).with_name("llmkd")
@@ -67,7 +67,7 @@ def test_launch_options_go_before_a_double_dash(tmp_path):
     bad config; one error line (each distinct line once), exit 2, no traceback from Accelerate or
     torch.distributed."""
     proc = llmkd("distill", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no", "--main_process_port", "29533", "--",
+                 "--dynamo_backend", "no", "--main_process_port", str(free_port()), "--",
                  "--config", str(BAD / "config_kd_top_k_zero.yaml"), "--set", f"out_dir={tmp_path / 'run'}",
                  home=tmp_path / "hf")
     assert_one_line_error(proc, "distill.kd_top_k: expected >= 1, got 0")
