@@ -81,6 +81,13 @@ def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:
     return [], args
 
 
+def failure_status(exitcodes: list[int]) -> int:
+    """The exit status of a failed multi-process run, from its ranks' exit codes in rank order: the
+    first that exited by itself (a user error's 2), not one the launcher then killed (a negative code,
+    -15 for SIGTERM, which a lower rank often shows); only signals: 128 + the first one, as a shell says."""
+    return next((c for c in exitcodes if c > 0), 128 - exitcodes[0] if exitcodes and exitcodes[0] < 0 else 1)
+
+
 def launch(script: Path, launch_args: list[str], script_args: list[str]) -> int:
     """Run `accelerate launch [launch_args] script [script_args]` in-process; return the script's exit
     status (Accelerate raises it as an exception with a traceback, torch.distributed logs it too)."""
@@ -99,8 +106,8 @@ def launch(script: Path, launch_args: list[str], script_args: list[str]) -> int:
             status = 0
         except subprocess.CalledProcessError as e:  # one process
             status = e.returncode
-        except ChildFailedError as e:  # several processes: the first failure's status
-            status = min(e.failures.items())[1].exitcode
+        except ChildFailedError as e:  # several processes: the first rank that failed by itself
+            status = failure_status([f.exitcode for _, f in sorted(e.failures.items())])
         finally:
             del os.environ[ERROR_FILE_ENV]
         lines = errors.read_text(encoding="utf-8").splitlines() if errors.is_file() else []

@@ -98,3 +98,12 @@ def test_a_tiny_run_trains_through_the_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "best valid ndcg@10" in proc.stdout
     assert (tmp_path / "run" / "student_no_kd" / "model.safetensors").is_file()
+
+
+def test_a_failed_multi_process_run_reports_the_rank_that_failed_by_itself():
+    """Rank 1 exits with 2 (a user error) and the launcher kills rank 0 (SIGTERM, -15): the run's status is
+    2 whichever rank torch lists first; only signals: 128 + signal, as a shell reports it."""
+    from llmkd.commands import failure_status
+
+    assert failure_status([-15, 2]) == 2 and failure_status([2, -15]) == 2 and failure_status([2, 2]) == 2
+    assert failure_status([-15, -15]) == 143 and failure_status([-9]) == 137
