@@ -12,9 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -137,23 +134,16 @@ def test_add_items_then_recommend_finds_them(exported, served_run, synthetic, tm
 
 
 def test_serve_answers_over_http_and_stops_on_sigterm(exported):
-    from test_http import call, free_port
+    from test_http import call, free_port, wait_until_healthy
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([*llmkd(), "serve", str(exported), "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    base = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if call(base, "/health")[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.2)
+        wait_until_healthy(base, proc)
         status, body = call(base, "/recommend", {"history": ["no-such-item"], "k": 3})
         assert 400 <= status < 500 and "no-such-item" in body["error"]
     finally:

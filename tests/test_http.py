@@ -30,6 +30,21 @@ def call(base: str, path: str, body: object = None, raw: bytes | None = None, me
         return e.code, json.loads(e.read() or b"{}")
 
 
+def wait_until_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Poll GET /health until it answers 200; fail with the server's stderr if it dies or times out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if call(base, "/health")[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(served_run, tmp_path_factory):
     """A bundle of the tiny text student served by scripts/serve.py; yields (base URL, Recommender)."""
@@ -42,17 +57,7 @@ def server(served_run, tmp_path_factory):
                              "--log-level", "warning"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if call(base, "/health")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.2)
+    wait_until_healthy(base, proc)
     yield base, Recommender.from_pretrained(bundle)
     proc.terminate()
     try:
