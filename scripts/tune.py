@@ -36,7 +36,7 @@ def main() -> None:
     report = run_search(cfg, families, args.budget, args.jobs, args.seed)
     best = next(c for c in report["candidates"] if c["name"] == report["chosen"])
     print(f"chosen on valid: {report['chosen']} (valid ndcg@10 {best['valid_ndcg@10']:.4f}) in {report['elapsed_s']:.0f} s "
-          f"-> {cfg.out_dir}/tune/recipe.yaml")
+          f"-> {cfg.out_dir}/tune/recipe.yaml ({report['why']})")
 
 
 if __name__ == "__main__":

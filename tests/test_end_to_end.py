@@ -548,7 +548,13 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
     assert "chosen on valid" in proc.stdout
     report = json.loads((out / "tune" / "report.json").read_text())
     done = [c for c in report["candidates"] if "valid_ndcg@10" in c]
-    assert report["chosen"] == max(done, key=lambda c: c["valid_ndcg@10"])["name"]
+    best, base = max(done, key=lambda c: c["valid_ndcg@10"]), next(c for c in done if c["name"] == "no_teacher")
+    if best is not base:  # the best is kept only when its paired valid gain over no teacher is beyond noise
+        gain = best["valid_gain"]  # re-evaluated per user from the two students: the same numbers training saw
+        assert gain["mean"] == pytest.approx(best["valid_ndcg@10"] - base["valid_ndcg@10"], abs=1e-5)
+        assert report["chosen"] == (best["name"] if gain["lo"] > 0 else "no_teacher")
+    else:
+        assert report["chosen"] == "no_teacher"
     recipe = out / "tune" / "recipe.yaml"
     chosen = next(c for c in done if c["name"] == report["chosen"])
     proc = run(distill(cfg, "--recipe", str(recipe), "--set", "distill.epochs=1", "--set", "distill.name=student_recipe"),

@@ -18,9 +18,10 @@ from safetensors.numpy import save_file
 from llmkd.artifacts import LlmkdError, write_json
 from llmkd.config import Config, DataConfig, load_config
 from llmkd.data import save_data
-from llmkd.distill import teacher_fingerprint
+from llmkd.checkpoints import teacher_fingerprint
 from llmkd.recipe import FAMILIES, NO_TEACHER, best_by_family, combinations, first_candidates, run_search
 
+CLEAR_GAIN = lambda cfg, data, folder, base: {"mean": 0.01, "lo": 0.005, "hi": 0.015}  # noqa: E731 (beyond noise)
 FAMILIES_SMALL = {
     "content_features": (["distill.alpha=0", "student.content_features=true"], {"student.content_hidden": [0, 32]}),
     "user_align": (["distill.alpha=0"], {"distill.user_align": [1.0]}),
@@ -102,7 +103,7 @@ def test_search_chooses_the_valid_best_and_writes_a_recipe_distill_reads(run_dir
     out, clock = run_dir
     cfg = load_config(None, [f"out_dir={out}"])
     trainer = FakeTrainer(clock)
-    report = run_search(cfg, FAMILIES_SMALL, train_fn=trainer)
+    report = run_search(cfg, FAMILIES_SMALL, train_fn=trainer, gain_fn=CLEAR_GAIN)
     scores = {c["name"]: c["valid_ndcg@10"] for c in report["candidates"]}
     assert len(scores) == 7 + 3 and all(c["status"] == "trained" for c in report["candidates"])
     assert report["chosen"] == max(scores, key=scores.get)
@@ -112,7 +113,7 @@ def test_search_chooses_the_valid_best_and_writes_a_recipe_distill_reads(run_dir
     assert fake_score(chosen) == scores[report["chosen"]]
     assert (out / "tune" / "report.md").read_text().count("**") >= 2 and (out / "tune" / "search.png").is_file()
     # a rerun trains nothing: every run is reused
-    again = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock))
+    again = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock), gain_fn=CLEAR_GAIN)
     assert {c["status"] for c in again["candidates"]} == {"reused"} and again["chosen"] == report["chosen"]
 
 
@@ -120,7 +121,7 @@ def test_budget_stops_new_runs_and_says_so(run_dir):
     out, clock = run_dir
     cfg = load_config(None, [f"out_dir={out}"])
     trainer = FakeTrainer(clock, seconds=10.0)
-    report = run_search(cfg, FAMILIES_SMALL, budget_s=35.0, train_fn=trainer)
+    report = run_search(cfg, FAMILIES_SMALL, budget_s=35.0, train_fn=trainer, gain_fn=CLEAR_GAIN)
     status = {c["name"]: c["status"] for c in report["candidates"]}
     assert len(trainer.trained) == 3  # 0 + 10 <= 35, 10 + 10, 20 + 10; then 30 + 10 > 35
     assert [n for n, s in status.items() if s == "trained"] == [NO_TEACHER, "content_features_content_hidden=0",
@@ -130,7 +131,7 @@ def test_budget_stops_new_runs_and_says_so(run_dir):
     assert "skipped: budget" in (out / "tune" / "report.md").read_text()
     # with more budget the next call continues where the first stopped, reusing what is done
     more = FakeTrainer(clock)
-    run_search(cfg, FAMILIES_SMALL, budget_s=1000.0, train_fn=more)
+    run_search(cfg, FAMILIES_SMALL, budget_s=1000.0, train_fn=more, gain_fn=CLEAR_GAIN)
     assert NO_TEACHER + "_s0" not in " ".join(more.trained) and len(more.trained) == 10 - 3
 
 
@@ -155,7 +156,28 @@ def test_a_finished_student_in_out_dir_stands_for_its_candidate(run_dir):
     cfg = load_config(None, [f"out_dir={out}"])
     FakeTrainer(clock)([load_config(None, [f"out_dir={out}", "distill.alpha=0", "distill.name=student_no_kd"])], 1)
     trainer = FakeTrainer(clock)
-    report = run_search(cfg, {"user_align": FAMILIES_SMALL["user_align"]}, train_fn=trainer)
+    report = run_search(cfg, {"user_align": FAMILIES_SMALL["user_align"]}, train_fn=trainer, gain_fn=CLEAR_GAIN)
     status = {c["name"]: c["status"] for c in report["candidates"]}
     assert status == {NO_TEACHER: "reused", "user_align_user_align=1.0": "trained"}
     assert trainer.trained == ["tune/runs/user_align_user_align=1.0_s0"]
+
+
+@pytest.mark.parametrize("lo, chosen", [(0.001, "content_features_content_hidden=32+user_align_user_align=1.0+listwise_kl_alpha=1.0"),
+                                        (-0.001, NO_TEACHER)])
+def test_a_recipe_within_noise_of_no_teacher_is_not_chosen(run_dir, lo, chosen):
+    """The best on valid is kept only when its paired-bootstrap interval over valid users is above 0;
+    otherwise the recipe is the no-teacher student, and the report says why."""
+    out, clock = run_dir
+    cfg = load_config(None, [f"out_dir={out}"])
+    asked = []
+
+    def gain(cfg, data, folder, base):
+        asked.append((folder.name, base.name))
+        return {"mean": 0.002, "lo": lo, "hi": 0.004}
+
+    report = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock), gain_fn=gain)
+    assert asked == [("content_features_content_hidden=32+user_align_user_align=1.0+listwise_kl_alpha=1.0_s0",
+                      f"{NO_TEACHER}_s0")]
+    assert report["chosen"] == chosen and ("within noise" in report["why"]) == (lo < 0)
+    recipe = (Path(cfg.out_dir) / "tune" / "recipe.yaml").read_text()
+    assert ("student.content_features" in recipe or "content_features: true" in recipe) == (lo > 0)
