@@ -145,7 +145,6 @@ def recipe_fragment(overrides: list[str]) -> dict:
     return apply_overrides({}, overrides)
 
 
-@locked(lambda a: Path(a["cfg"].out_dir) / a["folder"])
 def valid_gain(cfg: Config, data, folder: Path, base: Path) -> dict[str, float]:
     """Per-user valid NDCG@10 of the student in `folder` minus the no-teacher student's in `base`: the mean
     and its 95 % paired-bootstrap interval over valid users."""
@@ -157,6 +156,7 @@ def valid_gain(cfg: Config, data, folder: Path, base: Path) -> dict[str, float]:
     return paired_bootstrap(per_user[0], per_user[1])
 
 
+@locked(lambda a: Path(a["cfg"].out_dir) / a["folder"])
 def run_search(cfg: Config, families: dict | None = None, budget_s: float | None = None, jobs: int = 1,
                seed: int | None = None, folder: str = "tune", train_fn=None, gain_fn=valid_gain) -> dict:
     """Search the candidates on valid within `budget_s` seconds (None = no limit); write the report and
