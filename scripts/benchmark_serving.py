@@ -5,7 +5,8 @@
 
 The run folder of --config gives the test users and the first teacher (its base model + LoRA adapter and
 cached item vectors); each --teacher YAML adds the teacher of its own run folder (same data), skipped with
-the reason in the JSON when it is not installed or not built. Writes --output and a markdown table beside.
+the reason in the JSON when it is not installed or not built; --teacher-set overrides their configs
+(`--teacher-set teacher.adapter=null` times the base model where no adapter was tuned). Writes --output and a markdown table beside.
 """
 
 from pathlib import Path
@@ -21,6 +22,8 @@ def main() -> None:
     p.add_argument("--bundle", required=True, help="bundle folder (llmkd export) of a student of this run")
     p.add_argument("--teacher", action="append", default=[], metavar="YAML",
                    help="another teacher's run config (e.g. configs/ml100k_smollm2.yaml; repeatable)")
+    p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every --teacher config (e.g. teacher.adapter=null: its zero-shot model)")
     p.add_argument("--latency-users", type=int, default=200, help="users timed one at a time (bundle, HTTP)")
     p.add_argument("--throughput-users", type=int, default=1024, help="users timed in batches (bundle, HTTP)")
     p.add_argument("--teacher-latency-users", type=int, default=20)
@@ -32,7 +35,7 @@ def main() -> None:
     p.add_argument("--output", default="results/serving_cpu.json", help="JSON file (a .md beside it)")
     args = p.parse_args()
     cfg = config_from(args)
-    teachers = teacher_configs(cfg, [load_config(t) for t in args.teacher])
+    teachers = teacher_configs(cfg, [load_config(t, args.teacher_set) for t in args.teacher])
     result = measure_serving_cost(cfg, args.bundle, teachers, args.latency_users, args.throughput_users,
                                   args.teacher_latency_users, args.teacher_throughput_users, args.batch_size,
                                   args.repeats, http_clients=args.http_clients, http_seconds=args.http_seconds)
