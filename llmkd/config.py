@@ -71,6 +71,10 @@ class TeacherConfig:
     """Also encode each user's history at every `position_stride`-th train cut, counting back from the
     'kd' state, so KD can act at many positions of a sequence (0 = the 'kd' state only)."""
     batch_size: int = bounded(64, ge=1)
+    shard_size: int = bounded(16384, ge=1)
+    """Texts per shard: each shard is tokenized, encoded and written on its own (atomically), so memory is
+    bounded by one shard, a killed run resumes from its finished shards, and several processes
+    (`accelerate launch --num_processes N scripts/build_teacher.py`) share the shards out."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "teacher")
