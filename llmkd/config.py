@@ -113,8 +113,11 @@ class FinetuneConfig:
     """Gradient clipping (0 = off)."""
     temperature: float = bounded(0.05, gt=0)
     batch_size: int = bounded(32, ge=2)
+    """Training histories per step and process: N processes (`llmkd finetune --multi_gpu --num_processes N`)
+    train on a global batch of N x batch_size, as one process would with that batch."""
     catalog_negatives: int = bounded(512, ge=0)
-    """Extra negatives per step: items drawn uniformly without replacement, encoded by the current model."""
+    """Extra negatives per step: items drawn uniformly without replacement, encoded by the current model
+    (shared out between processes)."""
     lr: float = bounded(5e-4, gt=0)
     steps: int = bounded(300, ge=1)
     eval_every: int = bounded(50, ge=1)
