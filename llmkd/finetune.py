@@ -205,7 +205,7 @@ def _tune(data: RecData, cfg: Config, accelerator: Accelerator, key: dict, out: 
         # The model stays in eval mode: no dropout in the frozen base (1.05-1.8x faster CPU steps, README);
         # LoRA weights still train.
         bar = tqdm(range(1, fc.steps + 1), desc="finetune teacher", disable=not accelerator.is_local_main_process)
-        total, t0, train_seconds, step_losses = 0.0, time.perf_counter(), 0.0, []
+        total, t0, train_seconds, first_step_seconds, step_losses = 0.0, time.perf_counter(), 0.0, 0.0, []
         b, s = fc.batch_size, negatives_per_process(fc.catalog_negatives, data.num_items, procs)
         for step in bar:
             t_step = time.perf_counter()
@@ -235,6 +235,7 @@ def _tune(data: RecData, cfg: Config, accelerator: Accelerator, key: dict, out: 
             scheduler.step()
             optimizer.zero_grad()
             train_seconds += time.perf_counter() - t_step
+            first_step_seconds = first_step_seconds or train_seconds
             step_losses.append(loss.item())
             total += step_losses[-1]
             bar.set_postfix(loss=f"{total / ((step - 1) % fc.eval_every + 1):.3f}")
@@ -259,7 +260,8 @@ def _tune(data: RecData, cfg: Config, accelerator: Accelerator, key: dict, out: 
                     eval_users=len(users), trainable_parameters=trainable, cached_lower_layers=split,
                     training_cuts=len(pairs), cache_seconds=round(cache_seconds, 1), num_processes=procs,
                     global_batch_size=b * procs, catalog_negatives_per_step=s * procs, step_losses=step_losses,
-                    train_seconds=round(train_seconds, 3), trainable_bytes=sum(p.numel() * p.element_size() for p in params),
+                    train_seconds=round(train_seconds, 3), first_step_seconds=round(first_step_seconds, 3),
+                    trainable_bytes=sum(p.numel() * p.element_size() for p in params),
                     timing=timer.as_dict())
     if accelerator.is_main_process:
         with atomic_dir(out) as tmp:
