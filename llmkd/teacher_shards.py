@@ -117,7 +117,8 @@ def encode_parts(encoder, parts: list[Part], folder: Path, key: dict, shard_size
                        unit="shard", disable=not state.is_local_main_process or not mine)
             for i in bar:
                 lo, hi = shards[i]
-                emb = encoder.encode(part.texts(lo, hi), part.max_length)
+                desc = f"teacher: {part.name} shard {i + 1}/{len(shards)}" if state.is_local_main_process else None
+                emb = encoder.encode(part.texts(lo, hi), part.max_length, desc=desc)  # a bar per batch within the shard
                 write_shard(shard_path(root, part.name, i), emb)
                 _pause_for_tests(shard_path(root, part.name, i))
         state.wait_for_everyone()
