@@ -291,6 +291,9 @@ class IndexConfig:
 class EvalConfig:
     ks: list[int] = bounded(default_factory=lambda: [10, 20, 50], ge=1)
     batch_size: int = bounded(256, ge=1)
+    item_block: int = bounded(65536, ge=1)
+    """Items scored at once per batch of users: memory is batch_size x item_block scores, never the
+    whole catalog for every user (a catalog within one block is ranked exactly as before)."""
     bootstrap: int = bounded(1000, ge=1)
     """Resamples of users for the paired 95% interval of a metric difference."""
     students: list[str] = field(default_factory=lambda: ["student_no_kd", "student_kd"])

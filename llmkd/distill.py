@@ -31,7 +31,7 @@ from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, write_
 from llmkd.checkpoints import load_checkpoint, run_record, same_run, save_checkpoint, teacher_fingerprint
 from llmkd.config import Config
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import mask_seen, metrics_from_ranks, nonfinite_rows, target_ranks
+from llmkd.evaluate import blocked_ranks, metrics_from_ranks
 from llmkd.lineage import input_record
 from llmkd.locks import main_process_lock
 from llmkd.student import TwoTower, init_from_content
@@ -173,23 +173,27 @@ def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log
 
 
 @torch.no_grad()
-def validate(model: TwoTower, eval_dl, data: RecData, accelerator: Accelerator, split: str = "valid") -> dict[str, float]:
-    """NDCG / Recall @10 and @50 on `split`, users sharded over processes and gathered once each; all
-    -inf when any of the student's scores is non-finite (a diverged epoch, see `end_epoch`)."""
+def validate(model: TwoTower, eval_dl, data: RecData, accelerator: Accelerator, split: str = "valid",
+             item_block: int = 65536) -> dict[str, float]:
+    """NDCG / Recall @10 and @50 on `split`, users sharded over processes and gathered once each, items
+    scored `item_block` at a time (`blocked_ranks`); all -inf when any of the student's scores is
+    non-finite (a diverged epoch, see `end_epoch`)."""
     model.eval()
     net = accelerator.unwrap_model(model)
     ranks, bad = [], []
     targets = torch.as_tensor(data.targets(split), device=accelerator.device)
-    table = net.item_tower()  # (N + 1, d), once per validation
+    full = net.item_tower()  # (N + 1, d), once per validation
+    table = full[: net.num_items]  # (N, d)
     for users in eval_dl:  # sorted by history length: user_vectors drops each batch's all-padding columns
         u = users.cpu().numpy()
         hists = [data.history(x, split) for x in u]
         hist = net.pad_histories(hists).to(accelerator.device)
-        raw = (net.user_vectors(hist, users, table) @ table[: net.num_items].T).float().cpu()  # (B, N)
-        bad.append(accelerator.gather_for_metrics(nonfinite_rows(raw, targets[users].cpu(), hists).long()
-                                                  .to(accelerator.device)))
-        scores = mask_seen(raw, hists).to(accelerator.device)
-        ranks.append(accelerator.gather_for_metrics(target_ranks(scores, targets[users])))
+        vectors = net.user_vectors(hist, users, full).float()  # (B, d)
+        tgt = targets[users]
+        rank, flags = blocked_ranks(lambda lo, hi: vectors @ table[lo:hi].T, net.num_items, item_block, tgt, hists,
+                                    lambda: (vectors * table[tgt]).sum(-1))
+        bad.append(accelerator.gather_for_metrics(flags.long()))
+        ranks.append(accelerator.gather_for_metrics(rank))
     m = metrics_from_ranks(torch.cat(ranks).cpu().numpy(), (10, 50))
     model.train()
     diverged = bool(torch.cat(bad).any())
@@ -283,7 +287,8 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                 bar.set_postfix(loss=f"{state['loss_sum'] / state['step']:.4f}")
                 if dc.checkpoint_every and state["step"] % dc.checkpoint_every == 0 and state["step"] < len(train_dl):
                     save_checkpoint(accelerator, ckpt_dir, state)
-            end_epoch(state, validate(model, eval_dl, data, accelerator), epoch, time.perf_counter() - t0)
+            metrics = validate(model, eval_dl, data, accelerator, item_block=cfg.eval.item_block)
+            end_epoch(state, metrics, epoch, time.perf_counter() - t0)
             if state["best_epoch"] == epoch + 1 and accelerator.is_main_process:
                 with atomic_dir(ckpt_dir / "best") as tmp:
                     accelerator.unwrap_model(model).save_pretrained(tmp)

@@ -22,6 +22,7 @@ from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import (
     PROTOCOL,
+    DotScorer,
     evaluate_retrieval,
     evaluate_scores,
     paired_bootstrap,
@@ -36,6 +37,8 @@ from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 
 SPLITS = ("valid", "test")
+TEACHER_EVAL_KEYS = ("item_emb", "user_valid", "user_test")
+"""The teacher cache arrays evaluation reads (the KD positions stay on disk)."""
 
 
 def table_metrics(ks: list[int]) -> list[str]:
@@ -59,9 +62,14 @@ def student_user_vectors(model: TwoTower, data: RecData, users: np.ndarray, spli
     return model.user_vectors(hist, torch.as_tensor(users))
 
 
-def student_scorer(model: TwoTower, data: RecData):
-    items = model.item_vectors().detach()
-    return lambda users, split: student_user_vectors(model, data, users, split) @ items.T
+def student_scorer(model: TwoTower, data: RecData) -> DotScorer:
+    """The student's scores, user vectors . item vectors, read in blocks of items (`llmkd.evaluate`)."""
+    return DotScorer(lambda users, split: student_user_vectors(model, data, users, split), model.item_vectors())
+
+
+def teacher_scorer(cache: TeacherCache) -> DotScorer:
+    """The teacher cache's cosine scores (user vector before the split . item vector), read in blocks."""
+    return DotScorer(lambda users, split: cache.arrays[f"user_{split}"][torch.as_tensor(users)], cache.item_emb)
 
 
 def faiss_retriever(model: TwoTower, data: RecData, index_dir: Path):
@@ -133,7 +141,7 @@ def run_evaluation(cfg: Config) -> dict:
         data = load_data(out / "data")
         systems = {"popularity": popularity_scorer(data)}
         if (out / teacher).exists():
-            systems[teacher_label(teacher)] = TeacherCache(out / teacher, data).scorer()
+            systems[teacher_label(teacher)] = teacher_scorer(TeacherCache(out / teacher, data, keys=TEACHER_EVAL_KEYS))
         models = {name: load_student(out / name, data, out) for name in cfg.eval.students}
         systems.update({name: student_scorer(m, data) for name, m in models.items()})
         indexed = None  # every input is read (and refused) before any scoring starts
@@ -144,7 +152,8 @@ def run_evaluation(cfg: Config) -> dict:
                 raise LlmkdError(f"{out / 'index'}: built from '{student}', which eval.students does not list")
             indexed = (f"{student}+faiss_{index_meta['config']['type']}",
                        faiss_retriever(models[student], data, out / "index"))
-        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}", name=name) for s in SPLITS}
+        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}", name=name,
+                                                     item_block=cfg.eval.item_block) for s in SPLITS}
                     for name, fn in systems.items()}
         if indexed is not None:
             name, retrieve = indexed
