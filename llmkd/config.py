@@ -173,6 +173,13 @@ class DistillConfig:
     """Teacher cosine scores are multiplied by this before the temperature (a cosine spans [-1, 1])."""
     kd_top_k: int = bounded(100, ge=1)
     """Teacher candidates per KD position: its top-K unseen items by its own score (+ the positive)."""
+    kd_index: str = "auto"
+    """How the teacher's top-K candidates are found (a FAISS inner-product search over its item vectors,
+    seen items removed): 'flat' (exact), 'ivf' (approximate: inverted lists, `kd_nprobe` visited) or
+    'auto' (flat up to `kd_exact_max_items` items, ivf above)."""
+    kd_exact_max_items: int = bounded(100_000, ge=0)
+    kd_nprobe: int = bounded(32, ge=1)
+    """With the 'ivf' KD search: inverted lists visited per query (nlist = `llmkd.index.ivf_nlist`)."""
     kd_loss: str = "listwise_kl"
     """KD loss, a name in `llmkd.losses.KD_LOSSES` (listwise_kl, ranking_distillation, relaxed_ranking,
     margin_mse, pairwise_hinge, infonce); its weight is `alpha`."""
@@ -184,8 +191,14 @@ class DistillConfig:
     item_align: float = bounded(0.0, ge=0)
     """Weight of embedding alignment (DLLM2Rec-style): the student's item vectors, through a linear
     head, match the teacher's item-text embeddings (1 - cosine)."""
-    loss: str = "full_softmax"
-    """Hard-label loss: 'full_softmax' or 'sampled_softmax' (popularity-sampled negatives, logQ-corrected)."""
+    loss: str = "auto"
+    """Hard-label loss: 'full_softmax', 'sampled_softmax' (popularity-sampled negatives, logQ-corrected) or
+    'auto': full softmax up to `sampled_above` items, sampled above (`hard_loss_for`)."""
+    sampled_above: int = bounded(25_000, ge=0)
+    """With loss 'auto': a catalog of more items than this trains with sampled softmax. Full-softmax logits
+    and their gradient grow as positions x items: measured side by side on 2 loaded CPU cores
+    (results/softmax_cost_cpu.json), a full-softmax step cost 1.8x / 2.0x / 6x / 9.6x the sampled one
+    (256 negatives) at 12k / 25k / 50k / 200k items, and 0.5 / 1.0 / 1.9 / 7.3 GiB more memory."""
     num_negatives: int = bounded(256, ge=1)
     epochs: int = bounded(30, ge=1)
     patience: int = bounded(5, ge=1)
@@ -210,8 +223,10 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self, "distill")
-        if self.loss not in ("full_softmax", "sampled_softmax"):
-            raise LlmkdError(f"distill.loss: expected 'full_softmax' or 'sampled_softmax', got {self.loss!r}")
+        if self.loss not in ("auto", "full_softmax", "sampled_softmax"):
+            raise LlmkdError(f"distill.loss: expected 'auto', 'full_softmax' or 'sampled_softmax', got {self.loss!r}")
+        if self.kd_index not in ("auto", "flat", "ivf"):
+            raise LlmkdError(f"distill.kd_index: expected 'auto', 'flat' or 'ivf', got {self.kd_index!r}")
         kd_loss = self.make_kd_loss()  # an unknown loss or argument fails here, before any training
         if self.alpha > 0:
             self.check_kd_term(kd_loss)
@@ -229,6 +244,18 @@ class DistillConfig:
                 f"distill.kd_loss {self.kd_loss!r} with distill.kd_args {self.kd_args} and distill.kd_top_k "
                 f"{self.kd_top_k}: the KD term is 0 whatever the scores, so distill.alpha {self.alpha} would train "
                 "without the teacher; change those settings, or set distill.alpha=0 for a no-teacher run")
+
+    def hard_loss_for(self, num_items: int) -> str:
+        """The hard-label loss a catalog of `num_items` items trains with ('auto' resolved)."""
+        if self.loss != "auto":
+            return self.loss
+        return "sampled_softmax" if num_items > self.sampled_above else "full_softmax"
+
+    def kd_index_for(self, num_items: int) -> str:
+        """The KD candidate search of a catalog of `num_items` items: 'flat' or 'ivf' ('auto' resolved)."""
+        if self.kd_index != "auto":
+            return self.kd_index
+        return "ivf" if num_items > self.kd_exact_max_items else "flat"
 
     @property
     def learns_from_teacher(self) -> bool:
