@@ -153,10 +153,13 @@ class KDTargets:
 
     def rows_by_user(self, train: list[np.ndarray]) -> list[np.ndarray]:
         """Per user, (len + 1,) int64: the row of the teacher vector for history train[:cut], -1 = none."""
-        out = [np.full(len(seq) + 1, -1, dtype=np.int64) for seq in train]
-        for row, (u, cut) in enumerate(zip(self.pos_user, self.pos_cut)):
-            out[u][cut] = row
-        return out
+        if not train:
+            return []
+        sizes = np.array([len(seq) + 1 for seq in train], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        flat = np.full(int(ends[-1]), -1, dtype=np.int64)
+        flat[ends[self.pos_user] - sizes[self.pos_user] + self.pos_cut] = np.arange(len(self.pos_user))
+        return np.split(flat, ends[:-1])
 
     def __call__(self, rows: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(P,) teacher rows, (P,) positives -> candidates, teacher scores, mask, each (P, K+1)."""
