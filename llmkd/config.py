@@ -323,6 +323,11 @@ class EvalConfig:
     whole catalog for every user (a catalog within one block is ranked exactly as before)."""
     bootstrap: int = bounded(1000, ge=1)
     """Resamples of users for the paired 95% interval of a metric difference."""
+    max_users: int = bounded(0, ge=0)
+    """0: every evaluated user. N > 0: a fixed random sample of N evaluated users per split (`sample_seed`),
+    the same for every system, stated in results.md and protocol.json: exact full ranking of 1 M users
+    over 1 M items is ~10^14 multiply-adds per system and split, days on a CPU."""
+    sample_seed: int = bounded(0, ge=0)
     students: list[str] = field(default_factory=lambda: ["student_no_kd", "student_kd"])
     """Student artifact folders (under out_dir) to evaluate; the indexed one is also evaluated through FAISS."""
 

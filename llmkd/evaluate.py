@@ -68,9 +68,18 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return better.sum(1).masked_fill(torch.isneginf(s_t[:, 0]), MISS_RANK)
 
 
-def repeated_targets(data: RecData, split: str) -> int:
-    """Evaluated users of `split` whose held-out item is already in their history (each a miss)."""
-    return sum(int(np.isin(data.targets(split)[u], data.history(u, split))) for u in data.eval_users(split))
+def repeated_targets(data: RecData, split: str, users: np.ndarray | None = None) -> int:
+    """Evaluated users of `split` (or `users`) whose held-out item is already in their history (each a miss)."""
+    users = data.eval_users(split) if users is None else users
+    return sum(int(np.isin(data.targets(split)[u], data.history(u, split))) for u in users)
+
+
+def sample_users(data: RecData, split: str, n: int, seed: int) -> np.ndarray:
+    """`split`'s evaluated users, or a fixed random sample of n of them (sorted) when 0 < n < their number."""
+    users = data.eval_users(split)
+    if n <= 0 or n >= len(users):
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, n, replace=False))
 
 
 def ranks_from_lists(ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -195,11 +204,13 @@ def blocked_ranks(score_block: Callable[[int, int], torch.Tensor], n_items: int,
 
 def evaluate_scores(data: RecData, split: str, score_fn: ScoreFn | BlockScorer, ks: Sequence[int] = (10, 20, 50),
                     batch_size: int = 256, desc: str | None = None, name: str = "scores",
-                    item_block: int = 65536) -> dict[str, np.ndarray]:
-    """Per-user metrics of a full-catalog scorer on `split` ('valid' or 'test'); `name` (the system)
-    labels the error raised for non-finite scores. A `BlockScorer` is read `item_block` items at a time
-    (memory batch_size x item_block); a plain `ScoreFn` gives whole rows, copied once."""
-    users, targets = data.eval_users(split), data.targets(split)
+                    item_block: int = 65536, users: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-user metrics of a full-catalog scorer on `split` ('valid' or 'test') for `users` (default: every
+    evaluated user); `name` (the system) labels the error raised for non-finite scores. A `BlockScorer` is
+    read `item_block` items at a time (memory batch_size x item_block); a plain `ScoreFn` gives whole
+    rows, copied once."""
+    users = data.eval_users(split) if users is None else users
+    targets = data.targets(split)
     blocked = isinstance(score_fn, BlockScorer)
     device = score_fn.device if blocked else torch.device("cpu")
     ranks = []
@@ -223,9 +234,12 @@ def evaluate_scores(data: RecData, split: str, score_fn: ScoreFn | BlockScorer, 
 
 
 def evaluate_retrieval(data: RecData, split: str, retrieve: Callable[[np.ndarray, str, int], np.ndarray],
-                       ks: Sequence[int] = (10, 20, 50), batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Per-user metrics of a top-k retriever (e.g. a FAISS index): over-fetch, drop seen items, rank."""
-    users, targets, kmax = data.eval_users(split), data.targets(split), max(ks)
+                       ks: Sequence[int] = (10, 20, 50), batch_size: int = 256,
+                       users: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-user metrics of a top-k retriever (e.g. a FAISS index) for `users` (default: every evaluated
+    user): over-fetch, drop seen items, rank."""
+    users = data.eval_users(split) if users is None else users
+    targets, kmax = data.targets(split), max(ks)
     ranks = []
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]

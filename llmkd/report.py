@@ -28,6 +28,7 @@ from llmkd.evaluate import (
     paired_bootstrap,
     popularity_scorer,
     repeated_targets,
+    sample_users,
     summarize,
 )
 from llmkd.index import load_index, search
@@ -152,23 +153,30 @@ def run_evaluation(cfg: Config) -> dict:
                 raise LlmkdError(f"{out / 'index'}: built from '{student}', which eval.students does not list")
             indexed = (f"{student}+faiss_{index_meta['config']['type']}",
                        faiss_retriever(models[student], data, out / "index"))
+        users = {s: sample_users(data, s, cfg.eval.max_users, cfg.eval.sample_seed) for s in SPLITS}
         per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}", name=name,
-                                                     item_block=cfg.eval.item_block) for s in SPLITS}
+                                              item_block=cfg.eval.item_block, users=users[s]) for s in SPLITS}
                     for name, fn in systems.items()}
         if indexed is not None:
             name, retrieve = indexed
-            per_user[name] = {s: evaluate_retrieval(data, s, retrieve, ks, bs) for s in SPLITS}
+            per_user[name] = {s: evaluate_retrieval(data, s, retrieve, ks, bs, users=users[s]) for s in SPLITS}
     metrics = {name: {s: summarize(v) for s, v in by.items()} for name, by in per_user.items()}
     columns = table_metrics(cfg.eval.ks)
     primary = columns[0]
     paired = {f"{a} - {b}": {s: paired_bootstrap(per_user[a][s][primary], per_user[b][s][primary], cfg.eval.bootstrap)
                              for s in SPLITS} for a, b in _pairs(list(per_user), teacher_label(teacher))}
-    repeated = {s: repeated_targets(data, s) for s in SPLITS}
+    repeated = {s: repeated_targets(data, s, users[s]) for s in SPLITS}
     protocol = {"rules": PROTOCOL, "repeated_targets": repeated}
+    sampled = {s: {"evaluated": len(users[s]), "of": len(data.eval_users(s)), "seed": cfg.eval.sample_seed}
+               for s in SPLITS if len(users[s]) < len(data.eval_users(s))}
+    if sampled:
+        protocol["user_sample"] = sampled
     md = ["## Metrics (full ranking, seen items masked)", "",
           "Protocol (docs/protocol.md, `eval/protocol.json`): every item in the user's history is masked; a held-out "
           "item that is also in the history (a repeated interaction) is masked too and counts as a miss at every K: "
-          + ", ".join(f"{repeated[s]} of {metrics['popularity'][s]['users']} {s} users" for s in SPLITS) + " here.",
+          + ", ".join(f"{repeated[s]} of {metrics['popularity'][s]['users']} {s} users" for s in SPLITS) + " here."
+          + ("".join(f" **A random sample** of {v['evaluated']:,} of the {v['of']:,} {s} users (eval.max_users, seed "
+                     f"{v['seed']}) is evaluated: every system on the same users." for s, v in sampled.items())),
           "", markdown_table(metrics, columns), "",
           f"## Paired {primary} differences (mean, 95% bootstrap interval over users)", "",
           "| comparison | valid | test |", "|---|---|---|"]
