@@ -1,5 +1,5 @@
 """Micro-benchmarks of the catalog-size-bound steps (llmkd.experiments.scale_micro), each run in its own
-process, results written after every run and reused on a rerun (resume after a kill):
+process, results written after every run and reused on a rerun (resume after a kill; --fresh starts over):
 
     python scripts/benchmark_scale_micro.py softmax --items 2000 12000 50000 200000 --out results/softmax_cost_cpu.json
     python scripts/benchmark_scale_micro.py kd --items 100000 --kd-index flat ivf --out results/kd_candidates_cpu.json
@@ -38,6 +38,8 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--users", type=int, default=2048, help="eval: evaluated users (the cost per user is what grows)")
     p.add_argument("--item-block", type=int, nargs="+", default=[65536], help="eval: items scored per block")
     p.add_argument("--index-type", nargs="+", default=["flat"], help="index: index.type values")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new results file (the old one kept as <out>.prev) instead of reusing its runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
     return p.parse_args()
 
@@ -65,7 +67,7 @@ def main() -> None:
     from llmkd.experiments.scale_micro import run_grid, softmax_ratios, write_atomic
 
     args = arguments()
-    result = run_grid(args.kind, grid(args), args.out, args.timeout)
+    result = run_grid(args.kind, grid(args), args.out, args.timeout, fresh=args.fresh)
     if args.kind == "softmax":
         result["ratios"] = softmax_ratios(result)
         write_atomic(Path(args.out), result)

@@ -45,3 +45,14 @@ def test_a_rerun_reuses_finished_runs_and_retries_failed_ones(tmp_path, monkeypa
     assert [r["params"]["n_items"] for r in json.loads(out.read_text())["runs"]] == [2, 3]
     with pytest.raises(SystemExit, match="softmax"):
         scale_micro.run_grid("eval", grid, out, log=lambda *_: None)
+
+
+def test_fresh_starts_a_new_file_and_keeps_the_old(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(scale_micro, "isolated", lambda kind, params, timeout=None: {
+        "params": params, "step_s": 2.0, "wall_s": 2.0, "peak_rss_gib": 1.0, "base_rss_gib": 0.5})
+    grid = [{"n_items": 2, "loss": "full_softmax"}]
+    scale_micro.run_grid("softmax", grid, out, log=lambda *_: None)
+    first = out.read_text()
+    scale_micro.run_grid("softmax", grid, out, log=lambda *_: None, fresh=True)
+    assert (tmp_path / "r.json.prev").read_text() == first and len(json.loads(out.read_text())["runs"]) == 1

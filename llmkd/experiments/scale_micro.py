@@ -119,7 +119,7 @@ def kd_cost(n_items: int, n_rows: int, teacher_dim: int = 384, kd_index: str = "
     train = [np.append(h, h[:1]) if len(h) < 2 else h for h in train]  # a kd cut needs >= 2 train items
     vec = clustered_vectors(n_items + n_rows, teacher_dim, max(1, n_items // 100), seed)
     vec /= np.linalg.norm(vec, axis=1, keepdims=True)
-    arrays = {"item_emb": torch.as_tensor(vec[:n_items]), "user_pos": torch.as_tensor(vec[n_items:]).half(),
+    arrays = {"item_emb": torch.as_tensor(vec[:n_items].copy()), "user_pos": torch.as_tensor(vec[n_items:]).half(),
               "pos_user": torch.arange(n_rows), "pos_cut": torch.as_tensor([len(h) - 1 for h in train])}
     del vec
     cache = SimpleNamespace(arrays=arrays, item_emb=arrays["item_emb"], folder="synthetic")
@@ -219,10 +219,14 @@ def environment() -> dict:
     return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "python": sys.version.split()[0]}
 
 
-def run_grid(kind: str, grid: Sequence[dict], out: str | Path, timeout: float | None = None, log=print) -> dict:
+def run_grid(kind: str, grid: Sequence[dict], out: str | Path, timeout: float | None = None, log=print,
+             fresh: bool = False) -> dict:
     """Measure every params dict of `grid` (each in its own process), writing `out` after each run and
-    reusing runs already in it (same kind and params, no error)."""
+    reusing runs already in it (same kind and params, no error); `fresh` first moves an existing `out`
+    to `<out>.prev` (a new measurement, e.g. on an idle machine)."""
     out = Path(out)
+    if fresh and out.is_file():
+        os.replace(out, out.with_name(out.name + ".prev"))
     result = json.loads(out.read_text()) if out.is_file() else {"kind": kind, "runs": []}
     if result.get("kind") != kind:
         raise SystemExit(f"{out}: holds '{result.get('kind')}' results, not '{kind}'; choose another --out")
