@@ -179,7 +179,7 @@ class DistillConfig:
     'auto' (flat up to `kd_exact_max_items` items, ivf above)."""
     kd_exact_max_items: int = bounded(100_000, ge=0)
     kd_nprobe: int = bounded(32, ge=1)
-    """With the 'ivf' KD search: inverted lists visited per query (nlist = `llmkd.index.ivf_nlist`)."""
+    """'ivf' KD search: inverted lists visited per query (nlist = `llmkd.index.ivf_nlist`)."""
     kd_loss: str = "listwise_kl"
     """KD loss, a name in `llmkd.losses.KD_LOSSES` (listwise_kl, ranking_distillation, relaxed_ranking,
     margin_mse, pairwise_hinge, infonce); its weight is `alpha`."""
@@ -195,10 +195,8 @@ class DistillConfig:
     """Hard-label loss: 'full_softmax', 'sampled_softmax' (popularity-sampled negatives, logQ-corrected) or
     'auto': full softmax up to `sampled_above` items, sampled above (`hard_loss_for`)."""
     sampled_above: int = bounded(25_000, ge=0)
-    """With loss 'auto': a catalog of more items than this trains with sampled softmax. Full-softmax logits
-    and their gradient grow as positions x items: measured side by side on 2 loaded CPU cores
-    (results/softmax_cost_cpu.json), a full-softmax step cost 1.8x / 2.0x / 6x / 9.6x the sampled one
-    (256 negatives) at 12k / 25k / 50k / 200k items, and 0.5 / 1.0 / 1.9 / 7.3 GiB more memory."""
+    """With loss 'auto': more items than this train with sampled softmax (a full-softmax step cost 2x the
+    sampled one at 25k items, 6x at 50k: results/softmax_cost_cpu.json, README "Scaling")."""
     num_negatives: int = bounded(256, ge=1)
     epochs: int = bounded(30, ge=1)
     patience: int = bounded(5, ge=1)
@@ -324,9 +322,8 @@ class EvalConfig:
     bootstrap: int = bounded(1000, ge=1)
     """Resamples of users for the paired 95% interval of a metric difference."""
     max_users: int = bounded(0, ge=0)
-    """0: every evaluated user. N > 0: a fixed random sample of N evaluated users per split (`sample_seed`),
-    the same for every system, stated in results.md and protocol.json: exact full ranking of 1 M users
-    over 1 M items is ~10^14 multiply-adds per system and split, days on a CPU."""
+    """0: every evaluated user. N > 0: a fixed random sample of N of them per split (`sample_seed`), the
+    same for every system, stated in results.md and protocol.json (1 M users x 1 M items is days on a CPU)."""
     sample_seed: int = bounded(0, ge=0)
     students: list[str] = field(default_factory=lambda: ["student_no_kd", "student_kd"])
     """Student artifact folders (under out_dir) to evaluate; the indexed one is also evaluated through FAISS."""
