@@ -1,9 +1,10 @@
 """Micro-benchmarks of the steps that grow with the catalog: the hard-label loss (full vs sampled
 softmax), KD candidate building (teacher top-K), blocked evaluation and index building, at chosen sizes.
 
-Each measurement runs in a fresh Python process (`python -m llmkd.experiments.scale_micro KIND JSON`), so
-its peak RSS (`ru_maxrss`) is its own; `base_rss_gib` is the RSS once the inputs are built, before the
-measured work. Results are appended to a JSON file after every run; a run already there is reused, so a
+Each measurement runs in a fresh Python process (`python -m llmkd.experiments.scale_micro KIND JSON`).
+`base_rss_gib` is the RSS once the inputs are built; the peak count then restarts there (`reset_peak`,
+`peak_since_base`), so `peak_rss_gib` is the measured step's peak (inputs included), not the input
+generation's. Results are appended to a JSON file after every run; a run already there is reused, so a
 killed benchmark resumes where it stopped. Timings on a shared machine are only comparable side by side
 (ratios within one invocation), never against numbers taken at another time.
 
@@ -34,8 +35,23 @@ def rss_gib() -> float:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far in GiB (Linux reports KiB)."""
+    """Peak resident set size in GiB since `reset_peak` (Linux VmHWM), else since the process started."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def reset_peak() -> bool:
+    """Restart the peak RSS count at the current RSS (Linux: '5' to /proc/self/clear_refs), so the peak
+    reported is the measured step's, not the input generation's; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def zipf_counts(n: int, seed: int, a: float = 1.0) -> np.ndarray:
@@ -63,7 +79,7 @@ def softmax_cost(n_items: int, loss: str, steps: int = 3, batch: int = 64, max_l
     x = torch.randint(0, n_items, (batch, max_len), generator=g)
     y = torch.randint(0, n_items, (batch, max_len), generator=g)
     cfg = SimpleNamespace(loss=loss, num_negatives=num_negatives)
-    base = rss_gib()
+    base, reset = rss_gib(), reset_peak()
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
@@ -74,6 +90,7 @@ def softmax_cost(n_items: int, loss: str, steps: int = 3, batch: int = 64, max_l
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
     return {"step_s": float(np.median(times[1:])), "step_times": times, "base_rss_gib": base,
+            "peak_since_base": reset,
             "logits_gib": batch * max_len * (n_items if loss == "full_softmax" else num_negatives + 1) * 4 / GIB}
 
 
@@ -124,12 +141,13 @@ def kd_cost(n_items: int, n_rows: int, teacher_dim: int = 384, kd_index: str = "
     del vec
     cache = SimpleNamespace(arrays=arrays, item_emb=arrays["item_emb"], folder="synthetic")
     search = DistillConfig(kd_index=kd_index).kd_index_for(n_items)
-    base = rss_gib()
+    base, reset = rss_gib(), reset_peak()
     t0 = time.perf_counter()
     kd = KDTargets(cache, train, k, 20.0, torch.device("cpu"), search)
     seconds, peak = time.perf_counter() - t0, peak_rss_gib()
     rows = np.random.default_rng(seed).choice(n_rows, min(recall_rows, n_rows), replace=False)
-    return {"kd_s": seconds, "search": search, "base_rss_gib": base, "peak_rss_gib": peak,
+    return {"kd_s": seconds, "search": search, "base_rss_gib": base, "peak_since_base": reset,
+            "peak_rss_gib": peak,
             "recall_vs_exact": exact_recall(kd, rows) if len(rows) else None, "recall_rows": len(rows),
             "candidates_gib": (kd.top_ids.nbytes + kd.top_scores.nbytes) / GIB,
             "interactions": int(sum(len(h) for h in train)),
@@ -155,11 +173,11 @@ def eval_cost(n_items: int, n_users: int = 2048, item_block: int = 65536, dim: i
     g = torch.Generator().manual_seed(seed)
     users, items = torch.randn(n_users, dim, generator=g), torch.randn(n_items, dim, generator=g)
     scorer = DotScorer(lambda us, split: users[torch.as_tensor(us)], items)
-    base = rss_gib()
+    base, reset = rss_gib(), reset_peak()
     t0 = time.perf_counter()
     m = evaluate_scores(data, "test", scorer, (10,), batch_size, item_block=item_block)
     return {"eval_s": time.perf_counter() - t0, "users_per_s": n_users / (time.perf_counter() - t0),
-            "base_rss_gib": base, "ndcg@10": float(m["ndcg@10"].mean()),
+            "base_rss_gib": base, "peak_since_base": reset, "ndcg@10": float(m["ndcg@10"].mean()),
             "score_block_gib": batch_size * min(item_block, n_items) * 4 / GIB}
 
 
@@ -173,11 +191,12 @@ def index_cost(n_items: int, index_type: str = "flat", dim: int = 64, seed: int 
 
     torch.manual_seed(seed)
     model = TwoTower.from_config(StudentConfig(dim=dim), n_items, 50, num_users=0)
-    base = rss_gib()
+    base, reset = rss_gib(), reset_peak()
     t0 = time.perf_counter()
     with torch.no_grad():
         index = build_index(model.item_vectors().numpy(), IndexConfig(type=index_type))
-    return {"index_s": time.perf_counter() - t0, "base_rss_gib": base, "ntotal": int(index.ntotal),
+    return {"index_s": time.perf_counter() - t0, "base_rss_gib": base, "peak_since_base": reset,
+            "ntotal": int(index.ntotal),
             "vectors_gib": n_items * dim * 4 / GIB}
 
 
