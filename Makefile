@@ -20,7 +20,8 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving cold-start clean
+.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale-micro \
+	cold-start clean
 
 install: $(VENV)/.installed
 
@@ -119,6 +120,18 @@ benchmark-serving: install
 	$(BIN)/llmkd benchmark-serving $(SET) --bundle $(BUNDLE) --teacher configs/ml100k_smollm2.yaml \
 		--output results/serving_cpu.json
 	$(BIN)/llmkd load-test $(BUNDLE) --clients 32 --duration $(LOAD_SECONDS) --output results/serving_load_cpu.json
+
+# Catalog-size micro-benchmarks (README "Scaling"): full vs sampled softmax, KD candidates, blocked evaluation,
+# index build at 100k-1M items, each run in its own process. FRESH= (empty) resumes a killed run instead of
+# starting over. Run on an otherwise idle machine.
+FRESH ?= --fresh
+MICRO = $(RUN) scripts/benchmark_scale_micro.py
+benchmark-scale-micro: install
+	$(MICRO) softmax --items 2000 12000 25000 50000 200000 --out results/softmax_cost_cpu.json $(FRESH)
+	$(MICRO) kd --items 100000 --kd-index flat ivf --out results/kd_candidates_cpu.json $(FRESH)
+	$(MICRO) kd --items 1000000 --out results/kd_candidates_cpu.json
+	$(MICRO) eval --items 100000 1000000 --item-block 65536 1000000000 --out results/eval_blocked_cpu.json $(FRESH)
+	$(MICRO) index --items 100000 1000000 --index-type flat ivf hnsw --out results/index_build_cpu.json $(FRESH)
 
 test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc

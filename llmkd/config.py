@@ -180,6 +180,13 @@ class DistillConfig:
     """Teacher cosine scores are multiplied by this before the temperature (a cosine spans [-1, 1])."""
     kd_top_k: int = bounded(100, ge=1)
     """Teacher candidates per KD position: its top-K unseen items by its own score (+ the positive)."""
+    kd_index: str = "auto"
+    """How the teacher's top-K candidates are found (a FAISS inner-product search over its item vectors,
+    seen items removed): 'flat' (exact), 'ivf' (approximate: inverted lists, `kd_nprobe` visited) or
+    'auto' (flat up to `kd_exact_max_items` items, ivf above)."""
+    kd_exact_max_items: int = bounded(100_000, ge=0)
+    kd_nprobe: int = bounded(32, ge=1)
+    """'ivf' KD search: inverted lists visited per query (nlist = `llmkd.index.ivf_nlist`)."""
     kd_loss: str = "listwise_kl"
     """KD loss, a name in `llmkd.losses.KD_LOSSES` (listwise_kl, ranking_distillation, relaxed_ranking,
     margin_mse, pairwise_hinge, infonce); its weight is `alpha`."""
@@ -191,8 +198,12 @@ class DistillConfig:
     item_align: float = bounded(0.0, ge=0)
     """Weight of embedding alignment (DLLM2Rec-style): the student's item vectors, through a linear
     head, match the teacher's item-text embeddings (1 - cosine)."""
-    loss: str = "full_softmax"
-    """Hard-label loss: 'full_softmax' or 'sampled_softmax' (popularity-sampled negatives, logQ-corrected)."""
+    loss: str = "auto"
+    """Hard-label loss: 'full_softmax', 'sampled_softmax' (popularity-sampled negatives, logQ-corrected) or
+    'auto': full softmax up to `sampled_above` items, sampled above (`hard_loss_for`)."""
+    sampled_above: int = bounded(25_000, ge=0)
+    """With loss 'auto': more items than this train with sampled softmax (a full-softmax step cost 2x the
+    sampled one at 25k items, 6x at 50k: results/softmax_cost_cpu.json, README "Scaling")."""
     num_negatives: int = bounded(256, ge=1)
     epochs: int = bounded(30, ge=1)
     patience: int = bounded(5, ge=1)
@@ -217,8 +228,10 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self, "distill")
-        if self.loss not in ("full_softmax", "sampled_softmax"):
-            raise LlmkdError(f"distill.loss: expected 'full_softmax' or 'sampled_softmax', got {self.loss!r}")
+        if self.loss not in ("auto", "full_softmax", "sampled_softmax"):
+            raise LlmkdError(f"distill.loss: expected 'auto', 'full_softmax' or 'sampled_softmax', got {self.loss!r}")
+        if self.kd_index not in ("auto", "flat", "ivf"):
+            raise LlmkdError(f"distill.kd_index: expected 'auto', 'flat' or 'ivf', got {self.kd_index!r}")
         kd_loss = self.make_kd_loss()  # an unknown loss or argument fails here, before any training
         if self.alpha > 0:
             self.check_kd_term(kd_loss)
@@ -236,6 +249,18 @@ class DistillConfig:
                 f"distill.kd_loss {self.kd_loss!r} with distill.kd_args {self.kd_args} and distill.kd_top_k "
                 f"{self.kd_top_k}: the KD term is 0 whatever the scores, so distill.alpha {self.alpha} would train "
                 "without the teacher; change those settings, or set distill.alpha=0 for a no-teacher run")
+
+    def hard_loss_for(self, num_items: int) -> str:
+        """The hard-label loss a catalog of `num_items` items trains with ('auto' resolved)."""
+        if self.loss != "auto":
+            return self.loss
+        return "sampled_softmax" if num_items > self.sampled_above else "full_softmax"
+
+    def kd_index_for(self, num_items: int) -> str:
+        """The KD candidate search of a catalog of `num_items` items: 'flat' or 'ivf' ('auto' resolved)."""
+        if self.kd_index != "auto":
+            return self.kd_index
+        return "ivf" if num_items > self.kd_exact_max_items else "flat"
 
     @property
     def learns_from_teacher(self) -> bool:
@@ -298,8 +323,15 @@ class IndexConfig:
 class EvalConfig:
     ks: list[int] = bounded(default_factory=lambda: [10, 20, 50], ge=1)
     batch_size: int = bounded(256, ge=1)
+    item_block: int = bounded(65536, ge=1)
+    """Items scored at once per batch of users: memory is batch_size x item_block scores, never the
+    whole catalog for every user (a catalog within one block is ranked exactly as before)."""
     bootstrap: int = bounded(1000, ge=1)
     """Resamples of users for the paired 95% interval of a metric difference."""
+    max_users: int = bounded(0, ge=0)
+    """0: every evaluated user. N > 0: a fixed random sample of N of them per split (`sample_seed`), the
+    same for every system, stated in results.md and protocol.json (1 M users x 1 M items is days on a CPU)."""
+    sample_seed: int = bounded(0, ge=0)
     students: list[str] = field(default_factory=lambda: ["student_no_kd", "student_kd"])
     """Student artifact folders (under out_dir) to evaluate; the indexed one is also evaluated through FAISS."""
 

@@ -14,6 +14,7 @@ The same code runs on one CPU, several CPU processes (gloo), one or several GPUs
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -29,14 +30,19 @@ from tqdm.auto import tqdm
 
 from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, write_json
 from llmkd.checkpoints import load_checkpoint, run_record, same_run, save_checkpoint, teacher_fingerprint
-from llmkd.config import Config
+from llmkd.config import Config, IndexConfig
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import mask_seen, metrics_from_ranks, nonfinite_rows, target_ranks
+from llmkd.evaluate import blocked_ranks, metrics_from_ranks
+from llmkd.index import build_index
 from llmkd.lineage import input_record
 from llmkd.locks import main_process_lock
 from llmkd.student import TwoTower, init_from_content
 from llmkd.teacher import TeacherCache
 from llmkd.windows import get_dataloaders, trim_padding
+
+
+TEACHER_KEYS = ("item_emb", "user_pos", "pos_user", "pos_cut")
+"""The teacher cache arrays training reads; the per-split user vectors are left on disk."""
 
 
 def hard_loss(states: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, cfg, log_q: torch.Tensor | None,
@@ -46,6 +52,8 @@ def hard_loss(states: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, c
     h, y = states[keep], labels[keep]  # (P, d), (P,)
     if cfg.loss == "full_softmax":
         return F.cross_entropy(h @ items.T, y)
+    if cfg.loss != "sampled_softmax":
+        raise LlmkdError(f"distill.loss {cfg.loss!r}: resolve it for the catalog first (DistillConfig.hard_loss_for)")
     neg = torch.multinomial(log_q.exp(), cfg.num_negatives, replacement=True, generator=generator)  # (S,)
     pos_logit = (h * items[y]).sum(-1, keepdim=True) - log_q[y, None]  # (P, 1)
     neg_logit = h @ items[neg].T - log_q[neg][None]  # (P, S)
@@ -60,12 +68,13 @@ class KDTargets:
 
     Teacher row r is the history train[pos_user[r]][:pos_cut[r]]; `seen(rows)` masks all of it, not just
     the student's window of `data.max_history` items (an item consumed before the window is seen too).
-    The candidates depend on the teacher alone, so they are ranked once for every row when training
-    starts, not again at every epoch (that catalog-wide scoring was most of a KD step's time).
+    The candidates depend on the teacher alone, so they are found once for every row when training
+    starts: a FAISS inner-product search over the teacher's item vectors (`search` 'flat' = exact, 'ivf'
+    = approximate with `nprobe` lists visited), never a rows x catalog score matrix.
     """
 
     def __init__(self, teacher: TeacherCache, train: list[np.ndarray], k: int, scale: float,
-                 device: torch.device) -> None:
+                 device: torch.device, search: str = "flat", nprobe: int = 32) -> None:
         missing = {"pos_user", "pos_cut", "user_pos"} - set(teacher.arrays)
         if missing:
             raise LlmkdError(f"{teacher.folder}: teacher cache lacks {sorted(missing)}; rebuild it (build_teacher.py --force)")
@@ -74,30 +83,60 @@ class KDTargets:
         if len(self.pos_user) and ((self.pos_user >= len(train)).any() or (self.pos_cut > lengths[self.pos_user]).any()):
             raise LlmkdError(f"{teacher.folder}: teacher positions (pos_user, pos_cut) do not fit the data's train "
                              "sequences; rebuild it (build_teacher.py --force)")
-        self.user = teacher.arrays["user_pos"].float().to(device)  # (M, d_t)
-        self.items = teacher.item_emb.to(device)  # (N, d_t)
-        self.k, self.scale = min(k, len(self.items)), scale
+        self.user = teacher.arrays["user_pos"].to(device)  # (M, d_t) as cached (float16): `user_at` widens rows
+        self.items = teacher.item_emb.float().to(device)  # (N, d_t)
+        self.k, self.scale, self.search, self.nprobe = min(k, len(self.items)), scale, search, nprobe
         # row r's history is the slice flat[prefix_start[r] : prefix_start[r] + pos_cut[r]] of all train sequences
-        flat = np.concatenate(train) if len(train) else np.zeros(0, dtype=np.int64)
-        self.flat = torch.as_tensor(flat, dtype=torch.long, device=device)  # (sum of lengths,)
+        self.flat_np = np.concatenate(train).astype(np.int64) if len(train) else np.zeros(0, dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        self.prefix_start = torch.as_tensor(starts[self.pos_user], dtype=torch.long, device=device)  # (M,)
-        self.prefix_len = torch.as_tensor(self.pos_cut, dtype=torch.long, device=device)  # (M,)
+        self.start_np, self.len_np = starts[self.pos_user], self.pos_cut.astype(np.int64)  # (M,), (M,)
+        self.flat = torch.as_tensor(self.flat_np, device=device)  # (sum of lengths,) int64
+        self.prefix_start = torch.as_tensor(self.start_np, device=device)  # (M,)
+        self.prefix_len = torch.as_tensor(self.len_np, device=device)  # (M,)
         self.top_ids, self.top_scores = self.rank_candidates()
 
+    def user_at(self, rows: torch.Tensor) -> torch.Tensor:
+        """(P,) teacher rows -> their user vectors (P, d_t) float32."""
+        return self.user[rows].float()
+
+    def history_keys(self, rows: np.ndarray) -> np.ndarray:
+        """(C,) teacher rows -> (S,) int64 keys i * N + item of every item in row rows[i]'s history."""
+        lens = self.len_np[rows]
+        which = np.repeat(np.arange(len(rows), dtype=np.int64), lens)
+        offset = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+        return which * len(self.items) + self.flat_np[np.repeat(self.start_np[rows], lens) + offset]
+
     @torch.no_grad()
-    def rank_candidates(self, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's top-K unseen items by teacher score: ids (M, K) int32, scores (M, K) (-inf where
-        fewer than K items are unseen), in chunks of rows so memory stays chunk x N."""
-        m = len(self.user)
-        ids = torch.empty(m, self.k, dtype=torch.int32, device=self.user.device)
-        scores = torch.empty(m, self.k, dtype=torch.float32, device=self.user.device)
-        for start in tqdm(range(0, m, chunk), desc="KD candidates", unit="chunk", disable=m <= chunk, leave=False):
-            rows = torch.arange(start, min(m, start + chunk), device=self.user.device)
-            full = self.user[rows] @ self.items.T * self.scale  # (C, N)
-            top = torch.topk(full.masked_fill(self.seen(rows), float("-inf")), self.k, dim=1)
-            ids[rows], scores[rows] = top.indices.to(torch.int32), top.values
-        return ids, scores
+    def rank_candidates(self, chunk: int = 4096, budget: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's top-K unseen items by teacher score: ids (M, K) int32, scores (M, K) float32
+        (-inf, id 0, where fewer than K unseen items were found). Rows are searched in order of history
+        length, each chunk fetching K + its longest history (so K unseen remain after masking) and at most
+        `budget` results at once; memory stays chunk x (K + history), whatever the catalog size."""
+        m, n = len(self.len_np), len(self.items)
+        index = build_index(self.items.cpu().numpy(), IndexConfig(type=self.search, ivf_nprobe=self.nprobe))
+        ids = np.zeros((m, self.k), dtype=np.int32)
+        scores = np.full((m, self.k), float("-inf"), dtype=np.float32)
+        order = np.argsort(self.len_np, kind="stable")
+        bar = tqdm(total=m, desc=f"KD candidates ({self.search})", unit="row", disable=m <= chunk, leave=False)
+        start = 0
+        while start < m:
+            width = self.k + int(self.len_np[order[min(m, start + chunk) - 1]])
+            stop = min(m, start + max(1, min(chunk, budget // width)))
+            rows = order[start:stop]
+            width = min(n, self.k + int(self.len_np[rows[-1]]))
+            D, I = index.search(np.ascontiguousarray(self.user[torch.as_tensor(rows)].float().cpu().numpy()), width)
+            found = np.arange(len(rows), dtype=np.int64)[:, None] * n + I  # (C, width) keys like history_keys
+            keep = (I >= 0) & ~np.isin(found, self.history_keys(rows))
+            keep &= np.cumsum(keep, 1) <= self.k
+            col = np.argsort(~keep, axis=1, kind="stable")[:, : self.k]  # the kept results first, in rank order
+            real = np.take_along_axis(keep, col, 1)
+            ids[rows] = np.where(real, np.take_along_axis(I, col, 1), 0)
+            scores[rows] = np.where(real, np.take_along_axis(D, col, 1) * self.scale, float("-inf"))
+            bar.update(len(rows))
+            start = stop
+        bar.close()
+        device = self.items.device
+        return torch.as_tensor(ids, device=device), torch.as_tensor(scores, device=device)
 
     def seen(self, rows: torch.Tensor) -> torch.Tensor:
         """(P,) teacher rows -> (P, N) bool: every item of row r's history train[u][:cut], whatever the window."""
@@ -114,16 +153,19 @@ class KDTargets:
 
     def rows_by_user(self, train: list[np.ndarray]) -> list[np.ndarray]:
         """Per user, (len + 1,) int64: the row of the teacher vector for history train[:cut], -1 = none."""
-        out = [np.full(len(seq) + 1, -1, dtype=np.int64) for seq in train]
-        for row, (u, cut) in enumerate(zip(self.pos_user, self.pos_cut)):
-            out[u][cut] = row
-        return out
+        if not train:
+            return []
+        sizes = np.array([len(seq) + 1 for seq in train], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        flat = np.full(int(ends[-1]), -1, dtype=np.int64)
+        flat[ends[self.pos_user] - sizes[self.pos_user] + self.pos_cut] = np.arange(len(self.pos_user))
+        return np.split(flat, ends[:-1])
 
     def __call__(self, rows: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(P,) teacher rows, (P,) positives -> candidates, teacher scores, mask, each (P, K+1)."""
         top_ids, top_scores = self.top_ids[rows].long(), self.top_scores[rows]
         real = torch.isfinite(top_scores)  # False where fewer than K items are unseen
-        positive_scores = (self.user[rows] * self.items[positives]).sum(-1, keepdim=True) * self.scale  # (P, 1)
+        positive_scores = (self.user_at(rows) * self.items[positives]).sum(-1, keepdim=True) * self.scale  # (P, 1)
         cand = torch.cat([top_ids, positives[:, None]], 1)
         scores = torch.cat([top_scores.masked_fill(~real, 0.0), positive_scores], 1)
         mask = torch.cat([real, ~((top_ids == positives[:, None]) & real).any(1, keepdim=True)], 1)  # positive once
@@ -164,7 +206,7 @@ def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log
     if dc.user_align > 0 or dc.item_align > 0:
         user_proj, item_proj = heads(h, items)  # one call through DDP, every output used
         if dc.user_align > 0:  # a batch without teacher positions adds 0 (and zero gradients)
-            cos = F.cosine_similarity(user_proj, kd_targets.user[r], dim=-1)
+            cos = F.cosine_similarity(user_proj, kd_targets.user_at(r), dim=-1)
             loss = loss + dc.user_align * ((1 - cos).mean() if len(r) else 0.0 * user_proj.sum()) * share[1]
         if dc.item_align > 0:
             cos = F.cosine_similarity(item_proj, kd_targets.items, dim=-1)
@@ -173,23 +215,27 @@ def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log
 
 
 @torch.no_grad()
-def validate(model: TwoTower, eval_dl, data: RecData, accelerator: Accelerator, split: str = "valid") -> dict[str, float]:
-    """NDCG / Recall @10 and @50 on `split`, users sharded over processes and gathered once each; all
-    -inf when any of the student's scores is non-finite (a diverged epoch, see `end_epoch`)."""
+def validate(model: TwoTower, eval_dl, data: RecData, accelerator: Accelerator, split: str = "valid",
+             item_block: int = 65536) -> dict[str, float]:
+    """NDCG / Recall @10 and @50 on `split`, users sharded over processes and gathered once each, items
+    scored `item_block` at a time (`blocked_ranks`); all -inf when any of the student's scores is
+    non-finite (a diverged epoch, see `end_epoch`)."""
     model.eval()
     net = accelerator.unwrap_model(model)
     ranks, bad = [], []
     targets = torch.as_tensor(data.targets(split), device=accelerator.device)
-    table = net.item_tower()  # (N + 1, d), once per validation
+    full = net.item_tower()  # (N + 1, d), once per validation
+    table = full[: net.num_items]  # (N, d)
     for users in eval_dl:  # sorted by history length: user_vectors drops each batch's all-padding columns
         u = users.cpu().numpy()
         hists = [data.history(x, split) for x in u]
         hist = net.pad_histories(hists).to(accelerator.device)
-        raw = (net.user_vectors(hist, users, table) @ table[: net.num_items].T).float().cpu()  # (B, N)
-        bad.append(accelerator.gather_for_metrics(nonfinite_rows(raw, targets[users].cpu(), hists).long()
-                                                  .to(accelerator.device)))
-        scores = mask_seen(raw, hists).to(accelerator.device)
-        ranks.append(accelerator.gather_for_metrics(target_ranks(scores, targets[users])))
+        vectors = net.user_vectors(hist, users, full).float()  # (B, d)
+        tgt = targets[users]
+        rank, flags = blocked_ranks(lambda lo, hi: vectors @ table[lo:hi].T, net.num_items, item_block, tgt, hists,
+                                    lambda: (vectors * table[tgt]).sum(-1))
+        bad.append(accelerator.gather_for_metrics(flags.long()))
+        ranks.append(accelerator.gather_for_metrics(rank))
     m = metrics_from_ranks(torch.cat(ranks).cpu().numpy(), (10, 50))
     model.train()
     diverged = bool(torch.cat(bad).any())
@@ -219,19 +265,20 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dic
 def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> dict:
     """`train`, under the lock."""
     out = Path(cfg.out_dir)
-    dc = cfg.distill
-    ckpt_dir = out / "checkpoints" / dc.name
-    set_seed(dc.seed)
+    ckpt_dir = out / "checkpoints" / cfg.distill.name
+    set_seed(cfg.distill.seed)
     data = load_data(out / "data")
-    teacher = TeacherCache(out / dc.teacher, data) if cfg.uses_teacher else None  # its lineage checked too
+    dc = dataclasses.replace(cfg.distill, loss=cfg.distill.hard_loss_for(data.num_items))  # 'auto' resolved
+    teacher = (TeacherCache(out / dc.teacher, data, keys=TEACHER_KEYS) if cfg.uses_teacher
+               else None)  # its lineage checked too
     content_dim = teacher.item_emb.shape[1] if teacher is not None and cfg.student.content_features else 0
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:
         model.item_tower.content[: data.num_items] = teacher.item_emb
     if cfg.student.content_init:
         init_from_content(model.item_tower.embedding, teacher.item_emb, cfg.student.content_init)
-    kd_targets = (KDTargets(teacher, data.train, dc.kd_top_k, dc.teacher_scale, accelerator.device)
-                  if dc.learns_from_teacher else None)
+    kd_targets = (KDTargets(teacher, data.train, dc.kd_top_k, dc.teacher_scale, accelerator.device,
+                            dc.kd_index_for(data.num_items), dc.kd_nprobe) if dc.learns_from_teacher else None)
     train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)
     heads = TeacherHeads(cfg.student.dim, teacher.item_emb.shape[1] if teacher is not None else 0,
                          dc.user_align > 0, dc.item_align > 0)
@@ -283,7 +330,8 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                 bar.set_postfix(loss=f"{state['loss_sum'] / state['step']:.4f}")
                 if dc.checkpoint_every and state["step"] % dc.checkpoint_every == 0 and state["step"] < len(train_dl):
                     save_checkpoint(accelerator, ckpt_dir, state)
-            end_epoch(state, validate(model, eval_dl, data, accelerator), epoch, time.perf_counter() - t0)
+            metrics = validate(model, eval_dl, data, accelerator, item_block=cfg.eval.item_block)
+            end_epoch(state, metrics, epoch, time.perf_counter() - t0)
             if state["best_epoch"] == epoch + 1 and accelerator.is_main_process:
                 with atomic_dir(ckpt_dir / "best") as tmp:
                     accelerator.unwrap_model(model).save_pretrained(tmp)
@@ -308,6 +356,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
         meta = new_meta("student", cfg.to_dict(), data.fingerprint, **result,
                         teacher_fingerprint=teacher_fingerprint(out / dc.teacher) if cfg.uses_teacher else None,
                         inputs={"teacher": input_record(out, out / dc.teacher)} if cfg.uses_teacher else {},
+                        hard_loss=dc.loss, kd_search=kd_targets.search if kd_targets is not None else None,
                         num_parameters=net.num_parameters(), num_processes=accelerator.num_processes,
                         distributed_type=str(accelerator.distributed_type), timing=timer.as_dict())
         with atomic_dir(out / dc.name) as tmp:

@@ -22,11 +22,13 @@ from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import (
     PROTOCOL,
+    DotScorer,
     evaluate_retrieval,
     evaluate_scores,
     paired_bootstrap,
     popularity_scorer,
     repeated_targets,
+    sample_users,
     summarize,
 )
 from llmkd.index import load_index, search
@@ -36,6 +38,8 @@ from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 
 SPLITS = ("valid", "test")
+TEACHER_EVAL_KEYS = ("item_emb", "user_valid", "user_test")
+"""The teacher cache arrays evaluation reads (the KD positions stay on disk)."""
 
 
 def table_metrics(ks: list[int]) -> list[str]:
@@ -59,9 +63,14 @@ def student_user_vectors(model: TwoTower, data: RecData, users: np.ndarray, spli
     return model.user_vectors(hist, torch.as_tensor(users))
 
 
-def student_scorer(model: TwoTower, data: RecData):
-    items = model.item_vectors().detach()
-    return lambda users, split: student_user_vectors(model, data, users, split) @ items.T
+def student_scorer(model: TwoTower, data: RecData) -> DotScorer:
+    """The student's scores, user vectors . item vectors, read in blocks of items (`llmkd.evaluate`)."""
+    return DotScorer(lambda users, split: student_user_vectors(model, data, users, split), model.item_vectors())
+
+
+def teacher_scorer(cache: TeacherCache) -> DotScorer:
+    """The teacher cache's cosine scores (user vector before the split . item vector), read in blocks."""
+    return DotScorer(lambda users, split: cache.arrays[f"user_{split}"][torch.as_tensor(users)], cache.item_emb)
 
 
 def faiss_retriever(model: TwoTower, data: RecData, index_dir: Path):
@@ -133,7 +142,7 @@ def run_evaluation(cfg: Config) -> dict:
         data = load_data(out / "data")
         systems = {"popularity": popularity_scorer(data)}
         if (out / teacher).exists():
-            systems[teacher_label(teacher)] = TeacherCache(out / teacher, data).scorer()
+            systems[teacher_label(teacher)] = teacher_scorer(TeacherCache(out / teacher, data, keys=TEACHER_EVAL_KEYS))
         models = {name: load_student(out / name, data, out) for name in cfg.eval.students}
         systems.update({name: student_scorer(m, data) for name, m in models.items()})
         indexed = None  # every input is read (and refused) before any scoring starts
@@ -144,22 +153,30 @@ def run_evaluation(cfg: Config) -> dict:
                 raise LlmkdError(f"{out / 'index'}: built from '{student}', which eval.students does not list")
             indexed = (f"{student}+faiss_{index_meta['config']['type']}",
                        faiss_retriever(models[student], data, out / "index"))
-        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}", name=name) for s in SPLITS}
+        users = {s: sample_users(data, s, cfg.eval.max_users, cfg.eval.sample_seed) for s in SPLITS}
+        per_user = {name: {s: evaluate_scores(data, s, fn, ks, bs, desc=f"eval {name} {s}", name=name,
+                                              item_block=cfg.eval.item_block, users=users[s]) for s in SPLITS}
                     for name, fn in systems.items()}
         if indexed is not None:
             name, retrieve = indexed
-            per_user[name] = {s: evaluate_retrieval(data, s, retrieve, ks, bs) for s in SPLITS}
+            per_user[name] = {s: evaluate_retrieval(data, s, retrieve, ks, bs, users=users[s]) for s in SPLITS}
     metrics = {name: {s: summarize(v) for s, v in by.items()} for name, by in per_user.items()}
     columns = table_metrics(cfg.eval.ks)
     primary = columns[0]
     paired = {f"{a} - {b}": {s: paired_bootstrap(per_user[a][s][primary], per_user[b][s][primary], cfg.eval.bootstrap)
                              for s in SPLITS} for a, b in _pairs(list(per_user), teacher_label(teacher))}
-    repeated = {s: repeated_targets(data, s) for s in SPLITS}
+    repeated = {s: repeated_targets(data, s, users[s]) for s in SPLITS}
     protocol = {"rules": PROTOCOL, "repeated_targets": repeated}
+    sampled = {s: {"evaluated": len(users[s]), "of": len(data.eval_users(s)), "seed": cfg.eval.sample_seed}
+               for s in SPLITS if len(users[s]) < len(data.eval_users(s))}
+    if sampled:
+        protocol["user_sample"] = sampled
     md = ["## Metrics (full ranking, seen items masked)", "",
           "Protocol (docs/protocol.md, `eval/protocol.json`): every item in the user's history is masked; a held-out "
           "item that is also in the history (a repeated interaction) is masked too and counts as a miss at every K: "
-          + ", ".join(f"{repeated[s]} of {metrics['popularity'][s]['users']} {s} users" for s in SPLITS) + " here.",
+          + ", ".join(f"{repeated[s]} of {metrics['popularity'][s]['users']} {s} users" for s in SPLITS) + " here."
+          + ("".join(f" **A random sample** of {v['evaluated']:,} of the {v['of']:,} {s} users (eval.max_users, seed "
+                     f"{v['seed']}) is evaluated: every system on the same users." for s, v in sampled.items())),
           "", markdown_table(metrics, columns), "",
           f"## Paired {primary} differences (mean, 95% bootstrap interval over users)", "",
           "| comparison | valid | test |", "|---|---|---|"]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -347,14 +348,19 @@ def _build(data: RecData, cfg: TeacherConfig, folder: Path, force: bool, adapter
 class TeacherCache:
     """A loaded `teacher/` artifact: item vectors, user vectors per state and at KD positions."""
 
-    def __init__(self, folder: str | Path, data: RecData | None = None) -> None:
+    def __init__(self, folder: str | Path, data: RecData | None = None, keys: tuple[str, ...] | None = None) -> None:
+        """`keys`: read only these arrays (those the file holds); the others stay on disk."""
         self.folder = Path(folder)
         self.meta = read_meta(self.folder, "teacher")
         if data is not None:
             check_lineage(self.folder, self.folder.parent, data.fingerprint)
         path = self.folder / "embeddings.safetensors"
         with reading(path, "teacher cache"):
-            self.arrays = {k: torch.as_tensor(v) for k, v in load_file(str(path)).items()}
+            if keys is None:
+                self.arrays = {k: torch.as_tensor(v) for k, v in load_file(str(path)).items()}
+            else:
+                with safe_open(str(path), framework="numpy") as f:
+                    self.arrays = {k: torch.as_tensor(f.get_tensor(k)) for k in f.keys() if k in keys}
 
     @property
     def item_emb(self) -> torch.Tensor:

@@ -102,6 +102,62 @@ def test_seen_is_the_whole_history_of_each_teacher_row():
     assert kd.seen(torch.zeros(0, dtype=torch.long)).shape == (0, 5)
 
 
+def full_catalog_candidates(cache, kd, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The former path: every row scored against the whole catalog, its history masked, torch.topk."""
+    rows = torch.arange(len(cache.arrays["pos_user"]))
+    full = cache.arrays["user_pos"].float() @ cache.item_emb.T * scale  # (M, N)
+    top = torch.topk(full.masked_fill(kd.seen(rows), float("-inf")), k, dim=1)
+    return top.indices, top.values
+
+
+@pytest.mark.parametrize("chunk, budget", [(4096, 1 << 22), (3, 40)])
+def test_flat_faiss_candidates_equal_full_catalog_scoring(chunk, budget):
+    """The FAISS flat search finds exactly the rows' top-K unseen items of the full-catalog path, in the
+    same order with the same scores, also in small chunks (rows go in order of history length and come
+    back in place) and for rows with fewer than K unseen items (-inf there)."""
+    rng = np.random.default_rng(1)
+    n_items, k = 40, 6
+    train = [rng.choice(n_items, size=int(s), replace=False) for s in rng.integers(1, n_items, 25)]
+    train.append(np.arange(n_items))  # its late cuts leave fewer than k items unseen
+    cache = make_cache(train, n_items=n_items, d=8, stride=1, seed=3)
+    kd = KDTargets(cache, train, k=k, scale=20.0, device=torch.device("cpu"))
+    ids, scores = kd.rank_candidates(chunk=chunk, budget=budget)
+    ref_ids, ref_scores = full_catalog_candidates(cache, kd, k, 20.0)
+    assert ids.shape == scores.shape == (len(cache.arrays["pos_user"]), k) and ids.dtype == torch.int32
+    real = torch.isfinite(ref_scores)
+    assert (~real).any() and real.any(1).all()  # both kinds of row are exercised
+    assert torch.equal(torch.isfinite(scores), real)
+    assert torch.equal(ids.long()[real], ref_ids[real])
+    torch.testing.assert_close(scores[real], ref_scores[real])
+
+
+def test_ivf_candidates_reach_exact_recall_and_never_offer_a_seen_item():
+    """The approximate KD search (inverted lists) against the exact one on clustered teacher vectors:
+    recall@K of the candidate sets >= 0.9, and a seen item is never a candidate."""
+    from llmkd.ann import clustered_vectors
+
+    rng = np.random.default_rng(0)
+    n_items, k, d = 3000, 20, 16
+    train = [rng.choice(n_items, size=int(s), replace=False) for s in rng.integers(2, 60, 150)]
+    cache = make_cache(train, n_items=n_items, d=d, stride=0)
+    vectors = torch.nn.functional.normalize(torch.as_tensor(clustered_vectors(n_items + 150, d, 30, seed=0)), dim=1)
+    cache.item_emb, cache.arrays["item_emb"] = vectors[:n_items], vectors[:n_items]
+    cache.arrays["user_pos"] = vectors[n_items:].half()
+    exact = KDTargets(cache, train, k=k, scale=1.0, device=torch.device("cpu"))
+    recall = {}
+    for nprobe in (1, 4):
+        approx = KDTargets(cache, train, k=k, scale=1.0, device=torch.device("cpu"), search="ivf", nprobe=nprobe)
+        found = [len(set(a) & set(e)) for a, e in zip(approx.top_ids.tolist(), exact.top_ids.tolist())]
+        recall[nprobe] = sum(found) / (k * len(train))
+    assert recall[4] >= 0.9 and recall[1] < recall[4], recall  # approximate indeed, and close with 4 lists visited
+    rows = torch.arange(len(train))
+    seen = exact.seen(rows)
+    real = torch.isfinite(approx.top_scores)
+    assert not seen.gather(1, approx.top_ids.long())[real].any()
+    torch.testing.assert_close(approx.top_scores[real],
+                               (cache.arrays["user_pos"].float()[:, None] * vectors[approx.top_ids.long()]).sum(-1)[real])
+
+
 def test_kd_targets_refuse_a_cache_of_other_sequences():
     train = [np.arange(0, 6), np.arange(3, 9)]
     cache = make_cache(train, n_items=9, stride=1)
@@ -291,7 +347,7 @@ def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, syn
     data = build_data(synthetic.data_config())
     save_data(data, tmp_path / "data", synthetic.data_config())
     item_emb = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32)
-    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data: SimpleNamespace(item_emb=item_emb))
+    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data, keys=None: SimpleNamespace(item_emb=item_emb))
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "meta.json").write_text("{}")  # the student records the cache's fingerprint
     calls = []
@@ -304,3 +360,80 @@ def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, syn
         distill.train(cfg)
     assert len(calls) == 1 and calls[0][1] is item_emb and calls[0][2] == 0.1
     assert calls[0][0] == (data.num_items + 1, 8)
+
+
+# ---------------------------------------------------------------- hard loss chosen by catalog size
+
+
+def test_auto_loss_is_full_softmax_up_to_the_threshold_and_named_losses_stay():
+    from conftest import REPO
+
+    from llmkd.config import DistillConfig, load_config
+
+    dc = DistillConfig()
+    assert dc.loss == "auto" and dc.hard_loss_for(1682) == "full_softmax"  # ml-100k keeps the full softmax
+    assert dc.hard_loss_for(dc.sampled_above) == "full_softmax"
+    assert dc.hard_loss_for(dc.sampled_above + 1) == "sampled_softmax"
+    assert DistillConfig(loss="full_softmax").hard_loss_for(10 ** 7) == "full_softmax"
+    assert DistillConfig(loss="sampled_softmax").hard_loss_for(10) == "sampled_softmax"
+    assert load_config(REPO / "configs/amazon_beauty.yaml").distill.hard_loss_for(12_101) == "sampled_softmax"
+    assert load_config(REPO / "configs/ml100k.yaml").distill.hard_loss_for(1682) == "full_softmax"
+    assert DistillConfig(kd_index="auto").kd_index_for(dc.kd_exact_max_items + 1) == "ivf"
+    assert DistillConfig(kd_index="auto").kd_index_for(dc.kd_exact_max_items) == "flat"
+    with pytest.raises(LlmkdError, match="distill.loss: expected 'auto'"):
+        DistillConfig(loss="softmax")
+    with pytest.raises(LlmkdError, match="distill.kd_index: expected"):
+        DistillConfig(kd_index="hnsw32")
+
+
+def test_hard_loss_refuses_an_unresolved_auto():
+    cfg = SimpleNamespace(loss="auto", num_negatives=4)
+    with pytest.raises(LlmkdError, match="hard_loss_for"):
+        hard_loss(torch.zeros(1, 2, 3), torch.zeros(5, 3), torch.zeros(1, 2, dtype=torch.long), cfg, torch.zeros(5))
+
+
+@pytest.mark.parametrize("sampled_above, expected", [(10 ** 6, "full_softmax"), (5, "sampled_softmax")])
+def test_the_trainer_resolves_auto_by_the_catalog_size(tmp_path, synthetic, monkeypatch, sampled_above, expected):
+    """The loss the trainer really computes (spied on `hard_loss`) and records in the student's meta."""
+    import json
+
+    from llmkd import distill
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+
+    cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                 student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),
+                 distill=DistillConfig(name="s", alpha=0.0, epochs=1, batch_size=64, sampled_above=sampled_above,
+                                       num_negatives=8))
+    save_data(build_data(cfg.data), tmp_path / "data", cfg.data)
+    seen, real = [], distill.hard_loss
+    monkeypatch.setattr(distill, "hard_loss", lambda s, i, y, dc, *a, **k: (seen.append(dc.loss), real(s, i, y, dc, *a, **k))[1])
+    distill.train(cfg)
+    assert seen and set(seen) == {expected}
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["hard_loss"] == expected
+
+
+def test_training_reads_only_the_teacher_arrays_it_needs(tmp_path):
+    """The per-split user vectors (n_users x d each) stay on disk in every training process; the arrays
+    read are bit-identical to a full load; a truncated file is still a one-line error."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from llmkd.distill import TEACHER_KEYS
+    from llmkd.teacher import TeacherCache
+
+    rng = np.random.default_rng(0)
+    arrays = {"item_emb": rng.random((7, 4), dtype=np.float32), "user_pos": rng.random((3, 4)).astype(np.float16),
+              "pos_user": np.arange(3), "pos_cut": np.ones(3, dtype=np.int64),
+              "user_valid": rng.random((5, 4), dtype=np.float32), "user_test": rng.random((5, 4), dtype=np.float32)}
+    (tmp_path / "meta.json").write_text(json.dumps({"stage": "teacher"}))
+    save_file(arrays, str(tmp_path / "embeddings.safetensors"))
+    some, every = TeacherCache(tmp_path, keys=TEACHER_KEYS), TeacherCache(tmp_path)
+    assert set(some.arrays) == set(TEACHER_KEYS) and set(every.arrays) == set(arrays)
+    for key in TEACHER_KEYS:
+        assert torch.equal(some.arrays[key], every.arrays[key])
+    path = tmp_path / "embeddings.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(LlmkdError, match="unreadable teacher cache"):
+        TeacherCache(tmp_path, keys=TEACHER_KEYS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from llmkd.config import Config, DistillConfig, EvalConfig, TeacherConfig
@@ -66,3 +67,27 @@ def test_the_protocol_is_written_next_to_the_metrics(two_teachers):
     assert json.loads((out / "eval" / "meta.json").read_text())["protocol"] == protocol
     md = (out / "eval" / "results.md").read_text()
     assert "repeated interaction" in md and f"{repeats['test']} of {metrics['teacher']['test']['users']} test users" in md
+
+
+def test_a_user_sample_is_explicit_and_the_same_for_every_system(two_teachers):
+    """eval.max_users: N users per split drawn once (seeded), every system scored on exactly them (each
+    system's per-user metrics equal the full run's rows for those users), and the sample is stated."""
+    from llmkd.evaluate import sample_users
+
+    out, data = two_teachers
+    n = len(data.eval_users("test")) // 3
+    cfg = Config(out_dir=str(out), distill=DistillConfig(teacher="teacher"),
+                 eval=EvalConfig(ks=[1, 10], students=[], bootstrap=10, max_users=n, sample_seed=3))
+    run_evaluation(cfg)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    protocol = json.loads((out / "eval" / "protocol.json").read_text())
+    for s in ("valid", "test"):
+        users = sample_users(data, s, n, 3)
+        assert len(users) == n < len(data.eval_users(s)) and set(users) <= set(data.eval_users(s))
+        assert protocol["user_sample"][s] == {"evaluated": n, "of": len(data.eval_users(s)), "seed": 3}
+        full = evaluate_scores(data, s, TeacherCache(out / "teacher", data).scorer(), [1, 10])
+        rows = np.searchsorted(data.eval_users(s), users)
+        for system in ("popularity", "teacher"):
+            assert metrics[system][s]["users"] == n
+        assert metrics["teacher"][s]["ndcg@10"] == pytest.approx(full["ndcg@10"][rows].mean())
+    assert "A random sample** of" in (out / "eval" / "results.md").read_text()

@@ -34,7 +34,7 @@ def recipe_lines(run: dict[str, Any], student_meta: dict[str, Any]) -> list[str]
     return [
         (f"- Student: {s['pooling']} user tower, dim {s['dim']}, {s['num_layers']} layer(s); item tower = id "
          "embedding" + (" + projected item-text vectors of the teacher" if s["content_features"] else "")),
-        (f"- Training: {d['loss']} hard loss, {kd}, user_align {d['user_align']}, item_align {d['item_align']}; "
+        (f"- Training: {student_meta.get('hard_loss', d['loss'])} hard loss, {kd}, user_align {d['user_align']}, item_align {d['item_align']}; "
          f"best epoch {student_meta.get('best_epoch')} of {student_meta.get('epochs_run')}, seed {d['seed']}"),
     ]
 
