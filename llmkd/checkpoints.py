@@ -57,12 +57,12 @@ def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path, same_run=None) -> 
 RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_every", "log_with", "eval_batch_size")
 
 
-def run_identity(cfg: Config, data_fingerprint: str) -> dict:
+def run_identity(cfg: Config, data_fingerprint: str, num_items: int | None = None) -> dict:
     """What a checkpoint must match to be resumed: the training key (`llmkd.reuse`) but for
     `RESUMABLE_CHANGES`, the data and the teacher cache."""
     from llmkd.reuse import training_key  # reuse imports this module
 
-    training = training_key(cfg)
+    training = training_key(cfg, num_items)
     training["distill"] = {k: v for k, v in training["distill"].items() if k not in RESUMABLE_CHANGES}
     teacher = Path(cfg.out_dir) / cfg.distill.teacher
     return {"training": training, "data": data_fingerprint,
@@ -75,7 +75,7 @@ def run_record(cfg: Config, data_fingerprint: str) -> dict:
     return {"run_config": cfg.to_dict(), "run_data": data_fingerprint, "run_teacher": identity["teacher"]}
 
 
-def same_run(state: dict, cfg: Config, data_fingerprint: str) -> bool:
+def same_run(state: dict, cfg: Config, data_fingerprint: str, num_items: int | None = None) -> bool:
     """Whether a checkpoint's train state belongs to this run. Its stored config is read back through
     `from_dict`, so config fields added since it was written take their defaults (as `llmkd.reuse` does):
     a new setting left at its default does not throw a half-trained run away. Checkpoints written before
@@ -87,7 +87,9 @@ def same_run(state: dict, cfg: Config, data_fingerprint: str) -> bool:
         then = from_dict(Config, {**state["run_config"], "out_dir": cfg.out_dir})
     except LlmkdError:
         return False
-    return (run_identity(then, state["run_data"])["training"] == now["training"]
+    if num_items is not None:  # 'auto' settings count as what they resolve to on this catalog (llmkd.reuse)
+        now = run_identity(cfg, data_fingerprint, num_items)
+    return (run_identity(then, state["run_data"], num_items)["training"] == now["training"]
             and (state["run_data"], state["run_teacher"]) == (now["data"], now["teacher"]))
 
 

@@ -294,7 +294,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
 
     state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0,
              "history": [], **run_record(cfg, data.fingerprint)}
-    resumed = (load_checkpoint(accelerator, ckpt_dir, lambda old: same_run(old, cfg, data.fingerprint))
+    resumed = (load_checkpoint(accelerator, ckpt_dir, lambda old: same_run(old, cfg, data.fingerprint, data.num_items))
                if resume else None)
     if resumed is not None:
         state = resumed

@@ -188,7 +188,7 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
         pending = []
         for c in todo:
             vcfg = candidate_config(cfg, c, seed, folder)
-            if reuse(vcfg, data.fingerprint, finished):
+            if reuse(vcfg, data.fingerprint, finished, data.num_items):
                 record(c, vcfg, "reused")
             else:
                 pending.append((c, vcfg))

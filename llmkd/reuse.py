@@ -19,19 +19,28 @@ from llmkd.lineage import files_load
 TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
 
 
-def training_key(cfg: Config) -> dict:
+def training_key(cfg: Config, num_items: int | None = None) -> dict:
     """What a student's training depends on, besides the data and the teacher cache's contents: the data,
     student and distill settings (not the run's name; without the teacher fields when it uses no teacher,
-    so the no-KD twin is the same whatever teacher the KD variants learn from) and the teacher config."""
+    so the no-KD twin is the same whatever teacher the KD variants learn from) and the teacher config.
+    Given the catalog size, 'auto' settings count as what they resolve to (`distill.loss`, `kd_index`), so
+    a run recorded with 'full_softmax' is the same run as 'auto' on a catalog where auto means that."""
     d = cfg.to_dict()
     skip = ("name",) if cfg.uses_teacher else ("name", *TEACHER_ONLY)
-    key = {"data": d["data"], "student": d["student"], "distill": {k: v for k, v in d["distill"].items() if k not in skip}}
+    distill = {k: v for k, v in d["distill"].items() if k not in skip}
+    if num_items is not None:
+        distill["loss"] = cfg.distill.hard_loss_for(num_items)
+        distill.pop("sampled_above", None)
+        if "kd_index" in distill:
+            distill["kd_index"] = cfg.distill.kd_index_for(num_items)
+            distill.pop("kd_exact_max_items", None)
+    key = {"data": d["data"], "student": d["student"], "distill": distill}
     if cfg.uses_teacher:
         key["teacher"] = d["teacher"]
     return key
 
 
-def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
+def reusable(folder: Path, cfg: Config, data_fingerprint: str, num_items: int | None = None) -> bool:
     """A finished student in `folder` trained with the same training key on this data (and, if it learns
     from a teacher, from the same teacher cache) can stand for a run of `cfg`, if its files load. Config
     fields added since it was trained take their defaults."""
@@ -42,7 +51,7 @@ def reusable(folder: Path, cfg: Config, data_fingerprint: str) -> bool:
         then = from_dict(Config, meta.get("config", {}))
     except LlmkdError:
         return False
-    if training_key(then) != training_key(cfg) or meta.get("data_fingerprint") != data_fingerprint:
+    if training_key(then, num_items) != training_key(cfg, num_items) or meta.get("data_fingerprint") != data_fingerprint:
         return False
     if cfg.uses_teacher:
         teacher = Path(cfg.out_dir) / cfg.distill.teacher
@@ -55,14 +64,14 @@ def runs_in(folders: list[Path]) -> list[Path]:
     return sorted(run for folder in folders for run in Path(folder).glob("*") if run.is_dir())
 
 
-def reuse(cfg: Config, data_fingerprint: str, also: list[Path] = ()) -> bool:
+def reuse(cfg: Config, data_fingerprint: str, also: list[Path] = (), num_items: int | None = None) -> bool:
     """True if a finished student for `cfg` is in place: its own folder is reusable, or a reusable one
     among `also` (e.g. the same settings' run from a hyper-parameter search) was copied there."""
     folder = Path(cfg.out_dir) / cfg.distill.name
-    if reusable(folder, cfg, data_fingerprint):
+    if reusable(folder, cfg, data_fingerprint, num_items):
         return True
     for other in also:
-        if reusable(other, cfg, data_fingerprint):
+        if reusable(other, cfg, data_fingerprint, num_items):
             with atomic_dir(folder) as tmp:
                 shutil.copytree(other, tmp, dirs_exist_ok=True)
             return True

@@ -32,7 +32,8 @@ def main() -> None:
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     folders = [*([Path(args.recipe).parent / "runs"] if args.recipe else []), *map(Path, args.reuse_from)]
     if folders and not args.retrain and single:
-        if reuse(cfg, load_data(Path(cfg.out_dir) / "data").fingerprint, runs_in(folders)):
+        data = load_data(Path(cfg.out_dir) / "data")
+        if reuse(cfg, data.fingerprint, runs_in(folders), data.num_items):
             print(f"reused a finished run trained with the same settings -> {Path(cfg.out_dir) / cfg.distill.name}")
             return
     result = train(cfg, resume=args.resume)

@@ -129,3 +129,40 @@ def test_a_truncated_adapter_is_tuned_again_not_reused(tmp_path, synthetic_data,
     path.write_bytes(path.read_bytes()[:100])
     assert finetune_teacher(synthetic_data, cfg)["reused"] is False
     assert finetune_teacher(synthetic_data, cfg)["reused"] is True
+
+
+def test_a_student_from_before_loss_auto_is_reused_where_auto_resolves_to_its_loss(run, tmp_path):
+    """Students trained before `distill.loss: auto` record 'full_softmax' (then the default) and no
+    `sampled_above` / `kd_index`; on a small catalog 'auto' trains exactly that, so they are reused, and
+    a run that asks for the sampled softmax is not."""
+    from llmkd.reuse import reusable
+
+    cfg, data = run
+    out = copy_run(run, tmp_path)
+    cfg = dataclasses.replace(cfg, out_dir=str(out))
+    meta_path = out / "student_kd" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    old = meta["config"]["distill"]
+    old["loss"] = "full_softmax"
+    for new_field in ("sampled_above", "kd_index", "kd_nprobe", "kd_exact_max_items"):
+        old.pop(new_field, None)
+    meta_path.write_text(json.dumps(meta))
+    assert cfg.distill.loss == "auto" and data.num_items <= cfg.distill.sampled_above
+    assert reusable(out / "student_kd", cfg, data.fingerprint, data.num_items)
+    sampled = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, loss="sampled_softmax"))
+    assert not reusable(out / "student_kd", sampled, data.fingerprint, data.num_items)
+
+
+def test_a_checkpoint_from_before_loss_auto_resumes_where_auto_resolves_to_its_loss(run):
+    """The same rule for a half-trained run's checkpoint (`llmkd.checkpoints.same_run`)."""
+    from llmkd.checkpoints import run_record, same_run
+
+    cfg, data = run
+    old = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, loss="full_softmax"))
+    state = run_record(old, data.fingerprint)
+    for new_field in ("sampled_above", "kd_index", "kd_nprobe", "kd_exact_max_items"):
+        state["run_config"]["distill"].pop(new_field, None)
+    assert same_run(state, cfg, data.fingerprint, data.num_items)
+    sampled = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, loss="sampled_softmax"))
+    assert not same_run(state, sampled, data.fingerprint, data.num_items)
+    assert not same_run(state, cfg, data.fingerprint)  # without the catalog size 'auto' is not 'full_softmax'

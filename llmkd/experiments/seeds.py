@@ -49,7 +49,7 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
     pool = runs_in(reuse_from)
     missing = [vcfg for name, overrides in variants.items() for seed in seeds
                if not reuse(vcfg := variant_config(cfg, name, overrides, seed), data.fingerprint,
-                            [*(out / a for a in (aliases or {}).get((name, seed), [])), *pool])]
+                            [*(out / a for a in (aliases or {}).get((name, seed), [])), *pool], data.num_items)]
     train_many(missing, jobs)
     for name, overrides in variants.items():
         per_user[name] = {}
