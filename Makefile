@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving cold-start clean
+.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale cold-start clean
 
 install: $(VENV)/.installed
 
@@ -119,6 +119,17 @@ benchmark-serving: install
 	$(BIN)/llmkd benchmark-serving $(SET) --bundle $(BUNDLE) --teacher configs/ml100k_smollm2.yaml \
 		--output results/serving_cpu.json
 	$(BIN)/llmkd load-test $(BUNDLE) --clients 32 --duration $(LOAD_SECONDS) --output results/serving_load_cpu.json
+
+# Cost growth (README "Scaling"): every stage as its own process at 10k / 100k / 1M items (users alike, 10
+# interactions each) on the synthetic catalog with the tiny random BERT teacher: wall time and peak RSS per
+# stage, log-log slopes. Writes results/scale_cpu.{json,png,md} after each stage; rerun to resume after a kill
+# (finished stages are reused). Catalogs and artifacts go to $(SCALE_ROOT). Run on an otherwise idle machine.
+SCALE_SIZES ?= 10k:10k:100k 100k:100k:1m 1m:1m:10m
+SCALE_ROOT ?= runs/scale
+STAGE_TIMEOUT ?= 14400
+benchmark-scale: install
+	$(RUN) scripts/benchmark_scale.py --config configs/synthetic_scale.yaml --sizes $(SCALE_SIZES) \
+		--root $(SCALE_ROOT) --stage-timeout $(STAGE_TIMEOUT) --output results/scale_cpu.json
 
 test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
