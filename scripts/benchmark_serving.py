@@ -11,10 +11,21 @@ the reason in the JSON when it is not installed or not built; --teacher-set over
 
 from pathlib import Path
 
-from llmkd.artifacts import write_json
+from llmkd.artifacts import LlmkdError, write_json
 from llmkd.cli import config_from, parser, run
 from llmkd.config import load_config
 from llmkd.experiments.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
+
+
+def extra_bundles(pairs: list[str]) -> dict[str, str]:
+    """['NAME=FOLDER', ...] -> {NAME: FOLDER}; a pair without '=' is an error naming it."""
+    out = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            raise LlmkdError(f"--extra-bundle: expected NAME=FOLDER, got {pair!r}")
+        out[name] = folder
+    return out
 
 
 def main() -> None:
@@ -28,6 +39,8 @@ def main() -> None:
     p.add_argument("--throughput-users", type=int, default=1024, help="users timed in batches (bundle, HTTP)")
     p.add_argument("--teacher-latency-users", type=int, default=20)
     p.add_argument("--teacher-throughput-users", type=int, default=256)
+    p.add_argument("--extra-bundle", action="append", default=[], metavar="NAME=FOLDER",
+                   help="another bundle of this run, timed through its Python API beside --bundle (repeatable)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--http-clients", type=int, default=32)
@@ -38,7 +51,8 @@ def main() -> None:
     teachers = teacher_configs(cfg, [load_config(t, args.teacher_set) for t in args.teacher])
     result = measure_serving_cost(cfg, args.bundle, teachers, args.latency_users, args.throughput_users,
                                   args.teacher_latency_users, args.teacher_throughput_users, args.batch_size,
-                                  args.repeats, http_clients=args.http_clients, http_seconds=args.http_seconds)
+                                  args.repeats, http_clients=args.http_clients, http_seconds=args.http_seconds,
+                                  extra_bundles=extra_bundles(args.extra_bundle))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)

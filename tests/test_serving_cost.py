@@ -51,10 +51,10 @@ def test_one_run_reports_every_system_and_the_ratio_per_teacher(served_run, bund
     missing = dataclasses.replace(cfg, out_dir=str(tmp_path / "no_run"))
     r = measure_serving_cost(cfg, bundle, teacher_configs(cfg, [cfg, missing]), latency_users=4, throughput_users=16,
                              teacher_latency_users=2, teacher_throughput_users=8, batch_size=8, repeats=1,
-                             http_clients=2, http_seconds=0.5)
+                             http_clients=2, http_seconds=0.5, extra_bundles={"copy": bundle})
     teacher = f"teacher {served_run[0].teacher.model.rsplit('/', 1)[-1]}"
     expect = {"bundle (batch 1)", "bundle (batch 8)", "http (batch 1)", "http (batch 8)", "http (2 clients)",
-              f"{teacher} (batch 1)", f"{teacher} (batch 8)"}
+              "bundle[copy] (batch 1)", "bundle[copy] (batch 8)", f"{teacher} (batch 1)", f"{teacher} (batch 8)"}
     assert set(r["systems"]) == expect
     for name, s in r["systems"].items():
         assert 0 < s["latency_ms_p50"] <= s["latency_ms_p99"] and s["users_per_second"] > 0, name

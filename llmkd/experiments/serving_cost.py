@@ -95,8 +95,10 @@ def stats(seconds: list[float], users: list[int]) -> dict:
 def measure_serving_cost(cfg: Config, bundle: str | Path, teachers: list[Config], latency_users: int = 200,
                          throughput_users: int = 1024, teacher_latency_users: int = 20, teacher_throughput_users: int = 256,
                          batch_size: int = 256, repeats: int = 3, k: int = 10, http_clients: int = 32,
-                         http_seconds: float = 10.0) -> dict:
-    """The side-by-side measurement (module docstring); a JSON-able dict (results/serving_cpu.json)."""
+                         http_seconds: float = 10.0, extra_bundles: dict[str, str | Path] | None = None) -> dict:
+    """The side-by-side measurement (module docstring); a JSON-able dict (results/serving_cpu.json).
+    `extra_bundles` {name: folder}: other students of the same run, timed through their Python API as
+    `bundle[name]` beside the main bundle (e.g. a cheaper user tower)."""
     data = load_data(Path(cfg.out_dir) / "data")
     users = data.eval_users("test")
     rng = np.random.default_rng(0)
@@ -111,6 +113,12 @@ def measure_serving_cost(cfg: Config, bundle: str | Path, teachers: list[Config]
     try:
         systems = {"bundle": (bundle_system(rec, histories, k), lat, thr, rec.model.num_parameters(False)),
                    "http": (HttpClient(port, histories, k), lat, thr, rec.model.num_parameters(False))}
+        for name, folder in (extra_bundles or {}).items():
+            before = rss_mb(os.getpid())
+            other = Recommender.from_pretrained(folder)
+            memory[f"bundle[{name}]"] = _delta(before, rss_mb(os.getpid()))
+            systems[f"bundle[{name}]"] = (bundle_system(other, id_histories(data, other), k), lat, thr,
+                                          other.model.num_parameters(False))
         skipped = {}
         for t in teachers:
             before = rss_mb(os.getpid())
@@ -168,7 +176,7 @@ def _report(cfg, rec, systems, times, memory, http_load, skipped, batch_size, re
         "latency_ms_p50": http_load["p50_ms"], "latency_ms_p99": http_load["p99_ms"],
         "users_per_second": http_load["requests_per_s"], "errors": http_load["errors"],
         "server_rss_mb": http_load["server_rss_mb"], "parameters": rec.model.num_parameters(False)}
-    teachers = [n for n in systems if n not in ("bundle", "http")]
+    teachers = [n for n in systems if not n.startswith(("bundle", "http"))]
     ratio = {t: {s: out[s]["users_per_second"] / max(out[f"{t} (batch {batch_size})"]["users_per_second"], 1e-12)
                  for s in out if s.startswith(("bundle", "http"))} for t in teachers}
     return {"catalog_items": rec.num_items, "k": k, "batch_size": batch_size, "repeats": repeats,
