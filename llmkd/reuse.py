@@ -19,14 +19,16 @@ from llmkd.lineage import files_load
 TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
 
 
-def training_key(cfg: Config, num_items: int | None = None) -> dict:
+def training_key(cfg: Config, num_items: int | None = None, epochs: bool = True) -> dict:
     """What a student's training depends on, besides the data and the teacher cache's contents: the data,
     student and distill settings (not the run's name; without the teacher fields when it uses no teacher,
     so the no-KD twin is the same whatever teacher the KD variants learn from) and the teacher config.
     Given the catalog size, 'auto' settings count as what they resolve to (`distill.loss`, `kd_index`), so
-    a run recorded with 'full_softmax' is the same run as 'auto' on a catalog where auto means that."""
+    a run recorded with 'full_softmax' is the same run as 'auto' on a catalog where auto means that.
+    `epochs=False` leaves the epoch cap out (`same_epochs` decides it)."""
     d = cfg.to_dict()
     skip = ("name",) if cfg.uses_teacher else ("name", *TEACHER_ONLY)
+    skip = skip if epochs else (*skip, "epochs")
     distill = {k: v for k, v in d["distill"].items() if k not in skip}
     if num_items is not None:
         distill["loss"] = cfg.distill.hard_loss_for(num_items)
@@ -51,12 +53,21 @@ def reusable(folder: Path, cfg: Config, data_fingerprint: str, num_items: int | 
         then = from_dict(Config, meta.get("config", {}))
     except LlmkdError:
         return False
-    if training_key(then, num_items) != training_key(cfg, num_items) or meta.get("data_fingerprint") != data_fingerprint:
+    if (training_key(then, num_items, epochs=False) != training_key(cfg, num_items, epochs=False)
+            or meta.get("data_fingerprint") != data_fingerprint or not same_epochs(then, cfg, meta)):
         return False
     if cfg.uses_teacher:
         teacher = Path(cfg.out_dir) / cfg.distill.teacher
         return (teacher / "meta.json").is_file() and meta.get("teacher_fingerprint") == teacher_fingerprint(teacher)
     return True
+
+
+def same_epochs(then: Config, cfg: Config, meta: dict) -> bool:
+    """Whether a finished run with cap `then.distill.epochs` is the run `cfg`'s cap would train: the same
+    cap, or a run that early stopping ended before its cap (nothing in training depends on the cap, no
+    schedule) and a cap that reaches its last epoch. A run that hit its cap would go on under a larger one."""
+    old, new, run = then.distill.epochs, cfg.distill.epochs, meta.get("epochs_run")
+    return old == new or (isinstance(run, int) and run < old and run <= new)
 
 
 def runs_in(folders: list[Path]) -> list[Path]:

@@ -166,3 +166,22 @@ def test_a_checkpoint_from_before_loss_auto_resumes_where_auto_resolves_to_its_l
     sampled = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, loss="sampled_softmax"))
     assert not same_run(state, sampled, data.fingerprint, data.num_items)
     assert not same_run(state, cfg, data.fingerprint)  # without the catalog size 'auto' is not 'full_softmax'
+
+
+@pytest.mark.parametrize("cap, run_epochs, asked, reused", [
+    (10, 4, 20, True),    # early stopping ended it at epoch 4 of 10: a cap of 20 trains the same run
+    (10, 4, 4, True),     # ... and so does a cap that reaches its last epoch
+    (10, 4, 3, False),    # a cap below its last epoch would stop sooner
+    (10, 10, 20, False),  # it hit its cap: a larger cap would train on
+])
+def test_a_run_that_stopped_early_stands_for_a_larger_epoch_cap(run, tmp_path, cap, run_epochs, asked, reused):
+    from llmkd.reuse import reusable
+
+    cfg, data = run
+    out = copy_run(run, tmp_path)
+    meta_path = out / "student_kd" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["distill"]["epochs"], meta["epochs_run"] = cap, run_epochs
+    meta_path.write_text(json.dumps(meta))
+    cfg = dataclasses.replace(cfg, out_dir=str(out), distill=dataclasses.replace(cfg.distill, epochs=asked))
+    assert reusable(out / "student_kd", cfg, data.fingerprint, data.num_items) is reused
