@@ -58,7 +58,7 @@ FAMILIES: dict[str, tuple[list[str], dict[str, list]]] = {
     "content_features": (["distill.alpha=0", "student.content_features=true"], {"student.content_hidden": [0, 256]}),
     # the id embeddings start from the principal components of the teacher's item vectors (std 0.02 = the
     # random init's scale, ~0.1 = a trained embedding's); nothing of the teacher is kept for serving
-    "content_init": (["distill.alpha=0"], {"student.content_init": [0.02, 0.1, 0.3, 1.0]}),
+    "content_init": (["distill.alpha=0"], {"student.content_init": [0.02, 0.1, 0.3, 1.0, 3.0]}),
     # multi-task: the student's user state, through a head, predicts the teacher's user vector
     "user_align": (["distill.alpha=0"], {"distill.user_align": [1.0, 0.3, 3.0]}),
     # embedding alignment: the student's item vectors, through a head, match the teacher's

@@ -50,7 +50,7 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
     missing = [vcfg for name, overrides in variants.items() for seed in seeds
                if not reuse(vcfg := variant_config(cfg, name, overrides, seed), data.fingerprint,
                             [*(out / a for a in (aliases or {}).get((name, seed), [])), *pool], data.num_items)]
-    train_many(missing, jobs)
+    train_many(missing, jobs, resume=True)  # a run killed earlier continues from its checkpoint
     for name, overrides in variants.items():
         per_user[name] = {}
         for seed in seeds:
