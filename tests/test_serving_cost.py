@@ -10,6 +10,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -39,6 +40,8 @@ def test_bundle_api_and_http_serve_the_same_items_for_the_same_users(served_run,
         client = HttpClient(port, hist, 5)
         api = bundle_system(rec, hist, 5)(users)
         assert [r["items"] for r in client(users)] == [r["items"] for r in api]
+        assert client(users[:1])["items"] == api[0]["items"]
+        time.sleep(5.5)  # uvicorn closes a keep-alive connection idle for 5 s: the client opens a new one
         assert client(users[:1])["items"] == api[0]["items"]
     finally:
         stop_server(server)

@@ -64,12 +64,19 @@ class HttpClient:
         return self.post("/recommend/batch", {"histories": [self.histories[u] for u in users], "k": self.k})
 
     def post(self, path: str, body: dict) -> object:
-        self.conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
-        r = self.conn.getresponse()
+        try:
+            r = self._send(path, body)
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            self.conn.close()  # the server closed an idle keep-alive connection (uvicorn: after 5 s): reconnect
+            r = self._send(path, body)
         data = r.read()
         if r.status != 200:
             raise LlmkdError(f"http {path}: status {r.status}: {data[:300]!r}")
         return json.loads(data)
+
+    def _send(self, path: str, body: dict) -> http.client.HTTPResponse:
+        self.conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+        return self.conn.getresponse()
 
 
 def teacher_system(cfg: Config, data: RecData, k: int) -> tuple[str, System, int] | str:

@@ -8,8 +8,9 @@
 Every bad request gets a 4xx whose body is {"error": "<field>: <what was expected>", "field": "<field>"}:
 malformed JSON, wrong types, unknown item ids (422; 404 for the path's item), k outside [1, catalog],
 histories over `max_history` items or batches over `max_batch` (422), bodies over `max_body` bytes (413).
-Handlers are plain functions (FastAPI runs them in its thread pool); the model is read-only, so
-concurrent requests share it.
+Every model call goes through one worker (`llmkd.serving.batching.MicroBatcher`): single requests that
+arrive while it is busy are answered together by one `recommend_batch`, and concurrent requests never
+run the model side by side on the same cores.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
+from llmkd.serving.batching import MicroBatcher
 from llmkd.serving.recommender import BadRequest, Recommender, UnknownItems
 
 MAX_HISTORY = 10_000
@@ -96,8 +98,9 @@ def internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error(500, "server", f"internal error ({type(exc).__name__}); see the server log")
 
 
-def create_app(rec: Recommender, max_body: int = MAX_BODY) -> FastAPI:
-    """The FastAPI application over a loaded `Recommender`."""
+def create_app(rec: Recommender, max_body: int = MAX_BODY, max_batch: int = 256) -> FastAPI:
+    """The FastAPI application over a loaded `Recommender`; up to `max_batch` single requests are merged."""
+    batcher = MicroBatcher(rec, max_batch)
     app = FastAPI(title="llmkd recommender", version=str(rec.config.get("format_version")),
                   description=f"Bundle of `{rec.config.get('student')}`: {rec.num_items} items.")
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -125,16 +128,17 @@ def create_app(rec: Recommender, max_body: int = MAX_BODY) -> FastAPI:
         return rec.metadata()
 
     @app.post("/recommend", response_model=Recommendations)
-    def recommend(req: RecommendRequest) -> dict:
-        return rec.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
+    async def recommend(req: RecommendRequest) -> dict:
+        return await batcher.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
 
     @app.post("/recommend/batch", response_model=list[Recommendations])
-    def recommend_batch(req: BatchRequest) -> list[dict]:
-        return rec.recommend_batch(req.histories, req.k, req.exclude, req.exclude_seen, req.unknown)
+    async def recommend_batch(req: BatchRequest) -> list[dict]:
+        return await batcher.call(lambda: rec.recommend_batch(req.histories, req.k, req.exclude, req.exclude_seen,
+                                                              req.unknown))
 
     @app.get("/items/{item_id}/similar", response_model=Recommendations)
-    def similar(item_id: str, k: int = Query(10, description="how many items (1 .. catalog size)")) -> dict:
-        return rec.similar_items(item_id, k)
+    async def similar(item_id: str, k: int = Query(10, description="how many items (1 .. catalog size)")) -> dict:
+        return await batcher.call(lambda: rec.similar_items(item_id, k))
 
     return app
 

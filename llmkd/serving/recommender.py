@@ -111,6 +111,14 @@ class Recommender:
             raise UnknownItems(field, list(dict.fromkeys(missing)), self.num_items)
         return np.asarray([r for r in found if r >= 0], dtype=np.int64)
 
+    def check_request(self, history: Sequence[str], k: int, exclude: Sequence[str] | None = None,
+                      unknown: str = "error") -> None:
+        """Raise the `BadRequest` that `recommend(history, k, exclude, unknown=unknown)` would, without
+        any model work (the HTTP service checks a request before it joins a batch)."""
+        self.check_k(k)
+        self.rows(history, "history", unknown)
+        self.rows(exclude, "exclude", unknown)
+
     # ---------------------------------------------------------------- queries
 
     def recommend(self, history: Sequence[str], k: int = 10, exclude: Sequence[str] | None = None,
