@@ -299,3 +299,19 @@ def test_histories_grouped_by_length_give_the_same_vectors():
     with torch.no_grad():
         full = model(model.pad_histories(rows))[0][:, -1].numpy()
     np.testing.assert_allclose(rec.user_vectors(rows), full, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_path_in_chunks_and_with_fewer_items_left_than_k(rec, run_data, monkeypatch):
+    """The flat bundle's exact path: a mask that leaves 3 items returns those 3 (no -inf padding), and
+    batches scored in chunks of a few queries rank as one matrix does."""
+    import llmkd.serving.recommender as recommender
+
+    assert rec.exact is not None  # the fixture's bundle is flat: this is the path under test
+    history = run_data.item_ids[3:]
+    left = rec.recommend(history, k=10)
+    assert sorted(left["items"]) == sorted(run_data.item_ids[:3]) and np.isfinite(left["scores"]).all()
+    histories = [[run_data.item_ids[i] for i in run_data.history(u, "test")] for u in run_data.eval_users("test")]
+    whole = rec.recommend_batch(histories, 10)
+    monkeypatch.setattr(recommender, "EXACT_BLOCK", 3 * rec.num_items)  # 3 queries a chunk
+    chunked = rec.recommend_batch(histories, 10)
+    assert [r["items"] for r in chunked] == [r["items"] for r in whole]

@@ -1,9 +1,10 @@
 """The Python API over a bundle: `Recommender.from_pretrained(folder).recommend(history, k)`.
 
-A history (item ids, oldest first) becomes a user vector through the student's user tower; the FAISS
-index returns the items with the highest dot product, over-fetched by the number of excluded items so
-that k remain after the user's seen items (and `exclude`) are removed. With a flat index this is the
-offline evaluation's ranking (full catalog, seen items masked). An empty history gets the most popular
+A history (item ids, oldest first) becomes a user vector through the student's user tower. With a flat
+(exact) index the catalog is scored as one matrix product over the index's own vectors, the user's seen
+items (and `exclude`) set to -inf and the top k taken: the offline evaluation's ranking (full catalog, seen
+items masked), without over-fetching. Any other index returns the items with the highest dot product,
+over-fetched by the number of excluded items so that k remain after they are removed. An empty history gets the most popular
 train items. Imports torch, faiss and safetensors only (through `llmkd.student`).
 """
 
@@ -23,6 +24,8 @@ from llmkd.serving.bundle import INDEX, ITEM_IDS, POPULARITY, STUDENT, read_conf
 from llmkd.student import TwoTower
 
 UNKNOWN_POLICIES = ("error", "drop")
+EXACT_BLOCK = 1 << 24
+"""Scores held at once by the exact path (queries x items, float32: 64 MiB); larger batches go in chunks."""
 LENGTH_BUCKETS = np.array([4, 8, 16, 32])
 """History-length groups served as separate passes (<= 4, 5-8, 9-16, 17-32, longer): cost follows length."""
 
@@ -61,6 +64,10 @@ class Recommender:
         model.requires_grad_(False)
         with torch.inference_mode():  # detached: an id-only item tower returns its embedding parameter itself
             self.table = model.item_tower().detach()  # (N + 1, d): item vectors + the zero padding row
+        self.exact = exact_vectors(index)  # (xb (N, d), vocabulary row of each) for a flat index, else None
+        if self.exact is not None:
+            self.exact_pos = np.empty(len(self.exact[1]), dtype=np.int64)  # vocabulary row -> position in xb
+            self.exact_pos[self.exact[1]] = np.arange(len(self.exact[1]))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Recommender:
@@ -102,6 +109,10 @@ class Recommender:
             return np.zeros(0, dtype=np.int64)
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
             raise BadRequest(field, f"expected a list of item ids, got {type(ids).__name__}")
+        try:  # the common case at C speed: every id a key of the vocabulary (so a string)
+            return np.fromiter(map(self.row.__getitem__, ids), dtype=np.int64, count=len(ids))
+        except (KeyError, TypeError):
+            pass
         for i, item in enumerate(ids):
             if not isinstance(item, str):
                 raise BadRequest(f"{field}[{i}]", f"expected a string item id, got {type(item).__name__} {item!r}")
@@ -175,8 +186,11 @@ class Recommender:
         return out
 
     def _search(self, rows: list[np.ndarray], masks: list[np.ndarray], k: int) -> list[dict[str, list]]:
-        """Index search over-fetched by the largest mask, masked rows removed, k kept."""
+        """Exact top k with masked rows at -inf (flat index), else index search over-fetched by the largest
+        mask, masked rows removed, k kept."""
         xq = np.ascontiguousarray(self.user_vectors(rows), dtype=np.float32)
+        if self.exact is not None:
+            return self._exact(xq, masks, k)
         fetch = min(self.index.ntotal, k + max(len(m) for m in masks))
         D, I = self.index.search(xq, fetch)
         keep = ~masked(I, masks, self.num_items)
@@ -184,6 +198,25 @@ class Recommender:
         for d, i, ok in zip(D, I, keep):
             sel = np.flatnonzero(ok)[:k]
             out.append(self._result(i[sel], d[sel]))
+        return out
+
+    def _exact(self, xq: np.ndarray, masks: list[np.ndarray], k: int) -> list[dict[str, list]]:
+        """(B, d) queries -> the k best unmasked rows of the flat index's vectors each (fewer if the mask
+        leaves fewer), in chunks of queries of at most `EXACT_BLOCK` scores."""
+        (xb, row_of), pos_of = self.exact, self.exact_pos
+        out = []
+        step = max(1, EXACT_BLOCK // len(xb))
+        for lo in range(0, len(xq), step):
+            chunk = masks[lo : lo + step]
+            scores = torch.from_numpy(xq[lo : lo + step]) @ xb.T  # (b, N)
+            lengths = torch.tensor([len(m) for m in chunk])
+            cols = torch.from_numpy(pos_of[np.concatenate(chunk).astype(np.int64)]) if lengths.sum() else None
+            if cols is not None:
+                scores[torch.repeat_interleave(torch.arange(len(chunk)), lengths), cols] = -torch.inf
+            D, P = torch.topk(scores, k, dim=1)  # (b, k), best first
+            for d, p in zip(D.numpy(), P.numpy()):
+                ok = d > -np.inf
+                out.append(self._result(row_of[p[ok]], d[ok]))
         return out
 
     def _popular(self, mask: np.ndarray, k: int) -> dict[str, list]:
@@ -206,6 +239,19 @@ class Recommender:
         D, I = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), min(self.index.ntotal, k + 1))
         keep = (I[0] >= 0) & (I[0] != row)
         return self._result(I[0][keep][:k], D[0][keep][:k])
+
+
+def exact_vectors(index: faiss.Index) -> tuple[torch.Tensor, np.ndarray] | None:
+    """For an inner-product flat index (bare or in an `IndexIDMap`): its vectors (N, d) float32 and the id
+    (vocabulary row) of each; None for any other index (searched through FAISS)."""
+    ids = None
+    if isinstance(index, faiss.IndexIDMap):
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        index = faiss.downcast_index(index.index)
+    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    xb = torch.from_numpy(index.reconstruct_n(0, index.ntotal))
+    return xb, (np.arange(index.ntotal, dtype=np.int64) if ids is None else ids)
 
 
 def masked(I: np.ndarray, masks: list[np.ndarray], n: int) -> np.ndarray:
