@@ -88,8 +88,13 @@ def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:
 def failure_status(exitcodes: list[int]) -> int:
     """The exit status of a failed multi-process run, from its ranks' exit codes in rank order: the
     first that exited by itself (a user error's 2), not one the launcher then killed (a negative code,
-    -15 for SIGTERM, which a lower rank often shows); only signals: 128 + the first one, as a shell says."""
-    return next((c for c in exitcodes if c > 0), 128 - exitcodes[0] if exitcodes and exitcodes[0] < 0 else 1)
+    -15 for SIGTERM, or 241 = -15 & 0xff where torch's SIGTERM handler exits with -15); only signals:
+    128 + the first one, as a shell says."""
+    own = next((c for c in exitcodes if 0 < c < 128), None)
+    if own is not None:
+        return own
+    killed = next((c for c in exitcodes if c != 0), None)
+    return 1 if killed is None else 128 - killed if killed < 0 else killed
 
 
 def launch(script: Path, launch_args: list[str], script_args: list[str]) -> int:

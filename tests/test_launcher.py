@@ -107,3 +107,6 @@ def test_a_failed_multi_process_run_reports_the_rank_that_failed_by_itself():
 
     assert failure_status([-15, 2]) == 2 and failure_status([2, -15]) == 2 and failure_status([2, 2]) == 2
     assert failure_status([-15, -15]) == 143 and failure_status([-9]) == 137
+    # a rank torch's SIGTERM handler ends with sys.exit(-15) shows 241 (-15 & 0xff): killed, not its own error
+    assert failure_status([241, 2]) == 2 and failure_status([2, 241]) == 2 and failure_status([241, 241]) == 241
+    assert failure_status([0, -15]) == 143 and failure_status([0, 0]) == 1  # a failed run never reports 0
