@@ -109,6 +109,7 @@ cold-start: install
 	$(RUN) scripts/build_teacher.py $(COLD_SET)
 	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(COLD_SET)
 	$(RUN) scripts/cold_start.py $(COLD_SET)
+	$(RUN) scripts/cold_start_bundle.py $(COLD_SET) --output runs/ml100k_cold/bundle  # the same through add-items
 
 # Serving cost (README "Serving"), after `make demo`: export the student as a bundle, then its Python API,
 # HTTP service and the teachers side by side (SmolLM2 where `make install-gpt` and its run exist, else
