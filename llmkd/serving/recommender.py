@@ -214,9 +214,10 @@ class Recommender:
             if cols is not None:
                 scores[torch.repeat_interleave(torch.arange(len(chunk)), lengths), cols] = -torch.inf
             D, P = torch.topk(scores, k, dim=1)  # (b, k), best first
-            for d, p in zip(D.numpy(), P.numpy()):
-                ok = d > -np.inf
-                out.append(self._result(row_of[p[ok]], d[ok]))
+            rows, values = row_of[P.numpy()].tolist(), D.double().tolist()  # one conversion for the chunk
+            for r, d in zip(rows, values):
+                n = k if d[-1] > -np.inf else sum(v > -np.inf for v in d)  # fewer left than k: drop the -inf
+                out.append({"items": [self.item_ids[i] for i in r[:n]], "scores": d[:n]})
         return out
 
     def _popular(self, mask: np.ndarray, k: int) -> dict[str, list]:
