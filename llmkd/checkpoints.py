@@ -80,15 +80,14 @@ def same_run(state: dict, cfg: Config, data_fingerprint: str, num_items: int | N
     `from_dict`, so config fields added since it was written take their defaults (as `llmkd.reuse` does):
     a new setting left at its default does not throw a half-trained run away. Checkpoints written before
     the config was stored carry a hash of `run_identity` instead."""
-    now = run_identity(cfg, data_fingerprint)
     if "run_config" not in state:
-        return state.get("run_key") == hashlib.sha256(json.dumps(now, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        legacy = run_identity(cfg, data_fingerprint)
+        return state.get("run_key") == hashlib.sha256(json.dumps(legacy, sort_keys=True, default=str).encode()).hexdigest()[:16]
     try:
         then = from_dict(Config, {**state["run_config"], "out_dir": cfg.out_dir})
     except LlmkdError:
         return False
-    if num_items is not None:  # 'auto' settings count as what they resolve to on this catalog (llmkd.reuse)
-        now = run_identity(cfg, data_fingerprint, num_items)
+    now = run_identity(cfg, data_fingerprint, num_items)  # 'auto' settings as they resolve on this catalog
     return (run_identity(then, state["run_data"], num_items)["training"] == now["training"]
             and (state["run_data"], state["run_teacher"]) == (now["data"], now["teacher"]))
 

@@ -14,6 +14,7 @@ one by one, each with its own result or error.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,7 +30,7 @@ class MicroBatcher:
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="llmkd-model")
-        self.batches: list[int] = []  # sizes of the last 1,000 merged calls
+        self.batches: deque[int] = deque(maxlen=1000)  # sizes of the last 1,000 merged calls
 
     def _start(self) -> asyncio.Queue:
         if self.queue is None:  # created in the server's event loop, on first use
@@ -56,8 +57,10 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
-            while not self.queue.empty() and sum(j[0] == "one" for j in jobs) < self.max_batch:
+            singles = jobs[0][0] == "one"
+            while not self.queue.empty() and singles < self.max_batch:
                 jobs.append(self.queue.get_nowait())
+                singles += jobs[-1][0] == "one"
             ones = [j for j in jobs if j[0] == "one"]
             if ones:
                 await loop.run_in_executor(self.pool, self._answer, ones)
@@ -74,7 +77,7 @@ class MicroBatcher:
             history, k, exclude, exclude_seen, unknown = job[1]
             groups.setdefault((k, exclude_seen, unknown), []).append(job)
         for (k, exclude_seen, unknown), group in groups.items():
-            self.batches = [*self.batches[-999:], len(group)]
+            self.batches.append(len(group))
             try:
                 results = self.rec.recommend_batch([j[1][0] for j in group], k, [j[1][2] for j in group],
                                                    exclude_seen, unknown)
