@@ -205,6 +205,12 @@ class DistillConfig:
     """With loss 'auto': more items than this train with sampled softmax (a full-softmax step cost 2x the
     sampled one at 25k items, 6x at 50k: results/softmax_cost_cpu.json, README "Scaling")."""
     num_negatives: int = bounded(256, ge=1)
+    item_updates: str = "auto"
+    """How the student's item table learns: 'dense' (AdamW over every row at every step), 'sparse' (a step
+    looks up only the rows it reads, so only they get gradients and Adam updates: torch SparseAdam, lazy
+    moments) or 'auto' (sparse where allowed on more than `sampled_above` items: at 1 M items a dense step
+    cost ~20x a sparse one, README "Scaling"). Sparse needs the sampled softmax, no item_align, no
+    weight_decay, no id_dropout with content features, and one process (`Config.item_updates_for`)."""
     epochs: int = bounded(30, ge=1)
     patience: int = bounded(5, ge=1)
     """Stop after this many epochs without a better valid NDCG@10."""
@@ -214,6 +220,9 @@ class DistillConfig:
     grad_accum: int = bounded(1, ge=1)
     seed: int = bounded(0, ge=0)
     eval_batch_size: int = bounded(256, ge=1)
+    valid_users: int = bounded(0, ge=0)
+    """0: early stopping reads every valid user; N > 0: a fixed random sample of N of them (seed 0, the
+    same for every run), for catalogs where a full validation per epoch costs more than the epoch."""
     drop_last: bool = False
     """Drop each epoch's last incomplete batch. With several processes Accelerate otherwise pads that
     batch with repeated windows, so only drop_last runs match a one-process run exactly."""
@@ -232,6 +241,8 @@ class DistillConfig:
             raise LlmkdError(f"distill.loss: expected 'auto', 'full_softmax' or 'sampled_softmax', got {self.loss!r}")
         if self.kd_index not in ("auto", "flat", "ivf"):
             raise LlmkdError(f"distill.kd_index: expected 'auto', 'flat' or 'ivf', got {self.kd_index!r}")
+        if self.item_updates not in ("auto", "dense", "sparse"):
+            raise LlmkdError(f"distill.item_updates: expected 'auto', 'dense' or 'sparse', got {self.item_updates!r}")
         kd_loss = self.make_kd_loss()  # an unknown loss or argument fails here, before any training
         if self.alpha > 0:
             self.check_kd_term(kd_loss)
@@ -354,6 +365,31 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def sparse_items_blocker(self, num_items: int, num_processes: int = 1) -> str | None:
+        """Why this run's item table cannot learn sparsely (`distill.item_updates`), or None."""
+        dc = self.distill
+        if dc.hard_loss_for(num_items) != "sampled_softmax":
+            return "the full softmax scores every item at every step (set distill.loss: sampled_softmax)"
+        if dc.item_align > 0:
+            return "distill.item_align reads every item vector at every step"
+        if dc.weight_decay > 0:
+            return "SparseAdam has no weight decay (distill.weight_decay > 0)"
+        if self.student.content_features and self.student.id_dropout > 0:
+            return "student.id_dropout drops rows over the whole table"
+        if num_processes > 1:
+            return "several processes: NCCL cannot all-reduce sparse gradients"
+        return None
+
+    def item_updates_for(self, num_items: int, num_processes: int = 1, strict: bool = True) -> str:
+        """'dense' or 'sparse': how the item table of a `num_items` catalog learns ('auto' resolved; with
+        `strict`, an explicit 'sparse' that cannot be honoured is an error naming the reason)."""
+        mode, blocker = self.distill.item_updates, self.sparse_items_blocker(num_items, num_processes)
+        if mode == "sparse" and blocker and strict:
+            raise LlmkdError(f"distill.item_updates 'sparse': {blocker}; use 'auto' or 'dense'")
+        if mode == "auto":
+            return "sparse" if blocker is None and num_items > self.distill.sampled_above else "dense"
+        return mode
 
     @property
     def uses_teacher(self) -> bool:

@@ -214,6 +214,19 @@ def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log
     return loss
 
 
+def make_optimizers(model: TwoTower, heads: nn.Module, dc, sparse: bool) -> list[torch.optim.Optimizer]:
+    """AdamW over every parameter; with `sparse` item updates the item embedding instead becomes sparse and
+    learns with SparseAdam (same lr, betas and eps; lazy moments: a row's moments and weights change only
+    at the steps that read it), so a step's optimizer cost follows the rows it read, not the catalog."""
+    params = [*model.parameters(), *heads.parameters()]
+    if not sparse:
+        return [torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay)]
+    table = model.item_tower.embedding
+    table.sparse = True
+    return [torch.optim.AdamW([p for p in params if p is not table.weight], lr=dc.lr, weight_decay=dc.weight_decay),
+            torch.optim.SparseAdam([table.weight], lr=dc.lr)]
+
+
 @torch.no_grad()
 def validate(model: TwoTower, eval_dl, data: RecData, accelerator: Accelerator, split: str = "valid",
              item_block: int = 65536) -> dict[str, float]:
@@ -282,11 +295,12 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
     train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)
     heads = TeacherHeads(cfg.student.dim, teacher.item_emb.shape[1] if teacher is not None else 0,
                          dc.user_align > 0, dc.item_align > 0)
-    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=dc.lr, weight_decay=dc.weight_decay)
+    sparse = cfg.item_updates_for(data.num_items, accelerator.num_processes) == "sparse"
+    optimizers = make_optimizers(model, heads, dc, sparse)
     if dc.user_align > 0 or dc.item_align > 0:  # DDP refuses a module without parameters
-        model, heads, optimizer, train_dl, eval_dl = accelerator.prepare(model, heads, optimizer, train_dl, eval_dl)
+        model, heads, *optimizers, train_dl, eval_dl = accelerator.prepare(model, heads, *optimizers, train_dl, eval_dl)
     else:
-        model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+        model, *optimizers, train_dl, eval_dl = accelerator.prepare(model, *optimizers, train_dl, eval_dl)
     device = accelerator.device
     kd_loss = dc.make_kd_loss()
     counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
@@ -320,11 +334,13 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                 if dc.length_buckets:
                     batch = trim_padding(batch, data.num_items)
                 with accelerator.accumulate(model):
-                    states, items = model(batch["input_ids"], batch["user"])  # (B, L, d), (N, d)
+                    # (B, L, d), (N, d) table or (sparse) an ItemRows lookup
+                    states, items = model(batch["input_ids"], batch["user"], rows=sparse)
                     loss = distill_loss(states, items, batch, dc, log_q, kd_targets, kd_loss, heads, accelerator)
                     accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                    for optimizer in optimizers:
+                        optimizer.step()
+                        optimizer.zero_grad()
                 state["step"] += 1
                 state["loss_sum"] += loss.item()
                 bar.set_postfix(loss=f"{state['loss_sum'] / state['step']:.4f}")
@@ -356,7 +372,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
         meta = new_meta("student", cfg.to_dict(), data.fingerprint, **result,
                         teacher_fingerprint=teacher_fingerprint(out / dc.teacher) if cfg.uses_teacher else None,
                         inputs={"teacher": input_record(out, out / dc.teacher)} if cfg.uses_teacher else {},
-                        hard_loss=dc.loss, kd_search=kd_targets.search if kd_targets is not None else None,
+                        hard_loss=dc.loss, item_updates="sparse" if sparse else "dense", kd_search=kd_targets.search if kd_targets is not None else None,
                         num_parameters=net.num_parameters(), num_processes=accelerator.num_processes,
                         distributed_type=str(accelerator.distributed_type), timing=timer.as_dict())
         with atomic_dir(out / dc.name) as tmp:

@@ -32,6 +32,7 @@ def training_key(cfg: Config, num_items: int | None = None, epochs: bool = True)
     distill = {k: v for k, v in d["distill"].items() if k not in skip}
     if num_items is not None:
         distill["loss"] = cfg.distill.hard_loss_for(num_items)
+        distill["item_updates"] = cfg.item_updates_for(num_items, strict=False)
         distill.pop("sampled_above", None)
         if "kd_index" in distill:
             distill["kd_index"] = cfg.distill.kd_index_for(num_items)

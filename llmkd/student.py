@@ -66,6 +66,28 @@ class ItemTower(nn.Module):
             vectors = vectors + self.content_proj(self.content) * pad
         return vectors
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...) item ids -> (...) x d: the rows of `forward()` for those ids alone, so a step that reads a
+        few thousand items of a large catalog computes (and, with a sparse embedding, differentiates) only
+        those. Row dropout (`id_dropout`) is drawn over the whole table, so it is not supported here."""
+        if self.training and self.id_dropout > 0 and self.content_proj is not None:
+            raise RuntimeError("ItemTower.rows: id_dropout draws over the whole table; train with forward()")
+        vectors = self.embedding(ids)
+        if self.content_proj is not None:
+            vectors = vectors + self.content_proj(self.content[ids]) * (ids != self.num_items).unsqueeze(-1)
+        return vectors
+
+
+class ItemRows:
+    """Item vectors looked up by id (`items[ids]`), standing in for the (N, d) table where a training step
+    reads only some rows (sparse item updates, `distill.item_updates`)."""
+
+    def __init__(self, tower: ItemTower) -> None:
+        self.tower = tower
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tower.rows(ids)
+
 
 def init_from_content(embedding: nn.Embedding, vectors: np.ndarray, std: float) -> None:
     """Overwrite the id rows (all but the padding row) with the top principal components of `vectors`
@@ -217,8 +239,13 @@ class TwoTower(nn.Module):
         """(num_items, d) float32: what the FAISS index stores."""
         return self.item_tower()[: self.num_items]
 
-    def forward(self, history: torch.Tensor, users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) left-padded item ids -> user states (B, L, d), item vectors (num_items, d)."""
+    def forward(self, history: torch.Tensor, users: torch.Tensor | None = None, rows: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | ItemRows]:
+        """(B, L) left-padded item ids -> user states (B, L, d), item vectors (num_items, d). With `rows`
+        the item vectors come as an `ItemRows` lookup and nothing is computed over the whole catalog."""
+        if rows:
+            items = ItemRows(self.item_tower)
+            return self.user_tower(items[history], history != self.num_items, users), items
         table = self.item_tower()  # (N + 1, d)
         states = self.user_tower(table[history], history != self.num_items, users)
         return states, table[: self.num_items]

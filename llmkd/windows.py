@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from llmkd.artifacts import LlmkdError
 from llmkd.config import Config
 from llmkd.data import RecData
+from llmkd.evaluate import sample_users
 from llmkd.student import first_real_column
 
 
@@ -93,7 +94,7 @@ def get_dataloaders(data: RecData, cfg: Config, teacher_rows: list[np.ndarray] |
     train_ds = WindowDataset(data.train, data.num_items, cfg.data.max_history, teacher_rows)
     if len(train_ds) == 0:
         raise LlmkdError("data: no user has 2 or more train interactions; nothing to train on")
-    users = data.eval_users("valid")
+    users = sample_users(data, "valid", cfg.distill.valid_users, seed=0)
     users = torch.as_tensor(users[np.argsort([len(data.train[u]) for u in users], kind="stable")])  # short first
     # its own generator: the order depends on (seed, epoch) only, and starting an epoch (or resuming one)
     # draws nothing from the global RNG that dropout uses

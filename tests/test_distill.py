@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -437,3 +438,159 @@ def test_training_reads_only_the_teacher_arrays_it_needs(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(LlmkdError, match="unreadable teacher cache"):
         TeacherCache(tmp_path, keys=TEACHER_KEYS)
+
+
+# ---------------------------------------------------------------- sparse item updates
+
+
+@pytest.mark.parametrize("content", [False, True])
+def test_item_rows_are_the_rows_of_the_whole_table(content):
+    from llmkd.student import TwoTower
+
+    torch.manual_seed(0)
+    model = TwoTower(num_items=30, max_len=6, dim=8, pooling="mean", content_dim=5 if content else 0, dropout=0.0)
+    if content:
+        model.item_tower.content[:30] = torch.randn(30, 5)
+    ids = torch.tensor([[0, 29, 30], [7, 7, 30]])  # 30 = padding: a zero vector either way
+    table = model.item_tower()
+    rows = model.item_tower.rows(ids)
+    assert torch.allclose(rows, table[ids], atol=1e-6) and not rows[:, -1].any()
+    history = torch.tensor([[30, 30, 3, 4, 5, 6], [1, 2, 3, 4, 5, 29]])
+    (s_table, items), (s_rows, lookup) = model(history), model(history, rows=True)
+    assert torch.allclose(s_table, s_rows, atol=1e-6) and torch.allclose(lookup[ids[0, :2]], items[ids[0, :2]], atol=1e-6)
+
+
+def sparse_step_models():
+    from llmkd.student import TwoTower
+
+    torch.manual_seed(0)
+    base = TwoTower(num_items=200, max_len=5, dim=8, pooling="mean", dropout=0.0)
+    dense, sparse = TwoTower(**base.config), TwoTower(**base.config)
+    dense.load_state_dict(base.state_dict())
+    sparse.load_state_dict(base.state_dict())
+    return dense, sparse
+
+
+def one_step(model, sparse: bool, history, labels, log_q, dc):
+    from llmkd.distill import make_optimizers
+
+    optimizers = make_optimizers(model, torch.nn.Module(), dc, sparse)
+    states, items = model(history, rows=sparse)
+    torch.manual_seed(1)  # the same negatives in both runs
+    loss = hard_loss(states, items, labels, dc, log_q)
+    loss.backward()
+    grad = model.item_tower.embedding.weight.grad
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad()
+    return grad
+
+
+def test_a_sparse_step_updates_only_the_rows_it_read_and_equals_the_dense_step():
+    """Adam's first step is ~lr * sign(g) wherever g != 0 and exactly 0 where g == 0, so one sparse step
+    (SparseAdam on the rows read) must equal one dense AdamW step; and rows never read stay untouched."""
+    dc = SimpleNamespace(loss="sampled_softmax", num_negatives=16, lr=0.01, weight_decay=0.0)
+    dense, sparse = sparse_step_models()
+    before = sparse.item_tower.embedding.weight.detach().clone()
+    history = torch.tensor([[200, 3, 4, 5, 6], [10, 11, 12, 13, 14]])
+    labels = torch.tensor([[-100, 4, 5, 6, 7], [11, 12, 13, 14, 15]])
+    log_q = torch.full((200,), -math.log(200))
+    g_dense = one_step(dense, False, history, labels, log_q, dc)
+    g_sparse = one_step(sparse, True, history, labels, log_q, dc)
+    assert g_sparse.is_sparse and not g_dense.is_sparse
+    assert torch.allclose(g_sparse.to_dense(), g_dense, atol=1e-7)
+    after = sparse.item_tower.embedding.weight.detach()
+    touched = (after != before).any(1)
+    read = torch.zeros(201, dtype=torch.bool)
+    read[g_dense.abs().sum(1) > 0] = True
+    assert touched.any() and torch.equal(touched, read)  # exactly the rows with a gradient moved
+    # equal up to where eps sits: SparseAdam adds it to sqrt(v) before bias correction, AdamW after,
+    # so a tiny gradient's first step is slightly shorter (here at most 1 % of lr)
+    assert torch.allclose(after - before, dense.item_tower.embedding.weight.detach() - before, rtol=0.01, atol=1e-7)
+    for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):  # the rest: AdamW in both
+        assert name == "item_tower.embedding.weight" or torch.allclose(p, q, atol=1e-6), name
+
+
+def test_item_updates_resolve_by_catalog_and_name_what_blocks_sparse():
+    from llmkd.config import Config, DistillConfig, StudentConfig
+
+    def cfg(**kw):
+        student = StudentConfig(**kw.pop("student", {}))
+        return Config(student=student, distill=DistillConfig(**kw))
+
+    auto = cfg()
+    assert auto.item_updates_for(auto.distill.sampled_above) == "dense"  # full softmax up to the threshold
+    assert auto.item_updates_for(auto.distill.sampled_above + 1) == "sparse"
+    assert auto.item_updates_for(10 ** 6, num_processes=2) == "dense"
+    assert cfg(loss="sampled_softmax").item_updates_for(12_101) == "dense"  # Beauty's runs stay as they were
+    assert cfg(loss="sampled_softmax", item_updates="sparse").item_updates_for(12_101) == "sparse"
+    assert cfg(item_updates="dense").item_updates_for(10 ** 6) == "dense"
+    for kw, reason in [({"loss": "full_softmax"}, "full softmax"), ({"item_align": 1.0}, "item_align"),
+                       ({"weight_decay": 0.01}, "weight decay"),
+                       ({"student": {"content_features": True, "id_dropout": 0.1}}, "id_dropout")]:
+        c = cfg(item_updates="sparse", **kw)
+        assert c.item_updates_for(10 ** 6, strict=False) == "sparse"
+        with pytest.raises(LlmkdError, match=reason):
+            c.item_updates_for(10 ** 6)
+        assert cfg(**kw).item_updates_for(10 ** 6) == "dense"
+    with pytest.raises(LlmkdError, match="NCCL"):
+        cfg(item_updates="sparse").item_updates_for(10 ** 6, num_processes=2)
+    with pytest.raises(LlmkdError, match="distill.item_updates: expected"):
+        DistillConfig(item_updates="lazy")
+
+
+def test_training_key_counts_item_updates_as_resolved():
+    """A run recorded before the setting existed (it reads back as 'auto') is the same run as 'dense'
+    where auto means dense, and a different run from 'sparse'."""
+    from llmkd.config import Config, DistillConfig
+    from llmkd.reuse import training_key
+
+    auto, dense, sparse = (Config(distill=DistillConfig(loss="sampled_softmax", item_updates=m))
+                           for m in ("auto", "dense", "sparse"))
+    assert training_key(auto, 12_101) == training_key(dense, 12_101) != training_key(sparse, 12_101)
+    assert training_key(auto, 10 ** 6) == training_key(sparse, 10 ** 6) != training_key(dense, 10 ** 6)
+
+
+def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic):
+    """item_updates 'sparse' end to end: trains, records it, and a rerun resumes from the checkpoint
+    (both optimizers' states restored) to the same weights as an uninterrupted run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from llmkd import distill
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+
+    def cfg(name, epochs):
+        return Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                      student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),
+                      distill=DistillConfig(name=name, alpha=0.0, epochs=epochs, patience=10, batch_size=64,
+                                            loss="sampled_softmax", num_negatives=8, item_updates="sparse"))
+
+    save_data(build_data(cfg("x", 1).data), tmp_path / "data", cfg("x", 1).data)
+    distill.train(cfg("whole", 2))
+    distill.train(cfg("halves", 1))
+    distill.train(cfg("halves", 2), resume=True)
+    meta = json.loads((tmp_path / "whole" / "meta.json").read_text())
+    assert meta["item_updates"] == "sparse" and meta["epochs_run"] == 2
+    halves = json.loads((tmp_path / "halves" / "meta.json").read_text())
+    assert [r["ndcg@10"] for r in halves["history"]] == [r["ndcg@10"] for r in meta["history"]]
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("whole", "halves"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_valid_users_samples_the_same_users_for_every_run(synthetic_data):
+    from llmkd.config import Config, DistillConfig
+    from llmkd.windows import get_dataloaders
+
+    def users(**kw):
+        _, eval_dl = get_dataloaders(synthetic_data, Config(distill=DistillConfig(**kw)))
+        return sorted(int(u) for batch in eval_dl for u in batch)
+
+    every = users()
+    assert every == sorted(synthetic_data.eval_users("valid").tolist())
+    some = users(valid_users=5)
+    assert len(some) == 5 and set(some) < set(every)
+    assert users(valid_users=5, seed=1) == some  # not drawn from the training seed
+    assert users(valid_users=10 ** 6) == every
