@@ -25,20 +25,23 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["10k:10k:100k", "100k:100k:1m", "1m:1m:10m"],
                    metavar="ITEMS:USERS:INTERACTIONS")
     p.add_argument("--root", default="runs/scale", help="synthetic catalogs and stage artifacts, one folder per size")
-    p.add_argument("--teacher", default=None, help="teacher model folder (default <root>/tiny_bert, made if missing)")
+    p.add_argument("--teacher", default=None, help="teacher model folder (default <root>/tiny_bert, made if missing) "
+                   "or a packaged model name (minilm: the real teacher's encoding cost)")
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help="run only the first stages (e.g. data teacher); default: data teacher distill index eval")
     p.add_argument("--seed", type=int, default=0, help="synthetic catalog seed")
     p.add_argument("--stage-timeout", type=float, default=4 * 3600, help="seconds before a stage is killed and "
                    "recorded as timed out")
     p.add_argument("--retry-failed", action="store_true", help="run stages recorded as failed again")
     p.add_argument("--output", default="results/scale_cpu.json")
     args = p.parse_args()
-    from llmkd.experiments.scale import Size, benchmark, plot, table
+    from llmkd.experiments.scale import STAGES, Size, benchmark, plot, table
 
     root = Path(args.root)
     output = Path(args.output)
     results = benchmark(Path(args.config), output, root, [Size.parse(s) for s in args.sizes],
                         Path(args.teacher) if args.teacher else root / "tiny_bert", args.seed, args.stage_timeout,
-                        args.overrides, args.retry_failed)
+                        args.overrides, args.retry_failed, tuple(args.stages) if args.stages else STAGES)
     plot(results, output.with_suffix(".png"))
     output.with_suffix(".md").write_text(table(results), encoding="utf-8")
     print(table(results))

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 from conftest import REPO
 
@@ -92,6 +94,20 @@ def test_failures_reuse_and_resume(tmp_path, monkeypatch, tiny_bert):
     assert all("error" not in retried["runs"][0]["stages"][s] for s in STAGES)
     with pytest.raises(LlmkdError, match="other settings"):
         scale.benchmark(*args[:4], tmp_path / "another_teacher")
+
+
+def test_a_prefix_of_the_stages_with_a_packaged_teacher(tmp_path, monkeypatch):
+    """--stages data teacher runs those two only; a packaged teacher name is passed through, not made as a
+    tiny BERT folder; a set of stages that skips one is refused."""
+    monkeypatch.setattr(scale, "stage_command", fake_stage({}))
+    args = (REPO / "configs" / "synthetic_scale.yaml", tmp_path / "res.json", tmp_path / "root", [Size(60, 20, 80)],
+            Path("minilm"))
+    monkeypatch.chdir(tmp_path)
+    res = scale.benchmark(*args, stages=("data", "teacher"))
+    assert set(res["runs"][0]["stages"]) == {"data", "teacher"} and not (tmp_path / "minilm").exists()
+    assert res["config"]["teacher"] == "minilm"
+    with pytest.raises(LlmkdError, match="first stages"):
+        scale.benchmark(*args, stages=("data", "distill"))
 
 
 def test_benchmark_script_end_to_end(tmp_path):

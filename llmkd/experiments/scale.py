@@ -197,17 +197,23 @@ def stage_env(cache: Path) -> dict[str, str]:
 
 
 def benchmark(config: Path, output: Path, root: Path, sizes: list[Size], teacher: Path, seed: int = 0,
-              stage_timeout: float = 4 * 3600, extra: list[str] = (), retry_failed: bool = False) -> dict:
-    """Run every stage at every size (see the module docstring); returns the results written to `output`."""
+              stage_timeout: float = 4 * 3600, extra: list[str] = (), retry_failed: bool = False,
+              stages: tuple[str, ...] = STAGES) -> dict:
+    """Run `stages` (the first ones of STAGES; default all) at every size (see the module docstring);
+    returns the results written to `output`. `teacher` is a model folder (the tiny random BERT is made
+    there if it is missing) or a packaged model name (`llmkd.models.PACKAGED`, e.g. minilm)."""
     from llmkd.config import load_config
+    from llmkd.models import PACKAGED
 
+    if tuple(stages) != STAGES[: len(stages)]:
+        raise LlmkdError(f"stages {list(stages)}: expected the first stages of {list(STAGES)} (each needs the one before)")
     settings = {"config": str(config), "overrides": list(extra), "teacher": str(teacher), "seed": seed}
     output.parent.mkdir(parents=True, exist_ok=True)
     results = read_results(output, settings)
     root.mkdir(parents=True, exist_ok=True)
-    if not (teacher / "config.json").is_file():
+    if str(teacher) not in PACKAGED and not (teacher / "config.json").is_file():
         make_tiny_bert(teacher)
-    bar = tqdm(total=len(sizes) * len(STAGES), desc="scale", unit="stage")
+    bar = tqdm(total=len(sizes) * len(stages), desc="scale", unit="stage")
     for size in sizes:
         folder = synthetic_folder(root, size, seed)
         out = folder / "run"
@@ -216,7 +222,7 @@ def benchmark(config: Path, output: Path, root: Path, sizes: list[Size], teacher
         cfg = load_config(config, overrides)
         run = run_entry(results, size)
         rerun, failed = False, None
-        for stage in STAGES:
+        for stage in stages:
             bar.set_postfix_str(f"{size.name} {stage}")
             done = run["stages"].get(stage) or {}
             measured, error = "wall_s" in done, "error" in done
