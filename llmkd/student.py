@@ -155,18 +155,20 @@ class UserTower(nn.Module):
         return x
 
     @torch.inference_mode()
-    def last_state(self, seq: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+    def last_state(self, seq: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None = None,
+                   traced: bool = False) -> torch.Tensor:
         """(B, L, d) history vectors, (B, L) bool real-item mask -> (B, d): the newest state as `forward` computes
         it in eval mode, for less (serving). Only the newest position's state is read, so the last encoder
         layer runs attention and feed-forward for that one query (its keys and values still come from every
         position); the other layers run as in `forward`, with the mask broadcast over heads instead of
-        repeated. Equal to `forward(...)[:, -1]` up to float rounding (tests/test_student.py)."""
+        repeated. Equal to `forward(...)[:, -1]` up to float rounding (tests/test_student.py). `traced`: no
+        branch on the data (the padding mask is always built), for graph export (`llmkd.serving.onnx`)."""
         if self.training:
             raise RuntimeError("last_state is the eval-mode computation; call model.eval() first")
         if self.pooling != "transformer":
             return self.forward(seq, real, users, last_only=True)[:, -1]
         L = seq.shape[1]
-        if bool(real.all()):  # no padding (one history, or all as long): the mask is the causal one
+        if not traced and bool(real.all()):  # no padding (one history, or all as long): the mask is the causal one
             allowed = None
         else:
             causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
@@ -263,14 +265,16 @@ class TwoTower(nn.Module):
         history, real = history[:, first:], real[:, first:]
         return self.user_tower(table[history], real, users, last_only=True)[:, -1]
 
-    def serve_user_vectors(self, history: torch.Tensor, table: torch.Tensor, users: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+    def serve_user_vectors(self, history: torch.Tensor, table: torch.Tensor, users: torch.Tensor | None = None,
+                           traced: bool = False) -> torch.Tensor:
         """`user_vectors` for serving (eval mode, no autograd): the same padding trim, then the user tower's
-        `last_state`, which computes only what the newest state needs. (B, L) int64 -> (B, d) float32."""
+        `last_state`, which computes only what the newest state needs. (B, L) int64 -> (B, d) float32.
+        `traced`: no trim and no other branch on the data, for graph export (the caller pads)."""
         real = history != self.num_items
-        first = first_real_column(real)
-        history, real = history[:, first:], real[:, first:]
-        return self.user_tower.last_state(table[history], real, users)
+        if not traced:
+            first = first_real_column(real)
+            history, real = history[:, first:], real[:, first:]
+        return self.user_tower.last_state(table[history], real, users, traced=traced)
 
     def pad_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
         """Histories -> (B, max_len) int64, the most recent `max_len` items, left-padded."""

@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--teacher-throughput-users", type=int, default=256)
     p.add_argument("--extra-bundle", action="append", default=[], metavar="NAME=FOLDER",
                    help="another bundle of this run, timed through its Python API beside --bundle (repeatable)")
+    p.add_argument("--onnx", action="store_true", help="also time every bundle with its user tower on ONNX Runtime "
+                   "(needs user_tower.onnx in each: llmkd export-onnx BUNDLE)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--http-clients", type=int, default=32)
@@ -52,7 +54,7 @@ def main() -> None:
     result = measure_serving_cost(cfg, args.bundle, teachers, args.latency_users, args.throughput_users,
                                   args.teacher_latency_users, args.teacher_throughput_users, args.batch_size,
                                   args.repeats, http_clients=args.http_clients, http_seconds=args.http_seconds,
-                                  extra_bundles=extra_bundles(args.extra_bundle))
+                                  extra_bundles=extra_bundles(args.extra_bundle), onnx=args.onnx)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)

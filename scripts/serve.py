@@ -16,8 +16,10 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="user tower on torch, or on ONNX Runtime (the bundle's user_tower.onnx: llmkd export-onnx)")
     args = p.parse_args()
-    serve(args.bundle, args.host, args.port, args.log_level)
+    serve(args.bundle, args.host, args.port, args.log_level, args.backend)
 
 
 if __name__ == "__main__":

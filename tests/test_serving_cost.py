@@ -50,14 +50,18 @@ def test_bundle_api_and_http_serve_the_same_items_for_the_same_users(served_run,
 def test_one_run_reports_every_system_and_the_ratio_per_teacher(served_run, bundle, tmp_path):
     from llmkd.experiments.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
 
+    from llmkd.serving.onnx import export_onnx
+
     cfg = served_run[0]
     missing = dataclasses.replace(cfg, out_dir=str(tmp_path / "no_run"))
+    export_onnx(bundle)
     r = measure_serving_cost(cfg, bundle, teacher_configs(cfg, [cfg, missing]), latency_users=4, throughput_users=16,
                              teacher_latency_users=2, teacher_throughput_users=8, batch_size=8, repeats=1,
-                             http_clients=2, http_seconds=0.5, extra_bundles={"copy": bundle})
+                             http_clients=2, http_seconds=0.5, extra_bundles={"copy": bundle}, onnx=True)
     teacher = f"teacher {served_run[0].teacher.model.rsplit('/', 1)[-1]}"
     expect = {"bundle (batch 1)", "bundle (batch 8)", "http (batch 1)", "http (batch 8)", "http (2 clients)",
-              "bundle[copy] (batch 1)", "bundle[copy] (batch 8)", f"{teacher} (batch 1)", f"{teacher} (batch 8)"}
+              "bundle[copy] (batch 1)", "bundle[copy] (batch 8)", f"{teacher} (batch 1)", f"{teacher} (batch 8)",
+              *(f"bundle[{n}] (batch {b})" for n in ("onnx", "copy+onnx") for b in (1, 8))}
     assert set(r["systems"]) == expect
     for name, s in r["systems"].items():
         assert 0 < s["latency_ms_p50"] <= s["latency_ms_p99"] and s["users_per_second"] > 0, name

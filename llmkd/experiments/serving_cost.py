@@ -102,10 +102,12 @@ def stats(seconds: list[float], users: list[int]) -> dict:
 def measure_serving_cost(cfg: Config, bundle: str | Path, teachers: list[Config], latency_users: int = 200,
                          throughput_users: int = 1024, teacher_latency_users: int = 20, teacher_throughput_users: int = 256,
                          batch_size: int = 256, repeats: int = 3, k: int = 10, http_clients: int = 32,
-                         http_seconds: float = 10.0, extra_bundles: dict[str, str | Path] | None = None) -> dict:
+                         http_seconds: float = 10.0, extra_bundles: dict[str, str | Path] | None = None,
+                         onnx: bool = False) -> dict:
     """The side-by-side measurement (module docstring); a JSON-able dict (results/serving_cpu.json).
     `extra_bundles` {name: folder}: other students of the same run, timed through their Python API as
-    `bundle[name]` beside the main bundle (e.g. a cheaper user tower)."""
+    `bundle[name]` beside the main bundle (e.g. a cheaper user tower). `onnx`: each bundle is timed a second
+    time with its user tower on ONNX Runtime (`bundle[onnx]`, `bundle[name+onnx]`; `llmkd export-onnx`)."""
     data = load_data(Path(cfg.out_dir) / "data")
     users = data.eval_users("test")
     rng = np.random.default_rng(0)
@@ -120,12 +122,15 @@ def measure_serving_cost(cfg: Config, bundle: str | Path, teachers: list[Config]
     try:
         systems = {"bundle": (bundle_system(rec, histories, k), lat, thr, rec.model.num_parameters(False)),
                    "http": (HttpClient(port, histories, k), lat, thr, rec.model.num_parameters(False))}
-        for name, folder in (extra_bundles or {}).items():
+        variants = [(f"bundle[{name}]", folder, "torch") for name, folder in (extra_bundles or {}).items()]
+        if onnx:
+            variants = [("bundle[onnx]", bundle, "onnx"), *variants,
+                        *[(f"bundle[{name}+onnx]", folder, "onnx") for name, folder in (extra_bundles or {}).items()]]
+        for name, folder, backend in variants:
             before = rss_mb(os.getpid())
-            other = Recommender.from_pretrained(folder)
-            memory[f"bundle[{name}]"] = _delta(before, rss_mb(os.getpid()))
-            systems[f"bundle[{name}]"] = (bundle_system(other, id_histories(data, other), k), lat, thr,
-                                          other.model.num_parameters(False))
+            other = Recommender.from_pretrained(folder, backend)
+            memory[name] = _delta(before, rss_mb(os.getpid()))
+            systems[name] = (bundle_system(other, id_histories(data, other), k), lat, thr, other.model.num_parameters(False))
         skipped = {}
         for t in teachers:
             before = rss_mb(os.getpid())

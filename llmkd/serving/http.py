@@ -143,9 +143,10 @@ def create_app(rec: Recommender, max_body: int = MAX_BODY, max_batch: int = 256)
     return app
 
 
-def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Load `bundle` and serve it until interrupted."""
+def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          backend: str = "torch") -> None:
+    """Load `bundle` (user tower on `backend`: torch or onnx) and serve it until interrupted."""
     import uvicorn
 
-    app = create_app(Recommender.from_pretrained(bundle))
+    app = create_app(Recommender.from_pretrained(bundle, backend))
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -11,7 +11,7 @@ train items. Imports torch, faiss and safetensors only (through `llmkd.student`)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from llmkd.artifacts import LlmkdError, reading
 from llmkd.serving.bundle import INDEX, ITEM_IDS, POPULARITY, STUDENT, read_config
-from llmkd.student import TwoTower
+from llmkd.student import TwoTower, first_real_column
 
 UNKNOWN_POLICIES = ("error", "drop")
 EXACT_BLOCK = 1 << 24
@@ -52,12 +52,13 @@ class Recommender:
     """A loaded bundle: student towers, vocabulary, popularity and FAISS index."""
 
     def __init__(self, model: TwoTower, item_ids: list[str], popularity: np.ndarray, index: faiss.Index,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], user_tower: Callable[[torch.Tensor], np.ndarray] | None = None) -> None:
         n = model.num_items
         if not (len(item_ids) == len(popularity) == index.ntotal == n):
             raise LlmkdError(f"bundle: sizes disagree: {len(item_ids)} ids, {len(popularity)} popularity counts, "
                              f"{index.ntotal} indexed vectors, {n} student items; re-export it")
         self.model, self.item_ids, self.index, self.config = model.eval(), item_ids, index, config
+        self.user_tower = user_tower  # padded histories -> user vectors instead of torch (the ONNX graph)
         self.row = {item: r for r, item in enumerate(item_ids)}
         self.popularity = np.asarray(popularity, dtype=np.float32)
         self.by_popularity = np.argsort(-self.popularity, kind="stable")  # ties to the lower row
@@ -70,9 +71,19 @@ class Recommender:
             self.exact_pos[self.exact[1]] = np.arange(len(self.exact[1]))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> Recommender:
-        """Load a bundle written by `export_bundle` (`scripts/export.py`)."""
+    def from_pretrained(cls, folder: str | Path, backend: str = "torch") -> Recommender:
+        """Load a bundle written by `export_bundle` (`scripts/export.py`). `backend` 'onnx' computes user
+        vectors with the bundle's ONNX graph through ONNX Runtime (`llmkd export-onnx` writes it)."""
         folder = Path(folder)
+        if backend not in ("torch", "onnx"):
+            raise LlmkdError(f"backend {backend!r}: expected 'torch' or 'onnx'")
+        user_tower = None
+        if backend == "onnx":
+            from llmkd.serving.onnx import ONNX_FILE, OnnxUserTower
+
+            if not (folder / ONNX_FILE).is_file():
+                raise LlmkdError(f"{folder}: no {ONNX_FILE}; write it with `llmkd export-onnx {folder}`")
+            user_tower = OnnxUserTower(folder / ONNX_FILE)
         config = read_config(folder)
         model = TwoTower.from_pretrained(folder / STUDENT)
         with reading(folder / ITEM_IDS, "item vocabulary"):
@@ -81,7 +92,7 @@ class Recommender:
             popularity = np.asarray(json.loads((folder / POPULARITY).read_text(encoding="utf-8")), dtype=np.float32)
         with reading(folder / INDEX, "FAISS index"):
             index = faiss.read_index(str(folder / INDEX))
-        return cls(model, item_ids, popularity, index, config)
+        return cls(model, item_ids, popularity, index, config, user_tower)
 
     @property
     def num_items(self) -> int:
@@ -182,7 +193,10 @@ class Recommender:
             for b in np.unique(bucket):
                 idx = np.flatnonzero(bucket == b)
                 hist = self.model.pad_histories([rows[i] for i in idx])
-                out[idx] = self.model.serve_user_vectors(hist, self.table).numpy()
+                if self.user_tower is None:
+                    out[idx] = self.model.serve_user_vectors(hist, self.table).numpy()  # trims the padding itself
+                else:
+                    out[idx] = self.user_tower(hist[:, first_real_column(hist != self.model.num_items):])
         return out
 
     def _search(self, rows: list[np.ndarray], masks: list[np.ndarray], k: int) -> list[dict[str, list]]:
