@@ -114,7 +114,8 @@ def best_by_family(cands: list[Candidate]) -> dict[str, Candidate]:
 
 def combinations(best: dict[str, Candidate]) -> list[Candidate]:
     """The best content family + the best score loss, + the best alignment, and all three (each at its best
-    point).
+    point); and both content families together (ids initialised from the teacher's item vectors and those
+    vectors as features), when both were run.
 
     Overrides are concatenated content, alignment, score loss: the score loss's alpha comes last, so the
     `distill.alpha=0` of the other families does not switch it off."""
@@ -126,7 +127,8 @@ def combinations(best: dict[str, Candidate]) -> list[Candidate]:
     if content is None:
         return []
     out = []
-    for parts in ([content, score], [content, align], [content, align, score]):
+    both = [best[n] for n in CONTENT if n in best]  # content_features, content_init: their overrides do not clash
+    for parts in ([content, score], [content, align], [content, align, score], *([both] if len(both) == 2 else [])):
         if all(p is not None for p in parts):
             name = "+".join(p.name for p in parts)
             out.append(Candidate(name, "combination", [o for p in parts for o in p.overrides], 99))

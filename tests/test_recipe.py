@@ -99,6 +99,24 @@ def test_combinations_keep_the_score_loss_alpha(run_dir):
     assert (cfg.distill.kd_loss, cfg.distill.alpha, cfg.distill.user_align) == ("listwise_kl", 1.0, 1.0)
 
 
+def test_both_content_families_are_combined_when_both_ran():
+    from llmkd.recipe import Candidate
+
+    def cand(name, family, overrides, score):
+        c = Candidate(name, family, overrides, 0)
+        c.record["valid_ndcg@10"] = score
+        return c
+
+    best = {"content_init": cand("ci", "content_init", ["distill.alpha=0", "student.content_init=1.0"], 0.07),
+            "content_features": cand("cf", "content_features", ["distill.alpha=0", "student.content_features=true",
+                                                                "student.content_hidden=0"], 0.06)}
+    combos = {c.name: c for c in combinations(best)}
+    assert set(combos) == {"cf+ci"}
+    cfg = load_config(None, combos["cf+ci"].overrides)
+    assert (cfg.student.content_features, cfg.student.content_init, cfg.distill.alpha) == (True, 1.0, 0.0)
+    assert {c.name for c in combinations({"content_init": best["content_init"]})} == set()
+
+
 def test_search_chooses_the_valid_best_and_writes_a_recipe_distill_reads(run_dir):
     out, clock = run_dir
     cfg = load_config(None, [f"out_dir={out}"])
