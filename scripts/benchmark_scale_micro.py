@@ -8,7 +8,7 @@ process, results written after every run and reused on a rerun (resume after a k
     python scripts/benchmark_scale_micro.py index --items 100000 1000000 --index-type flat ivf hnsw --out results/index_build_cpu.json
 
 softmax: seconds per training step and peak RSS of full vs sampled softmax (the default student, 64
-windows x 50 positions), full / sampled ratios side by side. kd: KD candidate building (FAISS top-K over
+windows x 50 positions) and of the sampled softmax with sparse item updates, ratios side by side. kd: KD candidate building (FAISS top-K over
 the teacher's item vectors, seen items masked). eval: blocked evaluation of a two-tower scorer (an
 item block at least the catalog size = one block per batch of users, the former memory). index: the
 index stage's build from a student's item vectors.
@@ -47,8 +47,10 @@ def arguments() -> argparse.Namespace:
 def grid(args: argparse.Namespace) -> list[dict]:
     """The params of every run, in an order that puts the runs compared with each other side by side."""
     if args.kind == "softmax":
-        return [{"n_items": n, "loss": loss, "steps": args.steps, "num_negatives": args.num_negatives}
-                for n in args.items for loss in ("full_softmax", "sampled_softmax")]
+        base = {"steps": args.steps, "num_negatives": args.num_negatives}
+        return [run for n in args.items for run in
+                ({"n_items": n, "loss": "full_softmax", **base}, {"n_items": n, "loss": "sampled_softmax", **base},
+                 {"n_items": n, "loss": "sampled_softmax", **base, "item_updates": "sparse"})]
     if args.kind == "kd":
         rows = args.rows or args.items
         if len(rows) != len(args.items):

@@ -15,6 +15,12 @@ def test_each_kind_measures_its_step_in_process():
                                            "max_len": 4, "num_negatives": 8})
     assert soft["step_s"] > 0 and len(soft["step_times"]) == 2 and soft["peak_since_base"]
     assert soft["peak_rss_gib"] >= soft["base_rss_gib"] * 0.99 > 0
+    sparse = scale_micro.measure("softmax", {"n_items": 40, "loss": "sampled_softmax", "steps": 1, "batch": 2,
+                                             "max_len": 4, "num_negatives": 8, "item_updates": "sparse"})
+    assert sparse["step_s"] > 0
+    full = {**soft, "params": {**soft["params"], "loss": "full_softmax"}}
+    ratios = scale_micro.softmax_ratios({"runs": [full, soft, sparse]})
+    assert ratios[0]["time_ratio_dense_over_sparse"] == soft["step_s"] / sparse["step_s"]
     kd = scale_micro.measure("kd", {"n_items": 300, "n_rows": 40, "teacher_dim": 8, "kd_index": "flat", "k": 5,
                                     "recall_rows": 10})
     assert kd["search"] == "flat" and kd["recall_vs_exact"] == 1.0  # the exact search finds the exact top-K

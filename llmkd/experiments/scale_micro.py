@@ -61,18 +61,20 @@ def zipf_counts(n: int, seed: int, a: float = 1.0) -> np.ndarray:
 
 
 def softmax_cost(n_items: int, loss: str, steps: int = 3, batch: int = 64, max_len: int = 50,
-                 num_negatives: int = 256, dim: int = 64, seed: int = 0) -> dict:
-    """Seconds per optimizer step (forward, hard loss, backward, AdamW) of the default transformer student
-    on `batch` full windows of `max_len` positions over `n_items` items; the first step is a warm-up."""
+                 num_negatives: int = 256, dim: int = 64, seed: int = 0, item_updates: str = "dense") -> dict:
+    """Seconds per optimizer step (forward, hard loss, backward, optimizer) of the default transformer student
+    on `batch` full windows of `max_len` positions over `n_items` items; the first step is a warm-up.
+    `item_updates` 'sparse': the item rows looked up per step, SparseAdam on them (`distill.item_updates`)."""
     import torch
 
     from llmkd.config import StudentConfig
-    from llmkd.distill import hard_loss
+    from llmkd.distill import hard_loss, make_optimizers
     from llmkd.student import TwoTower
 
     torch.manual_seed(seed)
     model = TwoTower.from_config(StudentConfig(dim=dim), n_items, max_len, num_users=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparse = item_updates == "sparse"
+    opts = make_optimizers(model, torch.nn.Module(), SimpleNamespace(lr=1e-3, weight_decay=0.0), sparse)
     counts = torch.as_tensor(zipf_counts(n_items, seed), dtype=torch.float32) + 1
     log_q = (counts / counts.sum()).log()
     g = torch.Generator().manual_seed(seed)
@@ -83,11 +85,12 @@ def softmax_cost(n_items: int, loss: str, steps: int = 3, batch: int = 64, max_l
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        states, items = model(x)
+        states, items = model(x, rows=sparse)
         value = hard_loss(states, items, y, cfg, log_q, generator=g)
         value.backward()
-        opt.step()
-        opt.zero_grad()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
         times.append(time.perf_counter() - t0)
     return {"step_s": float(np.median(times[1:])), "step_times": times, "base_rss_gib": base,
             "peak_since_base": reset,
@@ -272,16 +275,21 @@ def softmax_ratios(result: dict) -> list[dict]:
     by = {}
     for r in result["runs"]:
         if "error" not in r:
-            by.setdefault(r["params"]["n_items"], {})[r["params"]["loss"]] = r
+            kind = r["params"]["loss"] + ("+sparse" if r["params"].get("item_updates") == "sparse" else "")
+            by.setdefault(r["params"]["n_items"], {})[kind] = r
     rows = []
     for n, pair in sorted(by.items()):
         if {"full_softmax", "sampled_softmax"} <= set(pair):
             f, s = pair["full_softmax"], pair["sampled_softmax"]
-            rows.append({"n_items": n, "full_step_s": f["step_s"], "sampled_step_s": s["step_s"],
-                         "time_ratio_full_over_sampled": f["step_s"] / s["step_s"],
-                         "full_peak_rss_gib": f["peak_rss_gib"], "sampled_peak_rss_gib": s["peak_rss_gib"],
-                         "full_extra_rss_gib": f["peak_rss_gib"] - f["base_rss_gib"],
-                         "sampled_extra_rss_gib": s["peak_rss_gib"] - s["base_rss_gib"]})
+            row = {"n_items": n, "full_step_s": f["step_s"], "sampled_step_s": s["step_s"],
+                   "time_ratio_full_over_sampled": f["step_s"] / s["step_s"],
+                   "full_peak_rss_gib": f["peak_rss_gib"], "sampled_peak_rss_gib": s["peak_rss_gib"],
+                   "full_extra_rss_gib": f["peak_rss_gib"] - f["base_rss_gib"],
+                   "sampled_extra_rss_gib": s["peak_rss_gib"] - s["base_rss_gib"]}
+            if "sampled_softmax+sparse" in pair:
+                sp = pair["sampled_softmax+sparse"]
+                row.update(sparse_step_s=sp["step_s"], time_ratio_dense_over_sparse=s["step_s"] / sp["step_s"])
+            rows.append(row)
     return rows
 
 
