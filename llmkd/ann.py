@@ -24,7 +24,16 @@ import numpy as np
 from faiss.contrib.evaluation import knn_intersection_measure
 
 from llmkd.config import IndexConfig
-from llmkd.index import empty_index, factory_string, ivf_nlist, pq_m, search_parameters, set_search_parameters
+from llmkd.index import (
+    empty_index,
+    factory_string,
+    faiss_index,
+    ivf_nlist,
+    pq_m,
+    search_parameters,
+    set_search_parameters,
+    uses_l2,
+)
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512)
@@ -87,23 +96,31 @@ def timed_search(index: faiss.Index, xq: np.ndarray, k: int, repeats: int) -> tu
 
 def default_grid(n: int, d: int, hnsw_m: int = 32, pq_ms: Sequence[int] = PQ_MS,
                  nprobes: Sequence[int] = NPROBES, ef_searches: Sequence[int] = EF_SEARCHES,
-                 pq_refines: Sequence[int] = (0,)) -> list[tuple[IndexConfig, list[IndexConfig]]]:
+                 pq_refines: Sequence[int] = (0,), ip_to_l2: Sequence[bool] = (True, False)
+                 ) -> list[tuple[IndexConfig, list[IndexConfig]]]:
     """(structure, its search settings) pairs: flat; IVF with nlist from n (`llmkd.index.ivf_nlist`) and
     each nprobe up to nlist; HNSW with each efSearch; IVF-PQ for each pq_m dividing d (below d) and each
-    refine factor (0 = none), with each nprobe, when n is enough to train 256 codes."""
+    refine factor (0 = none), with each nprobe, when n is enough to train 256 codes. Each approximate
+    structure once per `ip_to_l2` value (the L2 reduction, `llmkd.index.MipsIndex`, or FAISS's inner product)."""
     base = IndexConfig()
     nlist = ivf_nlist(n, base)
     grid = [(base, [base])]
-    ivf = dataclasses.replace(base, type="ivf")
-    grid.append((ivf, [dataclasses.replace(ivf, ivf_nprobe=p) for p in nprobes if p <= nlist]))
-    hnsw = dataclasses.replace(base, type="hnsw", hnsw_m=hnsw_m)
-    grid.append((hnsw, [dataclasses.replace(hnsw, hnsw_ef_search=e) for e in ef_searches]))
-    for m in pq_ms:
-        for refine in pq_refines:
-            if d % m == 0 and m < d and n >= 2 ** base.pq_nbits:  # fewer items cannot train the codes
-                pq = dataclasses.replace(base, type="ivfpq", pq_m=m, pq_refine=refine)
-                grid.append((pq, [dataclasses.replace(pq, ivf_nprobe=p) for p in nprobes if p <= nlist]))
+    for l2 in ip_to_l2:
+        ivf = dataclasses.replace(base, type="ivf", ip_to_l2=l2)
+        grid.append((ivf, [dataclasses.replace(ivf, ivf_nprobe=p) for p in nprobes if p <= nlist]))
+        hnsw = dataclasses.replace(base, type="hnsw", hnsw_m=hnsw_m, ip_to_l2=l2)
+        grid.append((hnsw, [dataclasses.replace(hnsw, hnsw_ef_search=e) for e in ef_searches]))
+        for m in pq_ms:
+            for refine in pq_refines:
+                if d % m == 0 and m < d and n >= 2 ** base.pq_nbits:  # fewer items cannot train the codes
+                    pq = dataclasses.replace(base, type="ivfpq", pq_m=m, pq_refine=refine, ip_to_l2=l2)
+                    grid.append((pq, [dataclasses.replace(pq, ivf_nprobe=p) for p in nprobes if p <= nlist]))
     return grid
+
+
+def index_name(d: int, n: int, cfg: IndexConfig) -> str:
+    """The sweep's label of cfg: its factory string, with ' (L2 reduction)' when it searches through one."""
+    return factory_string(d, n, cfg) + (" (L2 reduction)" if uses_l2(cfg) else "")
 
 
 def param_dict(cfg: IndexConfig, nlist: int | None) -> dict[str, int]:
@@ -142,9 +159,9 @@ def sweep(xb: np.ndarray, xq: np.ndarray, grid: Iterable[tuple[IndexConfig, list
         index.add(xb)
         build_s = time.perf_counter() - t0
         faiss.omp_set_num_threads(threads)
-        ivf = faiss.try_extract_index_ivf(index)
+        ivf = faiss.try_extract_index_ivf(faiss_index(index))
         nlist = ivf.nlist if ivf is not None else None
-        name = factory_string(d, n, structure)
+        name = index_name(d, n, structure)
         for cfg in searches:
             set_search_parameters(index, cfg)
             I, qps = timed_search(index, xq, k, repeats)
@@ -152,7 +169,7 @@ def sweep(xb: np.ndarray, xq: np.ndarray, grid: Iterable[tuple[IndexConfig, list
                    f"recall@{k}": recall_at_k(I, gt, k), "qps": qps,
                    "build_s": build_s}
             settings.append(row)
-            log(f"{name:24s} {row['params']!s:32s} recall@{k} {row[f'recall@{k}']:.4f}  {qps:10.0f} q/s")
+            log(f"{name:40s} {row['params']!s:32s} recall@{k} {row[f'recall@{k}']:.4f}  {qps:10.0f} q/s")
         del index
     flat_qps = max((s["qps"] for s in settings if s["config"]["type"] == "flat"), default=None)
     return {"items": n, "dim": d, "queries": len(xq), "k": k, "threads": threads, "build_threads": build_threads or threads,

@@ -324,6 +324,13 @@ class IndexConfig:
     pq_refine: int = bounded(0, ge=0)
     """'ivfpq': 0 = rank by the codes; k > 0 = re-rank the top k x K by exact inner product with the
     stored float vectors (FAISS 'RFlat'; costs the flat index's memory on top of the codes)."""
+    ip_to_l2: bool = False
+    """'hnsw', 'ivf', 'ivfpq': search an L2 index over the item vectors extended by one coordinate,
+    sqrt(max_norm^2 - |x|^2), so that nearest in L2 = highest inner product (`llmkd.index.MipsIndex`);
+    false = FAISS's inner-product metric. Which is better depends on the vectors, so `scripts/ann_sweep.py`
+    measures both: the reduction wins where a few long (popular) items top most users' lists (the 1 M-item
+    synthetic student: IVF recall@10 0.95 at nprobe 4 vs 0.55 at 256 by inner product) and loses where norms
+    are alike (the Beauty student: IVF nprobe 16 0.55 vs 0.92); HNSW differs less (README "Scaling")."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "index")

@@ -63,6 +63,7 @@ def test_added_items_get_the_cold_start_vector_and_are_recommendable(bundle, col
     import faiss
 
     from llmkd.add_items import add_items
+    from llmkd.index import faiss_index, read_index
     from llmkd.serving import Recommender
 
     before = Recommender.from_pretrained(bundle)
@@ -74,8 +75,8 @@ def test_added_items_get_the_cold_start_vector_and_are_recommendable(bundle, col
     assert rec.item_ids == before.item_ids + cold["ids"] and rec.popularity[n:].tolist() == [0] * m
     np.testing.assert_allclose(rec.table[n : n + m].numpy(), cold["vectors"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(rec.table[:n].numpy(), before.table[:n].numpy())  # old items untouched
-    index = faiss.read_index(str(bundle / "index/faiss.index"))
-    assert faiss.vector_to_array(index.id_map).tolist() == list(range(n + m))
+    index = read_index(bundle / "index/faiss.index")
+    assert faiss.vector_to_array(faiss_index(index).id_map).tolist() == list(range(n + m))
     d = cold["vectors"].shape[1]
     D, I = index.search(np.eye(d, dtype=np.float32), n + m)  # query e_i scores item j by its i-th coordinate
     assert all((I == j).any(1).all() for j in range(n, n + m))
@@ -105,7 +106,7 @@ def test_a_crash_while_adding_leaves_the_old_bundle(bundle, cold, monkeypatch):
     def crash(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(layout.faiss, "write_index", crash)
+    monkeypatch.setattr(layout, "write_index", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         add_items(bundle, cold["path"])
     assert digest(bundle) == before
@@ -241,3 +242,42 @@ def test_concurrent_additions_do_not_lose_one_another(bundle, tmp_path, monkeypa
         holder.kill()
         holder.wait()
     assert json.loads((bundle / "item_ids.json").read_text())[-2:] == ["other", "mine"]
+
+
+@pytest.mark.parametrize("scale", [0.0, 40.0], ids=["shorter", "longer"])
+def test_an_l2_reduction_bundle_takes_new_items_and_rebuilds_for_longer_ones(served_run, tmp_path, scale):
+    """A bundle whose index searches through the L2 reduction appends items no longer than its max_norm and
+    rebuilds over every item for a longer one; either way it ranks exactly (IVF visiting every list)."""
+    import dataclasses
+
+    import faiss
+
+    from llmkd.config import IndexConfig
+    from llmkd.index import MipsIndex, faiss_index, read_index
+    from llmkd.serving import Recommender
+    from llmkd.serving.bundle import INDEX, append_items, export_bundle
+    from llmkd.student import TwoTower
+
+    cfg = dataclasses.replace(served_run[0], index=IndexConfig(type="ivf", ivf_nlist=4, ivf_nprobe=4, ip_to_l2=True))
+    bundle = export_bundle(cfg, "student_text", tmp_path / "bundle")
+    before = read_index(bundle / INDEX)
+    assert isinstance(before, MipsIndex)
+    model = TwoTower.from_pretrained(bundle / "student")
+    n, dim = model.num_items, model.item_tower.content.shape[1]
+    text = scale * np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
+    append_items(bundle, ["new0", "new1", "new2"], text)
+    after = read_index(bundle / INDEX)
+    rec = Recommender.from_pretrained(bundle)
+    norms = np.linalg.norm(rec.table[:-1].numpy(), axis=1)
+    longer = norms[n:].max() > before.max_norm
+    assert longer == (scale > 0)  # the premise: large text vectors project to longer item vectors
+    assert after.max_norm == pytest.approx(norms.max() if longer else before.max_norm, rel=1e-5)
+    assert faiss.vector_to_array(faiss_index(after).id_map).tolist() == list(range(n + 3))
+    history = rec.item_ids[:4]
+    got = rec.recommend(history, k=20)
+    user = rec.user_vectors([np.asarray([rec.row[i] for i in history])])[0]
+    scores = rec.table[:-1].numpy() @ user
+    scores[[rec.row[i] for i in history]] = -np.inf
+    top = np.sort(scores)[::-1][:20]
+    np.testing.assert_allclose(got["scores"], top, rtol=1e-4, atol=1e-4 * after.max_norm ** 2)
+    assert [scores[rec.row[i]] for i in got["items"]] == pytest.approx(list(top), rel=1e-4, abs=1e-4 * after.max_norm ** 2)

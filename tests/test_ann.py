@@ -15,7 +15,7 @@ import pytest
 from llmkd.ann import clustered_vectors, default_grid, exact_knn, pick, recall_at_k, recipe_fragment, sweep
 from llmkd.artifacts import LlmkdError
 from llmkd.config import IndexConfig, load_config
-from llmkd.index import build_id_index, build_index, ivf_nlist, search
+from llmkd.index import MipsIndex, NormAboveMax, build_id_index, build_index, ivf_nlist, search
 
 ROOT = Path(__file__).resolve().parents[1]
 D, NB, NQ, K = 16, 3000, 60, 10
@@ -67,15 +67,24 @@ def test_each_type_against_brute_force(cfg, floor, xb_xq):
         np.testing.assert_array_equal(I, ref)
 
 
+@pytest.mark.parametrize("ip_to_l2", [True, False], ids=["l2-reduction", "inner-product"])
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
-def test_id_index_appends_new_items(kind, xb_xq):
+def test_id_index_appends_new_items(kind, ip_to_l2, xb_xq):
     """The serving bundle appends items with add_with_ids: each type returns them under their ids, as
-    exact search over old + new items does (IVF visiting every list exactly)."""
+    exact search over old + new items does (IVF visiting every list exactly). The L2 reduction refuses a
+    vector longer than those it was built for (the bundle then rebuilds), and takes any other."""
     xb, xq = xb_xq
     index = build_id_index(xb[:2000], IndexConfig(type=kind, ivf_nlist=20, ivf_nprobe=20, pq_m=8, pq_refine=50,
-                                                  hnsw_ef_search=400))
-    index.add_with_ids(xb[2000:] * 2, np.arange(2000, NB, dtype=np.int64))  # larger norms: often on top
-    ref = brute_force(np.vstack([xb[:2000], xb[2000:] * 2]), xq, K)
+                                                  hnsw_ef_search=400, ip_to_l2=ip_to_l2))
+    new = xb[2000:] * 2  # larger norms: often on top
+    if ip_to_l2:
+        assert isinstance(index, MipsIndex)
+        with pytest.raises(NormAboveMax, match="longer than the index's max_norm"):
+            index.add_with_ids(new, np.arange(2000, NB, dtype=np.int64))
+        assert index.ntotal == 2000
+        new = new * (index.max_norm / np.linalg.norm(new, axis=1).max())  # the longest reaches max_norm
+    index.add_with_ids(new, np.arange(2000, NB, dtype=np.int64))
+    ref = brute_force(np.vstack([xb[:2000], new]), xq, K)
     assert (ref >= 2000).mean() > 0.3
     _, I = search(index, xq, K)
     assert recall_at_k(I, ref, K) >= (1.0 if kind == "ivf" else 0.97)
@@ -130,8 +139,10 @@ def test_sweep_rows_and_choice_rebuilds_through_recipe(xb_xq, tmp_path):
     xb, xq = xb_xq
     grid = default_grid(NB, D, hnsw_m=8, pq_ms=(8,), nprobes=(1, 4, 100), ef_searches=(8, 64))
     result = sweep(xb, xq, grid, k=K, repeats=1, build_threads=2, log=lambda *_: None)
-    types = [s["config"]["type"] for s in result["settings"]]
-    assert types == ["flat", "ivf", "ivf", "hnsw", "hnsw", "ivfpq", "ivfpq"]  # nprobe 100 > nlist 76 (n // 39) dropped
+    types = [(s["config"]["type"], s["config"]["ip_to_l2"]) for s in result["settings"]]
+    approximate = ["ivf", "ivf", "hnsw", "hnsw", "ivfpq", "ivfpq"]  # nprobe 100 > nlist 76 (n // 39) dropped
+    assert types == [("flat", False)] + [(t, True) for t in approximate] + [(t, False) for t in approximate]
+    assert result["settings"][1]["index"] == "IVF76,Flat (L2 reduction)" and result["settings"][7]["index"] == "IVF76,Flat"
     flat = result["settings"][0]
     assert flat["recall@10"] == 1.0 and result["flat_qps"] == flat["qps"] and result["items"] == NB
     assert result["build_threads"] == 2 and result["threads"] == faiss.omp_get_max_threads()  # restored

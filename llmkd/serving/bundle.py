@@ -10,6 +10,7 @@ Layout (written atomically by `export_bundle`, rewritten atomically by `append_i
     item_ids.json        the vocabulary: row r of every table = item id item_ids[r]
     popularity.json      train interactions per item (the empty-history fallback; 0 for added items)
     index/faiss.index    an `IndexIDMap` (FAISS id = vocabulary row) over the item vectors, type from `index`
+                         (+ faiss.index.json: an approximate type's L2 reduction, `llmkd.index.MipsIndex`)
     teacher/             text students only: teacher.json (base model, pooling, templates, fingerprints)
                          and adapter/ (a copy of the LoRA adapter the teacher cache was built with)
 
@@ -25,13 +26,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from llmkd.artifacts import LlmkdError, atomic_dir, new_meta, read_meta, reading, write_json
-from llmkd.config import Config
-from llmkd.index import build_id_index
+from llmkd.config import Config, IndexConfig
+from llmkd.index import NormAboveMax, build_id_index, read_index, write_index
 from llmkd.lineage import check_lineage
 from llmkd.locks import locked
 from llmkd.student import TwoTower
@@ -141,7 +141,7 @@ def export_bundle(cfg: Config, student: str, output: str | Path) -> Path:
         write_json(tmp / ITEM_IDS, data.item_ids)
         write_json(tmp / POPULARITY, [int(c) for c in data.item_counts()])
         (tmp / "index").mkdir()
-        faiss.write_index(index, str(tmp / INDEX))
+        write_index(index, tmp / INDEX)
         if text is not None:
             (tmp / TEACHER).mkdir()
             write_json(tmp / TEACHER / "teacher.json", text)
@@ -222,9 +222,12 @@ def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, sourc
     with torch.inference_mode():
         xb = grown.item_vectors()[model.num_items :].numpy()  # (M, d): the projection of each text vector
     n = model.num_items
-    with reading(folder / INDEX, "FAISS index"):
-        index = faiss.read_index(str(folder / INDEX))
-    index.add_with_ids(xb, np.arange(n, n + len(new_ids), dtype=np.int64))
+    index = read_index(folder / INDEX)
+    try:
+        index.add_with_ids(xb, np.arange(n, n + len(new_ids), dtype=np.int64))
+    except NormAboveMax:  # a new vector longer than any the L2 reduction was built for: rebuild over all items
+        with torch.inference_mode():
+            index = build_id_index(grown.item_vectors().numpy(), IndexConfig(**config["index"]))
     popularity = json.loads((folder / POPULARITY).read_text(encoding="utf-8")) + [0] * len(new_ids)
     config = {**config, "num_items": n + len(new_ids),
               "added_items": [*config["added_items"], {"source": source, "count": len(new_ids)}]}
@@ -233,7 +236,9 @@ def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, sourc
         grown.save_pretrained(tmp / STUDENT)
         write_json(tmp / ITEM_IDS, known + list(new_ids))
         write_json(tmp / POPULARITY, popularity)
-        faiss.write_index(index, str(tmp / INDEX))
+        for old_file in (tmp / "index").iterdir():  # a rebuilt index may come without the reduction's record
+            old_file.unlink()
+        write_index(index, tmp / INDEX)
         write_json(tmp / CONFIG, config)
         with open(tmp / "README.md", "a", encoding="utf-8") as f:
             f.write(f"\n- Added after export: {len(new_ids)} items from {source} (text through the teacher and "

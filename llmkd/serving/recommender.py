@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from llmkd.artifacts import LlmkdError, reading
+from llmkd.index import MipsIndex, read_index
 from llmkd.serving.bundle import INDEX, ITEM_IDS, POPULARITY, STUDENT, read_config
 from llmkd.student import TwoTower, first_real_column
 
@@ -51,7 +52,7 @@ class UnknownItems(BadRequest):
 class Recommender:
     """A loaded bundle: student towers, vocabulary, popularity and FAISS index."""
 
-    def __init__(self, model: TwoTower, item_ids: list[str], popularity: np.ndarray, index: faiss.Index,
+    def __init__(self, model: TwoTower, item_ids: list[str], popularity: np.ndarray, index: faiss.Index | MipsIndex,
                  config: dict[str, Any], user_tower: Callable[[torch.Tensor], np.ndarray] | None = None) -> None:
         n = model.num_items
         if not (len(item_ids) == len(popularity) == index.ntotal == n):
@@ -90,8 +91,7 @@ class Recommender:
             item_ids = json.loads((folder / ITEM_IDS).read_text(encoding="utf-8"))
         with reading(folder / POPULARITY, "popularity"):
             popularity = np.asarray(json.loads((folder / POPULARITY).read_text(encoding="utf-8")), dtype=np.float32)
-        with reading(folder / INDEX, "FAISS index"):
-            index = faiss.read_index(str(folder / INDEX))
+        index = read_index(folder / INDEX)
         return cls(model, item_ids, popularity, index, config, user_tower)
 
     @property
@@ -256,10 +256,12 @@ class Recommender:
         return self._result(I[0][keep][:k], D[0][keep][:k])
 
 
-def exact_vectors(index: faiss.Index) -> tuple[torch.Tensor, np.ndarray] | None:
+def exact_vectors(index: faiss.Index | MipsIndex) -> tuple[torch.Tensor, np.ndarray] | None:
     """For an inner-product flat index (bare or in an `IndexIDMap`): its vectors (N, d) float32 and the id
     (vocabulary row) of each; None for any other index (searched through FAISS)."""
     ids = None
+    if isinstance(index, MipsIndex):  # an approximate index (a flat one never takes the L2 reduction)
+        return None
     if isinstance(index, faiss.IndexIDMap):
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         index = faiss.downcast_index(index.index)
