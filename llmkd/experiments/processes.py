@@ -163,7 +163,7 @@ def markdown(result: dict) -> str:
              ("| stage | processes | throughput | per process | speedup vs 1 | seconds | peak RSS (main, GiB) | "
              "all-reduce per step |"), "|---|---|---|---|---|---|---|---|"]
     runs = result["runs"]
-    for key, r in runs.items():
+    for key, r in sorted(runs.items(), key=lambda kv: (STAGES.index(kv[0].split("/")[0]), kv[1]["processes"])):
         stage = key.split("/")[0]
         base = runs.get(f"{stage}/p1")
         speed = f"{r['throughput'] / base['throughput']:.2f}x" if base else "–"
