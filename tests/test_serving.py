@@ -276,10 +276,14 @@ def test_served_user_vectors_equal_the_training_forwards_last_state(rec, run_dat
     np.testing.assert_allclose(np.concatenate([rec.user_vectors([r]) for r in rows[:5]]), full[:5], rtol=1e-5, atol=1e-5)
 
 
-def test_histories_grouped_by_length_give_the_same_vectors():
-    """`Recommender.user_vectors` serves each length group (`LENGTH_BUCKETS`) in its own pass; a random
-    2-layer student with histories of 1 to over max_len items gets the training forward's last states."""
+@pytest.mark.parametrize("batch", [40, 200], ids=["one-pass", "by-length"])
+def test_histories_grouped_by_length_give_the_same_vectors(batch):
+    """`Recommender.user_vectors` serves a small batch in one padded pass and a large one by length group
+    (`LENGTH_BUCKETS`, above `BUCKETS_ABOVE`); a random 2-layer student with histories of 1 to over max_len
+    items gets the training forward's last states either way."""
     import faiss
+
+    from llmkd.serving.recommender import BUCKETS_ABOVE
 
     from llmkd.serving import Recommender
     from llmkd.student import TwoTower
@@ -295,7 +299,8 @@ def test_histories_grouped_by_length_give_the_same_vectors():
         index.add_with_ids(model.item_vectors().numpy(), np.arange(n))
     rec = Recommender(model, [str(i) for i in range(n)], np.ones(n, dtype=np.float32), index, {})
     rng = np.random.default_rng(0)
-    rows = [rng.integers(0, n, size=int(rng.integers(1, 50))) for _ in range(40)]
+    rows = [rng.integers(0, n, size=int(rng.integers(1, 50))) for _ in range(batch)]
+    assert (batch > BUCKETS_ABOVE) == (batch == 200)
     with torch.no_grad():
         full = model(model.pad_histories(rows))[0][:, -1].numpy()
     np.testing.assert_allclose(rec.user_vectors(rows), full, rtol=1e-5, atol=1e-5)
