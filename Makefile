@@ -21,7 +21,7 @@ RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
 .PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale \
-	benchmark-scale-micro benchmark-scale-minilm cold-start clean
+	benchmark-scale-micro benchmark-scale-minilm benchmark-ann cold-start clean
 
 install: $(VENV)/.installed
 
@@ -163,6 +163,15 @@ benchmark-scale-minilm: install
 	$(RUN) scripts/benchmark_scale.py --config configs/synthetic_scale.yaml --sizes $(MINILM_SIZES) \
 		--stages data teacher --teacher minilm --root $(SCALE_ROOT)_minilm --stage-timeout $(STAGE_TIMEOUT) \
 		--output results/scale_minilm_cpu.json
+
+# FAISS at 1 M items (README "Scaling"): recall@10 vs queries/s for every index type, with FAISS's inner product and
+# with the L2 reduction, on clustered synthetic vectors and on the 1 M-item student of `make benchmark-scale`.
+SCALE_1M = $(SCALE_ROOT)/syn_1000000i_1000000u_10000000x_s0
+benchmark-ann: install
+	$(RUN) scripts/ann_sweep.py --synthetic 1000000 --dim 64 --pq-m 16 32 --pq-refine 0 4 --build-threads 2 \
+		--out results/ann_sweep_cpu.json
+	$(RUN) scripts/ann_sweep.py --config $(SCALE_1M)/config.yaml --student student_kd --pq-m 16 --pq-refine 0 4 \
+		--build-threads 2 --out results/ann_sweep_cpu_student1m.json
 
 test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc

@@ -37,6 +37,7 @@ from llmkd.index import (
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512)
+L2_LABEL = " (L2 reduction)"
 PQ_MS = (8, 16, 32)
 
 
@@ -120,7 +121,7 @@ def default_grid(n: int, d: int, hnsw_m: int = 32, pq_ms: Sequence[int] = PQ_MS,
 
 def index_name(d: int, n: int, cfg: IndexConfig) -> str:
     """The sweep's label of cfg: its factory string, with ' (L2 reduction)' when it searches through one."""
-    return factory_string(d, n, cfg) + (" (L2 reduction)" if uses_l2(cfg) else "")
+    return factory_string(d, n, cfg) + (L2_LABEL if uses_l2(cfg) else "")
 
 
 def param_dict(cfg: IndexConfig, nlist: int | None) -> dict[str, int]:
@@ -197,9 +198,12 @@ def plot_sweep(result: dict, path: str, k: int = 10) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = dict.fromkeys(s["index"] for s in result["settings"] if s["config"]["type"] != "flat")
-    for name in names:
+    structures = list(dict.fromkeys(name.removesuffix(L2_LABEL) for name in names))
+    for name in names:  # one colour per structure; dashed through the L2 reduction
         rows = [s for s in result["settings"] if s["index"] == name]
-        ax.plot([s[f"recall@{k}"] for s in rows], [s["qps"] for s in rows], "o-", ms=3, label=name)
+        colour = plt.cm.tab10(structures.index(name.removesuffix(L2_LABEL)) % 10)
+        ax.plot([s[f"recall@{k}"] for s in rows], [s["qps"] for s in rows], "o--" if name.endswith(L2_LABEL) else "o-",
+                ms=3, color=colour, label=name)
     if result.get("flat_qps"):
         ax.axhline(result["flat_qps"], color="k", ls="--", lw=1, label="flat (exact)")
     choice = result.get("choice")
