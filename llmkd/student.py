@@ -155,6 +155,19 @@ class UserTower(nn.Module):
         return x
 
     @torch.inference_mode()
+    def pooled_last_state(self, history: torch.Tensor, real: torch.Tensor, table: torch.Tensor,
+                          users: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean pooling's newest state from item rows (B, L) and the item table, without the (B, L, d)
+        history tensor: `F.embedding_bag` sums table rows weighted by the recency weights of `forward`.
+        Equal to `last_state(table[history], real)` up to float rounding (tests/test_student.py)."""
+        L = history.shape[1]
+        steps = torch.arange(L, device=history.device, dtype=table.dtype)
+        w = torch.exp(-self.recency_decay * (steps[-1] - steps)) * real  # (B, L): the last query's weights
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-9)
+        x = F.embedding_bag(history, table, per_sample_weights=w, mode="sum")  # (B, d)
+        return self.head(x[:, None], users)[:, -1]
+
+    @torch.inference_mode()
     def last_state(self, seq: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None = None,
                    traced: bool = False) -> torch.Tensor:
         """(B, L, d) history vectors, (B, L) bool real-item mask -> (B, d): the newest state as `forward` computes
@@ -268,12 +281,15 @@ class TwoTower(nn.Module):
     def serve_user_vectors(self, history: torch.Tensor, table: torch.Tensor, users: torch.Tensor | None = None,
                            traced: bool = False) -> torch.Tensor:
         """`user_vectors` for serving (eval mode, no autograd): the same padding trim, then the user tower's
-        `last_state`, which computes only what the newest state needs. (B, L) int64 -> (B, d) float32.
+        `last_state`, which computes only what the newest state needs (mean pooling: `pooled_last_state`, one
+        fused weighted gather). (B, L) int64 -> (B, d) float32.
         `traced`: no trim and no other branch on the data, for graph export (the caller pads)."""
         real = history != self.num_items
         if not traced:
             first = first_real_column(real)
             history, real = history[:, first:], real[:, first:]
+            if self.user_tower.pooling != "transformer":  # the weighted mean in one fused gather-and-sum
+                return self.user_tower.pooled_last_state(history, real, table, users)
         return self.user_tower.last_state(table[history], real, users, traced=traced)
 
     def pad_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
