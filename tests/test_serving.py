@@ -320,3 +320,23 @@ def test_exact_path_in_chunks_and_with_fewer_items_left_than_k(rec, run_data, mo
     monkeypatch.setattr(recommender, "EXACT_BLOCK", 3 * rec.num_items)  # 3 queries a chunk
     chunked = rec.recommend_batch(histories, 10)
     assert [r["items"] for r in chunked] == [r["items"] for r in whole]
+
+
+def test_batch_rows_in_one_pass_equal_history_by_history(rec, run_data):
+    """`recommend_batch` maps all ids of a batch in one pass; it must give each history's rows as `rows` does,
+    and step aside (None) for anything `rows` refuses or drops, so the error still names its history."""
+    from llmkd.serving import BadRequest
+
+    ids = run_data.item_ids
+    batch = [ids[:3], [], (ids[5], ids[1]), ids[7:8]]
+    fast = rec._batch_rows(batch)
+    assert [r.tolist() for r in fast] == [rec.rows(h, "h").tolist() for h in batch]
+    assert rec._batch_rows([ids[:2], [ids[0], "no-such-item"]]) is None
+    assert rec._batch_rows([ids[:2], ids[0]]) is None  # a string, not a list of ids
+    assert rec._batch_rows([]) == []
+    with pytest.raises(BadRequest, match=r"histories\[1\]"):
+        rec.recommend_batch([ids[:2], [ids[0], "no-such-item"]], 5)
+    dropped = rec.recommend_batch([ids[:2], [ids[0], "no-such-item"]], 5, unknown="drop")
+    alone = rec.recommend([ids[0]], 5)
+    assert dropped[1]["items"] == alone["items"]  # scores: float rounding of another padding
+    np.testing.assert_allclose(dropped[1]["scores"], alone["scores"], rtol=1e-5)

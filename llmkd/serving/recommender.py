@@ -10,6 +10,7 @@ train items. Imports torch, faiss and safetensors only (through `llmkd.student`)
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -138,6 +139,19 @@ class Recommender:
             raise UnknownItems(field, list(dict.fromkeys(missing)), self.num_items)
         return np.asarray([r for r in found if r >= 0], dtype=np.int64)
 
+    def _batch_rows(self, histories: Sequence[Sequence[str]]) -> list[np.ndarray] | None:
+        """Every history's rows in one pass over all ids (at batch 256 a call per history cost more than the
+        lookups); None when any history is not a list / tuple of known ids (`rows` then says which)."""
+        if not all(type(h) in (list, tuple) for h in histories):
+            return None
+        lengths = [len(h) for h in histories]
+        try:
+            flat = np.fromiter(map(self.row.__getitem__, itertools.chain.from_iterable(histories)), dtype=np.int64,
+                               count=sum(lengths))
+        except (KeyError, TypeError):
+            return None
+        return np.split(flat, np.cumsum(lengths)[:-1]) if histories else []
+
     def check_request(self, history: Sequence[str], k: int, exclude: Sequence[str] | None = None,
                       unknown: str = "error") -> None:
         """Raise the `BadRequest` that `recommend(history, k, exclude, unknown=unknown)` would, without
@@ -168,12 +182,17 @@ class Recommender:
         if exclude is not None and len(exclude) != len(histories):
             raise BadRequest("exclude", f"expected one list per history ({len(histories)}), got {len(exclude)}")
         one = field == "history"
-        hists = [self.rows(h, field if one else f"{field}[{i}]", unknown) for i, h in enumerate(histories)]
-        masks = []
-        for i, h in enumerate(hists):
-            extra = self.rows(exclude[i] if exclude is not None else None, "exclude" if one else f"exclude[{i}]",
-                              unknown)
-            masks.append(np.concatenate([h, extra]) if exclude_seen else extra)  # repeats are harmless
+        hists = self._batch_rows(histories)
+        if hists is None:  # something to refuse or drop: history by history, so the error names its place
+            hists = [self.rows(h, field if one else f"{field}[{i}]", unknown) for i, h in enumerate(histories)]
+        if exclude is None and exclude_seen:
+            masks = hists
+        else:
+            masks = []
+            for i, h in enumerate(hists):
+                extra = self.rows(exclude[i] if exclude is not None else None, "exclude" if one else f"exclude[{i}]",
+                                  unknown)
+                masks.append(np.concatenate([h, extra]) if exclude_seen else extra)  # repeats are harmless
         out: list[dict[str, list]] = [{} for _ in hists]
         warm = [i for i, h in enumerate(hists) if len(h)]
         if warm:
