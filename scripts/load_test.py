@@ -29,11 +29,13 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds after which a request is an error")
     p.add_argument("--seed", type=int, default=0, help="seed of the request histories")
+    p.add_argument("--server-workers", type=int, default=1,
+                   help="without --url: `llmkd serve --workers` of the server started here")
     p.add_argument("--output", default="results/serving_load.json", help="JSON report (a .md beside it)")
     args = p.parse_args()
     cfg = LoadConfig(clients=args.clients, duration_s=args.duration, max_requests=args.max_requests,
                      warmup_s=args.warmup, k=args.k, timeout_s=args.timeout, seed=args.seed)
-    result = load_test(args.bundle, cfg, args.url, args.server_pid)
+    result = load_test(args.bundle, cfg, args.url, args.server_pid, args.server_workers)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)

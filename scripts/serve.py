@@ -18,8 +18,10 @@ def main() -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="user tower on torch, or on ONNX Runtime (the bundle's user_tower.onnx: llmkd export-onnx)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes, each with a copy of the bundle (2 on a 2-core machine: ~1.7x requests/s)")
     args = p.parse_args()
-    serve(args.bundle, args.host, args.port, args.log_level, args.backend)
+    serve(args.bundle, args.host, args.port, args.log_level, args.backend, args.workers)
 
 
 if __name__ == "__main__":

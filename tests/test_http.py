@@ -156,3 +156,37 @@ def test_bad_request_corpus(server):
     assert not failures, "\n".join(failures)
     assert call(base, "/health")[0] == 200  # still serving
     assert call(base, "/recommend", {"history": rec.item_ids[:2], "k": 10})[0] == 200
+
+
+def test_several_worker_processes_serve_the_same_answers(served_run, tmp_path):
+    """`llmkd serve --workers 2`: uvicorn's worker processes each load the bundle and answer as the Python API
+    does; the load test's RSS counts the workers too; --workers 0 is refused with a message."""
+    from llmkd.serving import Recommender
+    from llmkd.serving.bundle import export_bundle
+    from llmkd.serving.load_test import child_pids, rss_mb
+
+    bundle = export_bundle(served_run[0], "student_text", tmp_path / "bundle")
+    rec = Recommender.from_pretrained(bundle)
+    port = free_port()
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts/serve.py"), str(bundle), "--port", str(port),
+                             "--log-level", "warning", "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base, proc)
+        for i in range(6):  # several connections: more than one worker may answer
+            history = rec.item_ids[i : i + 3]
+            status, got = call(base, "/recommend", {"history": history, "k": 5})
+            assert status == 200 and got["items"] == rec.recommend(history, k=5)["items"]
+        assert len(child_pids(proc.pid)) >= 2
+        assert rss_mb(proc.pid) > rss_mb(proc.pid, children=False) + 50  # each worker holds torch and the bundle
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    bad = subprocess.run([sys.executable, str(REPO / "scripts/serve.py"), str(bundle), "--workers", "0"], cwd=REPO,
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "--workers: expected >= 1, got 0" in bad.stderr

@@ -113,10 +113,10 @@ def measure_serving_cost(cfg: Config, bundle: str | Path, teachers: list[Config]
     rng = np.random.default_rng(0)
     lat = rng.choice(users, min(latency_users, len(users)), replace=False)
     thr = rng.choice(users, min(throughput_users, len(users)), replace=False)
-    rss0 = rss_mb(os.getpid())
+    rss0 = rss_mb(os.getpid(), children=False)
     rec = Recommender.from_pretrained(bundle)
     histories = id_histories(data, rec)
-    memory = {"bundle": _delta(rss0, rss_mb(os.getpid()))}
+    memory = {"bundle": _delta(rss0, rss_mb(os.getpid(), children=False))}
     port = free_port()
     server = start_server(Path(bundle), port)
     try:
@@ -127,19 +127,19 @@ def measure_serving_cost(cfg: Config, bundle: str | Path, teachers: list[Config]
             variants = [("bundle[onnx]", bundle, "onnx"), *variants,
                         *[(f"bundle[{name}+onnx]", folder, "onnx") for name, folder in (extra_bundles or {}).items()]]
         for name, folder, backend in variants:
-            before = rss_mb(os.getpid())
+            before = rss_mb(os.getpid(), children=False)
             other = Recommender.from_pretrained(folder, backend)
-            memory[name] = _delta(before, rss_mb(os.getpid()))
+            memory[name] = _delta(before, rss_mb(os.getpid(), children=False))
             systems[name] = (bundle_system(other, id_histories(data, other), k), lat, thr, other.model.num_parameters(False))
         skipped = {}
         for t in teachers:
-            before = rss_mb(os.getpid())
+            before = rss_mb(os.getpid(), children=False)
             got = teacher_system(t, data, k)
             if isinstance(got, str):
                 skipped[f"{t.teacher.model} ({t.out_dir})"] = got
                 continue
             name, fn, params = got
-            memory[name] = _delta(before, rss_mb(os.getpid()))
+            memory[name] = _delta(before, rss_mb(os.getpid(), children=False))
             systems[name] = (fn, lat[:teacher_latency_users], thr[:teacher_throughput_users], params)
         times = _alternate(systems, batch_size, repeats)
         http_load = _http_load(port, histories, thr, k, http_clients, http_seconds, server.pid)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
+from llmkd.artifacts import LlmkdError
 from llmkd.serving.batching import MicroBatcher
 from llmkd.serving.recommender import BadRequest, Recommender, UnknownItems
 
@@ -164,13 +166,46 @@ def create_app(rec: Recommender, max_body: int = MAX_BODY, max_batch: int = 256)
     return app
 
 
-def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          backend: str = "torch") -> None:
-    """Load `bundle` (user tower on `backend`: torch or onnx) and serve it until interrupted."""
-    import uvicorn
+WORKER_ENV = "LLMKD_SERVE"
+"""How `serve` hands the bundle to worker processes (uvicorn imports `app_from_env` in each)."""
 
+
+def frozen_app(bundle: str | Path, backend: str = "torch") -> FastAPI:
+    """`create_app` over the loaded bundle, then `gc.freeze()`: the bundle and libraries are permanent, and
+    without it every full collection walks them again (~100 ms each on the ml-100k bundle; under load those
+    pauses were the whole p99)."""
     app = create_app(Recommender.from_pretrained(bundle, backend))
     gc.collect()
-    gc.freeze()  # the loaded bundle and libraries are permanent: without this every full collection walks
-    # them again, ~100 ms each on the ml-100k bundle, and under load those pauses were the whole p99
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    gc.freeze()
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of `serve(..., workers=N)`: bundle, backend and torch threads from the
+    environment variable `WORKER_ENV`."""
+    import torch
+
+    spec = json.loads(os.environ[WORKER_ENV])
+    torch.set_num_threads(spec["threads"])
+    return frozen_app(spec["bundle"], spec["backend"])
+
+
+def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          backend: str = "torch", workers: int = 1) -> None:
+    """Load `bundle` (user tower on `backend`: torch or onnx) and serve it until interrupted. `workers` > 1
+    runs that many server processes on the port (uvicorn's workers), each with its own copy of the bundle,
+    its own micro-batcher and cores / workers torch threads: one process's event loop and model thread share
+    one interpreter lock, so a second process is what puts both cores to work (ml-100k, 32 clients: 3,794 vs
+    2,214 requests/s, p99 14.8 vs 21.1 ms; memory: one bundle per worker)."""
+    import uvicorn
+
+    if workers < 1:
+        raise LlmkdError(f"--workers: expected >= 1, got {workers}")
+    if workers == 1:
+        uvicorn.run(frozen_app(bundle, backend), host=host, port=port, log_level=log_level)
+        return
+    Recommender.from_pretrained(bundle, backend)  # a bad bundle fails here, once, with its own message
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ[WORKER_ENV] = json.dumps({"bundle": str(Path(bundle).resolve()), "backend": backend, "threads": threads})
+    uvicorn.run("llmkd.serving.http:app_from_env", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level)

@@ -88,15 +88,29 @@ def request_bodies(bundle: Path, k: int, seed: int, n: int = BODIES) -> list[byt
     return out
 
 
-def rss_mb(pid: int | None) -> float | None:
-    """Resident memory of process `pid` in MiB (Linux /proc), None where it cannot be read."""
+def rss_mb(pid: int | None, children: bool = True) -> float | None:
+    """Resident memory of process `pid` in MiB (Linux /proc), with its descendants' (a server's worker
+    processes) unless `children=False`; None where it cannot be read."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, TypeError):
+        total = next(int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith("VmRSS:"))
+    except (OSError, ValueError, TypeError, StopIteration):
         return None
-    return None
+    if children:
+        for kid in child_pids(pid):
+            total += rss_mb(kid) or 0.0
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (Linux /proc/PID/task/*/children), [] where they cannot be read."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 class Phase:
@@ -193,10 +207,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, port: int, wait_s: float = 120.0) -> subprocess.Popen:
-    """`llmkd serve bundle --host 127.0.0.1 --port port` in a child process, returned once /health answers."""
+def start_server(bundle: Path, port: int, wait_s: float = 120.0, workers: int = 1) -> subprocess.Popen:
+    """`llmkd serve bundle --host 127.0.0.1 --port port --workers workers` in a child process, returned once
+    /health answers."""
     cmd = [sys.executable, "-m", "llmkd", "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning"]
+           "--log-level", "warning", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + wait_s
     while True:
@@ -222,14 +237,16 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def load_test(bundle: str | Path, cfg: LoadConfig, url: str | None = None, server_pid: int | None = None) -> dict:
-    """Run a load test against `url` (a server on loopback) or a `llmkd serve` started here; the report."""
+def load_test(bundle: str | Path, cfg: LoadConfig, url: str | None = None, server_pid: int | None = None,
+              server_workers: int = 1) -> dict:
+    """Run a load test against `url` (a server on loopback) or a `llmkd serve --workers server_workers`
+    started here; the report (server RSS: the server process and its workers together)."""
     bundle = Path(bundle)
     bodies = request_bodies(bundle, cfg.k, cfg.seed)
     proc = None
     if url is None:
         host, port = "127.0.0.1", free_port()
-        proc = start_server(bundle, port)
+        proc = start_server(bundle, port, workers=server_workers)
         server_pid = proc.pid
     else:
         host, port = loopback_address(url)
@@ -244,6 +261,7 @@ def load_test(bundle: str | Path, cfg: LoadConfig, url: str | None = None, serve
         if proc is not None:
             stop_server(proc)
     return {"bundle": str(bundle), "url": f"http://{host}:{port}/recommend", "server_started_here": proc is not None,
+            "server_workers": server_workers if proc is not None else None,
             "config": asdict(cfg), "warmup_requests": warm.sent if warm else 0, **summary(phase, elapsed),
             "server_rss_mb": {"at_start": rss_start, "before": rss_before, "after": rss_after, "peak": peak,
                               "growth": None if rss_after is None or rss_before is None else rss_after - rss_before},
@@ -264,5 +282,7 @@ def markdown(r: dict) -> str:
             ("server RSS before / after / peak (MiB)", "{} / {} / {}".format(*(f(m[x], ".1f") for x in
                                                                                 ("before", "after", "peak"))))]
     head = (f"Load test: `POST /recommend` (k={c['k']}) on {r['url']}, {c['clients']} concurrent keep-alive clients, "
-            f"{c['duration_s']:g} s after a {c['warmup_s']:g} s warm-up (bundle `{r['bundle']}`).\n\n")
+            f"{c['duration_s']:g} s after a {c['warmup_s']:g} s warm-up (bundle `{r['bundle']}`"
+            + (f"; `llmkd serve --workers {r['server_workers']}`" if (r.get("server_workers") or 1) > 1 else "")
+            + ").\n\n")
     return head + "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
