@@ -2,8 +2,8 @@
 
 `index.type` 'flat' (exact), 'hnsw', 'ivf' or 'ivfpq', each built from a `faiss.index_factory` string
 (`factory_string`) with its search knobs set through `faiss.ParameterSpace`, so they also reach an index
-inside the serving bundle's `IndexIDMap`. The approximate types search by L2 over extended vectors
-(`MipsIndex`, `index.ip_to_l2`) unless told otherwise. `scripts/ann_sweep.py` (`llmkd.ann`) chooses among them.
+inside the serving bundle's `IndexIDMap`. With `index.ip_to_l2` the approximate types search by L2 over
+extended vectors (`MipsIndex`). `scripts/ann_sweep.py` (`llmkd.ann`) measures both and chooses among them.
 
 Artifact `index/`: faiss.index (+ faiss.index.json for a `MipsIndex`), item_ids.json (FAISS row ->
 original item id), meta.json. Read and write indexes with `read_index` / `write_index`.
@@ -178,11 +178,10 @@ def uses_l2(cfg: IndexConfig) -> bool:
     return cfg.ip_to_l2 and cfg.type != "flat"
 
 
-def empty_index(d: int, cfg: IndexConfig, xt: np.ndarray, wrap: bool = True) -> faiss.Index | MipsIndex:
+def empty_index(d: int, cfg: IndexConfig, xt: np.ndarray) -> faiss.Index | MipsIndex:
     """An empty index for d-dim vectors by inner product described by cfg (`factory_string`), trained on xt
     (n, d) float32 when its type needs training, with cfg's search parameters set. With `uses_l2(cfg)` it
-    is a `MipsIndex` whose max_norm is xt's largest norm (so xt must be the catalog, or stand for it);
-    `wrap=False` returns its inner FAISS index (to wrap in an `IndexIDMap` first)."""
+    is a `MipsIndex` whose max_norm is xt's largest norm (so xt must be the catalog, or stand for it)."""
     if cfg.type == "ivfpq" and len(xt) < 2 ** cfg.pq_nbits:
         raise LlmkdError(f"index.type 'ivfpq': {len(xt)} items cannot train {2 ** cfg.pq_nbits} codes per "
                          f"sub-quantizer (pq_nbits {cfg.pq_nbits}); lower index.pq_nbits or use 'flat'")
@@ -204,10 +203,10 @@ def empty_index(d: int, cfg: IndexConfig, xt: np.ndarray, wrap: bool = True) -> 
     if not index.is_trained:
         index.train(np.ascontiguousarray(xt, dtype=np.float32))
     set_search_parameters(index, cfg)
-    if mips is not None and wrap:
-        mips.inner = index
-        return mips
-    return index
+    if mips is None:
+        return index
+    mips.inner = index
+    return mips
 
 
 def build_index(xb: np.ndarray, cfg: IndexConfig) -> faiss.Index | MipsIndex:
@@ -223,8 +222,11 @@ def build_id_index(xb: np.ndarray, cfg: IndexConfig) -> faiss.IndexIDMap | MipsI
     map a serving bundle needs, so new items can be appended with `add_with_ids` (any inner type; a
     `MipsIndex` holds the `IndexIDMap`)."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
-    inner = faiss.IndexIDMap(empty_index(xb.shape[1], cfg, xb, wrap=False))
-    index = MipsIndex(inner, MipsIndex.norm_bound(xb), xb.shape[1]) if uses_l2(cfg) else inner
+    index = empty_index(xb.shape[1], cfg, xb)
+    if isinstance(index, MipsIndex):
+        index.inner = faiss.IndexIDMap(index.inner)
+    else:
+        index = faiss.IndexIDMap(index)
     index.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
     return index
 
