@@ -29,7 +29,9 @@ def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict) -> No
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / "train_state.json", state)
-        if last.exists():
+        if last.exists():  # complete (it only ever appears by rename); a leftover `old` from a swap whose
+            if old.exists():  # clean-up was killed is older still and would block the rename
+                shutil.rmtree(old)
             last.rename(old)
         tmp.rename(last)
         if old.exists():

@@ -82,3 +82,28 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, synthetic)
     for ra, rb in zip(ha, hb, strict=True):
         for key in ("ndcg@10", "recall@10", "recall@50", "train_loss"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["epoch"], key)
+
+
+def test_a_kill_during_the_checkpoint_swap_leaves_a_saveable_folder(tmp_path):
+    """A kill after the new checkpoint was renamed to `last` but before `last.old` was fully removed leaves
+    both; the next save must still rotate (it failed with 'Directory not empty'), and the newest wins on load."""
+    import torch
+    from accelerate import Accelerator
+
+    from llmkd.checkpoints import load_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(accelerator, ckpt, {"epoch": 1})
+    save_checkpoint(accelerator, ckpt, {"epoch": 2})
+    (ckpt / "last.old").mkdir()  # what an interrupted clean-up of the previous swap leaves
+    (ckpt / "last.old" / "leftover.bin").write_bytes(b"half-removed")
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    save_checkpoint(accelerator, ckpt, {"epoch": 3})
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last"]
+    with torch.no_grad():
+        model.weight.zero_()
+    assert load_checkpoint(accelerator, ckpt)["epoch"] == 3
+    assert torch.equal(model.weight, torch.full((2, 2), 3.0))
