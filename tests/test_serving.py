@@ -340,3 +340,44 @@ def test_batch_rows_in_one_pass_equal_history_by_history(rec, run_data):
     alone = rec.recommend([ids[0]], 5)
     assert dropped[1]["items"] == alone["items"]  # scores: float rounding of another padding
     np.testing.assert_allclose(dropped[1]["scores"], alone["scores"], rtol=1e-5)
+
+
+def test_user_tower_runs_without_onednn_and_restores_the_flag(rec, run_data, monkeypatch):
+    """oneDNN compiles and caches a GELU kernel per input shape, so a server seeing many (batch, length)
+    shapes grew its memory for minutes (results/serving_memory_cpu.json). The Recommender's user-tower calls
+    run with it off; the process-wide flag is back as it was afterwards, also when calls from several
+    threads overlap (a naive save-and-restore would leave it off for good)."""
+    import threading
+
+    seen, tower = [], rec.model.serve_user_vectors
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.enabled)
+        return tower(*args, **kwargs)
+
+    monkeypatch.setattr(rec.model, "serve_user_vectors", spy)
+    rows = [np.asarray(run_data.history(u, "test")) for u in run_data.eval_users("test")][:8]
+    assert torch.backends.mkldnn.enabled
+    try:
+        rec.user_vectors(rows)
+        assert seen and not any(seen)
+        assert torch.backends.mkldnn.enabled
+        barrier, errors = threading.Barrier(4), []
+
+        def work() -> None:
+            try:
+                barrier.wait()
+                for _ in range(20):
+                    rec.user_vectors(rows)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and not any(seen)
+        assert torch.backends.mkldnn.enabled
+    finally:
+        torch.backends.mkldnn.enabled = True

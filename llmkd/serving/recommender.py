@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,34 @@ BUCKETS_ABOVE = 64
 transformer student, 16 histories: 1.6 ms in one pass, 3.2 ms by length group); larger batches go by
 length group, where padding dominates (256 histories: 15 ms by group, 28-34 ms in one pass). A mean-pooling
 tower always runs one pass: its per-position cost is a weighted row sum (47.5k vs 44.0k users/s at 256)."""
+
+
+_onednn_lock = threading.Lock()
+_onednn_users = 0
+_onednn_saved = True
+
+
+@contextmanager
+def without_onednn() -> Iterator[None]:
+    """Run the user tower with oneDNN off (`torch.backends.mkldnn.enabled`): on CPU, torch's GELU goes through a
+    oneDNN kernel that is JIT-compiled and cached per input shape, and a server sees hundreds of (batch,
+    length) shapes: its memory grew for minutes (ml-100k, 2 workers: +116 MiB in 10 min, not settled), and a
+    new shape's first call pays the compile. Off, GELU is ATen's vectorised kernel: no cache, as fast
+    (results/serving_memory_cpu.json). The flag is process-wide: overlapping calls (threads) share one
+    save-and-restore, so it is back as it was when the last one leaves."""
+    global _onednn_users, _onednn_saved
+    with _onednn_lock:
+        if _onednn_users == 0:
+            _onednn_saved = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _onednn_users += 1
+    try:
+        yield
+    finally:
+        with _onednn_lock:
+            _onednn_users -= 1
+            if _onednn_users == 0:
+                torch.backends.mkldnn.enabled = _onednn_saved
 
 
 class BadRequest(LlmkdError):
@@ -214,7 +244,7 @@ class Recommender:
         grouped = len(rows) > BUCKETS_ABOVE and self.model.user_tower.pooling == "transformer"  # mean pooling: no
         bucket = np.searchsorted(LENGTH_BUCKETS, lengths) if grouped else np.zeros(len(rows), int)  # per-position work
         out = np.empty((len(rows), self.table.shape[1]), dtype=np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), without_onednn():
             for b in np.unique(bucket):
                 idx = np.flatnonzero(bucket == b)
                 hist = self.model.pad_histories([rows[i] for i in idx])
