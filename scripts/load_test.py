@@ -5,7 +5,8 @@
 
 Without --url it starts `llmkd serve BUNDLE` on 127.0.0.1 itself and stops it at the end. Reports latency
 p50/p95/p99, requests/s, errors and the server's RSS before and after (llmkd/serving/load_test.py);
-writes the JSON to --output and a markdown table beside it.
+writes the JSON to --output, a markdown table and a plot of the run over time (server RSS, p99 and
+requests/s per window) beside it.
 """
 
 import argparse
@@ -15,6 +16,33 @@ from pathlib import Path
 from llmkd.artifacts import write_json
 from llmkd.cli import run
 from llmkd.serving.load_test import LoadConfig, load_test, markdown
+
+
+def plot(result: dict, path: Path) -> None:
+    """Server RSS and p99 / requests/s per window over the measured phase (`result["series"]`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = result["series"]
+    t = [e["t_s"] for e in series]
+    fig, (mem, lat) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    mem.plot(t, [e["rss_mb"] for e in series], color="tab:blue")
+    mem.set_ylabel("server RSS (MiB)")
+    lat.plot(t, [e["p99_ms"] for e in series], color="tab:red", label="p99 (ms)")
+    lat.set_ylabel("p99 per window (ms)")
+    lat.set_xlabel("seconds into the measured run")
+    rps = lat.twinx()
+    rps.plot(t, [e["requests_per_s"] for e in series], color="tab:gray", alpha=0.6, label="requests/s")
+    rps.set_ylabel("requests/s")
+    workers = result.get("server_workers") or 1
+    p99 = "n/a" if result["p99_ms"] is None else f"{result['p99_ms']:.1f} ms"
+    mem.set_title(f"{result['config']['clients']} clients, {workers} server process{'es' if workers > 1 else ''}: "
+                  f"p99 {p99}, {result['requests_per_s']:.0f} requests/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -41,6 +69,7 @@ def main() -> None:
     write_json(out, result)
     md = markdown(result)
     out.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+    plot(result, out.with_suffix(".png"))
     print(md)
     print(json.dumps({k: result[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "errors")}))
     print(f"-> {out}")

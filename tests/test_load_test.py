@@ -39,8 +39,16 @@ def test_a_two_second_run_reports_latency_throughput_errors_and_rss(bundle, tmp_
     rss = r["server_rss_mb"]
     if sys.platform == "linux":
         assert 10 < rss["before"] <= rss["peak"] and rss["after"] > 10 and rss["growth"] == rss["after"] - rss["before"]
-    assert "p50 / p95 / p99" in out.with_suffix(".md").read_text()
+    assert "p50 / p95 / p99" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
     assert "127.0.0.1" in r["url"]
+    series = r["series"]  # one entry a second: its requests add up to the run's, t ascending, RSS sampled
+    assert 2 <= len(series) <= 3 and [e["t_s"] for e in series] == sorted(e["t_s"] for e in series)
+    assert series[-1]["t_s"] == pytest.approx(r["elapsed_s"], abs=0.5)
+    windows = [e["t_s"] - (series[i - 1]["t_s"] if i else 0) for i, e in enumerate(series)]
+    assert sum(e["requests_per_s"] * w for e, w in zip(series, windows)) == pytest.approx(r["ok"], rel=1e-6)
+    assert all(e["p99_ms"] is None or 0 < e["p99_ms"] <= r["max_ms"] for e in series)
+    if sys.platform == "linux":
+        assert all(e["rss_mb"] > 10 for e in series) and rss["growth_second_half"] is not None
 
 
 def test_the_request_budget_stops_the_run_before_its_time(bundle):

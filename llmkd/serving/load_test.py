@@ -10,7 +10,8 @@ request from its first byte written to its last byte read. The run is bounded th
 `duration_s`, or after `max_requests`, whichever comes first, and a request that takes over `timeout_s`
 is an error (the connection is reopened). A warm-up (`warmup_s`) precedes the measured phase. The
 server's resident memory (Linux /proc) is read before the warm-up, before and after the measured phase
-and sampled during it (peak), so a leak shows as growth under a steady load. Only loopback addresses
+and sampled during it (peak, and a time series with requests/s and p99 per window), so a leak shows as
+growth under a steady load and memory that settles as none in the run's second half. Only loopback addresses
 are accepted: this is a bench tool, never a load generator against another machine.
 """
 
@@ -179,17 +180,32 @@ async def close(conn: tuple | None) -> None:
 
 
 async def run_phase(host: str, port: int, bodies: list[bytes], cfg: LoadConfig, duration_s: float,
-                    max_requests: int, pid: int | None = None) -> tuple[Phase, float, float | None]:
-    """`cfg.clients` clients for `duration_s` (or `max_requests`); returns (phase, elapsed s, peak RSS MiB)."""
+                    max_requests: int, pid: int | None = None) -> tuple[Phase, float, float | None, list[dict]]:
+    """`cfg.clients` clients for `duration_s` (or `max_requests`); returns (phase, elapsed s, peak RSS MiB,
+    series): the series has one entry per window of `series_window(duration_s)` seconds (its end `t_s`,
+    requests/s and p99 in it, the server's RSS at its end), so a leak or a slow stretch shows where it was."""
     phase, peak = Phase(duration_s, max_requests), rss_mb(pid)
+    window, series, seen = series_window(duration_s), [], 0
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(client(host, port, bodies, c * 7919, phase, cfg.timeout_s)) for c in range(cfg.clients)]
     done = asyncio.gather(*tasks)
     while not done.done():
         await asyncio.wait([done], timeout=0.25)
-        peak = max(filter(None, [peak, rss_mb(pid)]), default=None)
+        now, rss = time.perf_counter() - t0, rss_mb(pid)
+        peak = max(filter(None, [peak, rss]), default=None)
+        if now >= window * (len(series) + 1) or done.done():
+            lat = np.asarray(phase.latencies[seen:]) * 1e3
+            start = series[-1]["t_s"] if series else 0.0
+            series.append({"t_s": now, "requests_per_s": len(lat) / max(now - start, 1e-9),
+                           "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None, "rss_mb": rss})
+            seen = len(phase.latencies)
     await done
-    return phase, time.perf_counter() - t0, peak
+    return phase, time.perf_counter() - t0, peak, series
+
+
+def series_window(duration_s: float) -> float:
+    """Seconds per entry of a phase's time series: 1 s, longer for long runs (at most ~200 entries)."""
+    return max(1.0, duration_s / 200)
 
 
 def summary(phase: Phase, elapsed: float) -> dict[str, Any]:
@@ -254,18 +270,20 @@ def load_test(bundle: str | Path, cfg: LoadConfig, url: str | None = None, serve
         rss_start = rss_mb(server_pid)
         warm = asyncio.run(run_phase(host, port, bodies, cfg, cfg.warmup_s, cfg.max_requests))[0] if cfg.warmup_s else None
         rss_before = rss_mb(server_pid)
-        phase, elapsed, peak = asyncio.run(run_phase(host, port, bodies, cfg, cfg.duration_s, cfg.max_requests,
-                                                     server_pid))
+        phase, elapsed, peak, series = asyncio.run(run_phase(host, port, bodies, cfg, cfg.duration_s,
+                                                             cfg.max_requests, server_pid))
         rss_after = rss_mb(server_pid)
     finally:
         if proc is not None:
             stop_server(proc)
+    half = [e["rss_mb"] for e in series if e["t_s"] >= elapsed / 2 and e["rss_mb"] is not None]
     return {"bundle": str(bundle), "url": f"http://{host}:{port}/recommend", "server_started_here": proc is not None,
             "server_workers": server_workers if proc is not None else None,
             "config": asdict(cfg), "warmup_requests": warm.sent if warm else 0, **summary(phase, elapsed),
             "server_rss_mb": {"at_start": rss_start, "before": rss_before, "after": rss_after, "peak": peak,
-                              "growth": None if rss_after is None or rss_before is None else rss_after - rss_before},
-            "client_cpus": os.cpu_count()}
+                              "growth": None if rss_after is None or rss_before is None else rss_after - rss_before,
+                              "growth_second_half": half[-1] - half[0] if len(half) > 1 else None},
+            "client_cpus": os.cpu_count(), "series": series}
 
 
 def markdown(r: dict) -> str:
@@ -280,7 +298,9 @@ def markdown(r: dict) -> str:
             ("latency p50 / p95 / p99 (ms)", f"{f(r['p50_ms'])} / {f(r['p95_ms'])} / {f(r['p99_ms'])}"),
             ("latency max (ms)", f(r["max_ms"])),
             ("server RSS before / after / peak (MiB)", "{} / {} / {}".format(*(f(m[x], ".1f") for x in
-                                                                                ("before", "after", "peak"))))]
+                                                                                ("before", "after", "peak")))),
+            ("server RSS growth, whole run / second half (MiB)", f"{f(m['growth'], '+.1f')} / "
+                                                                  f"{f(m.get('growth_second_half'), '+.1f')}")]
     head = (f"Load test: `POST /recommend` (k={c['k']}) on {r['url']}, {c['clients']} concurrent keep-alive clients, "
             f"{c['duration_s']:g} s after a {c['warmup_s']:g} s warm-up (bundle `{r['bundle']}`"
             + (f"; `llmkd serve --workers {r['server_workers']}`" if (r.get("server_workers") or 1) > 1 else "")
