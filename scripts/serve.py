@@ -7,7 +7,7 @@
 import argparse
 
 from llmkd.cli import run
-from llmkd.serving.http import serve
+from llmkd.serving.server import serve
 
 
 def main() -> None:

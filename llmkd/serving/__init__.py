@@ -18,7 +18,7 @@ _EXPORTS = {
     "UnknownItems": "llmkd.serving.recommender",
     "export_bundle": "llmkd.serving.bundle",
     "append_items": "llmkd.serving.bundle",
-    "serve": "llmkd.serving.http",
+    "serve": "llmkd.serving.server",
     "create_app": "llmkd.serving.http",
 }
 
