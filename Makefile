@@ -130,6 +130,9 @@ benchmark-serving: install
 	$(BIN)/llmkd benchmark-serving $(SET) --bundle $(BUNDLE) --extra-bundle mean=$(BUNDLE)_mean --onnx \
 		--teacher configs/ml100k_smollm2.yaml --teacher-set teacher.adapter=null --output results/serving_cpu.json
 	$(BIN)/llmkd load-test $(BUNDLE) --clients 32 --duration $(LOAD_SECONDS) --output results/serving_load_cpu.json
+	$(BIN)/llmkd load-test $(BUNDLE) --clients 32 --duration 600 --max-requests 10000000 --server-workers 2 \
+		--output results/serving_load_cpu_workers2.json
+	$(RUN) scripts/benchmark_serving_memory.py $(BUNDLE) --seconds 300 --output results/serving_memory_cpu
 	$(BIN)/llmkd export $(BEAUTY_SET) --student student_kd --output $(BEAUTY_OUT)/bundle  # after benchmark-beauty
 	$(BIN)/llmkd benchmark-serving $(BEAUTY_SET) --bundle $(BEAUTY_OUT)/bundle --output results/serving_cpu_beauty.json
 

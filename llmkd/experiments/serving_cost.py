@@ -174,7 +174,7 @@ def _http_load(port: int, histories: list[list[str]], users: np.ndarray, k: int,
     cfg = LoadConfig(clients=clients, duration_s=seconds, warmup_s=1.0, k=k)
     asyncio.run(run_phase("127.0.0.1", port, bodies, cfg, cfg.warmup_s, cfg.max_requests))
     before = rss_mb(pid)
-    phase, elapsed, peak = asyncio.run(run_phase("127.0.0.1", port, bodies, cfg, seconds, cfg.max_requests, pid))
+    phase, elapsed, peak, _ = asyncio.run(run_phase("127.0.0.1", port, bodies, cfg, seconds, cfg.max_requests, pid))
     return {**summary(phase, elapsed), "clients": clients, "server_rss_mb": {"before": before, "after": rss_mb(pid),
                                                                             "peak": peak}}
 
