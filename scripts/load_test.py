@@ -28,8 +28,10 @@ def plot(result: dict, path: Path) -> None:
     series = result["series"]
     t = [e["t_s"] for e in series]
     fig, (mem, lat) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    mem.plot(t, [e["rss_mb"] for e in series], color="tab:blue")
+    rss = [e["rss_mb"] or 0.0 for e in series]
+    mem.plot(t, rss, color="tab:blue")
     mem.set_ylabel("server RSS (MiB)")
+    mem.set_ylim(0, 1.15 * max(rss, default=1.0) or 1.0)  # growth at the scale of the whole
     lat.plot(t, [e["p99_ms"] for e in series], color="tab:red", label="p99 (ms)")
     lat.set_ylabel("p99 per window (ms)")
     lat.set_xlabel("seconds into the measured run")

@@ -299,8 +299,8 @@ def markdown(r: dict) -> str:
             ("latency max (ms)", f(r["max_ms"])),
             ("server RSS before / after / peak (MiB)", "{} / {} / {}".format(*(f(m[x], ".1f") for x in
                                                                                 ("before", "after", "peak")))),
-            ("server RSS growth, whole run / second half (MiB)", f"{f(m['growth'], '+.1f')} / "
-                                                                  f"{f(m.get('growth_second_half'), '+.1f')}")]
+            ("server RSS growth, whole run / second half (MiB)",
+             f"{f(m['growth'], '+.1f')} / {f(m.get('growth_second_half'), '+.1f')}")]
     head = (f"Load test: `POST /recommend` (k={c['k']}) on {r['url']}, {c['clients']} concurrent keep-alive clients, "
             f"{c['duration_s']:g} s after a {c['warmup_s']:g} s warm-up (bundle `{r['bundle']}`"
             + (f"; `llmkd serve --workers {r['server_workers']}`" if (r.get("server_workers") or 1) > 1 else "")
