@@ -190,3 +190,28 @@ def test_several_worker_processes_serve_the_same_answers(served_run, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "scripts/serve.py"), str(bundle), "--workers", "0"], cwd=REPO,
                          capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "--workers: expected >= 1, got 0" in bad.stderr
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_reading(server):
+    """Without a Content-Length (chunked transfer) the size is known only while reading: /recommend stops at
+    the limit with a 413 naming the body, instead of holding the whole stream, and keeps serving."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from llmkd.serving.http import MAX_BODY
+
+    base, rec = server
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    chunk = b" " * (1 << 20)
+    try:
+        conn.request("POST", "/recommend", body=iter([chunk] * (MAX_BODY // len(chunk) + 2)), encode_chunked=True,
+                     headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        status, body = response.status, json.loads(response.read())
+    except (ConnectionError, http.client.HTTPException):  # the server may close while the client still sends
+        status, body = 413, {"field": "body"}
+    finally:
+        conn.close()
+    assert status == 413 and body["field"] == "body", body
+    assert call(base, "/recommend", {"history": rec.item_ids[:2], "k": 3})[0] == 200

@@ -135,10 +135,11 @@ class RecommendEndpoint:
     """`POST /recommend` as a plain ASGI app, the hot path: the body is validated straight from its bytes
     (`model_validate_json`) and answered without FastAPI's per-request machinery (dependency solving, request
     and response wrapping: ~60 % of the event loop's time under a 32-client load). Errors are the same
-    responses the FastAPI route gives (the route stays registered behind it, for the OpenAPI docs)."""
+    responses the FastAPI route gives (the route stays registered behind it, for the OpenAPI docs). A body
+    without a declared length (chunked) is refused with a 413 once it passes `max_body` bytes."""
 
-    def __init__(self, batcher: MicroBatcher) -> None:
-        self.batcher = batcher
+    def __init__(self, batcher: MicroBatcher, max_body: int = MAX_BODY) -> None:
+        self.batcher, self.max_body = batcher, max_body
 
     async def __call__(self, scope, receive, send) -> None:
         body, more = b"", True
@@ -148,6 +149,9 @@ class RecommendEndpoint:
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                await error(413, "body", f"at most {self.max_body} bytes, got more")(scope, receive, send)
+                return
         try:
             req = RecommendRequest.model_validate_json(body)
             result = await self.batcher.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
@@ -185,7 +189,7 @@ def create_app(rec: Recommender, max_body: int = MAX_BODY, max_batch: int = 256)
         result = await batcher.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
         return json_response(result)
 
-    app.router.routes.insert(0, Route("/recommend", RecommendEndpoint(batcher), methods=["POST"]))
+    app.router.routes.insert(0, Route("/recommend", RecommendEndpoint(batcher, max_body), methods=["POST"]))
 
     @app.post("/recommend/batch", response_model=list[Recommendations])
     async def recommend_batch(req: BatchRequest) -> list[dict]:
