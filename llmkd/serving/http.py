@@ -93,7 +93,7 @@ def validation_error(request: Request | None, exc: RequestValidationError) -> JS
 
 def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own 4xx (no such route, wrong method, a body that cannot be parsed at all) in the same shape."""
-    field = "body" if exc.status_code == 400 else "path" if exc.status_code in (404, 405) else "request"
+    field = "body" if exc.status_code in (400, 413) else "path" if exc.status_code in (404, 405) else "request"
     return error(exc.status_code, field, str(exc.detail))
 
 
@@ -109,9 +109,11 @@ def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 class BodyLimit:
-    """Pure ASGI middleware: 413 for a declared body over `max_body` bytes, before anything reads it.
-    (Starlette's `@app.middleware("http")` runs every request through extra tasks and stream copies: a
-    profile under load put ~20 % of the event loop's time there.)"""
+    """Pure ASGI middleware: 413 for a body over `max_body` bytes. A declared length is checked before
+    anything reads the body; a body without one (chunked) is counted as it is read, and the read that
+    passes the limit raises the 413 (an HTTPException, so every route answers it the same way) instead of
+    the whole stream being held. (Starlette's `@app.middleware("http")` runs every request through extra
+    tasks and stream copies: a profile under load put ~20 % of the event loop's time there.)"""
 
     def __init__(self, app, max_body: int) -> None:
         self.app, self.max_body = app, max_body
@@ -123,7 +125,23 @@ class BodyLimit:
                 response = error(413, "body", f"at most {self.max_body} bytes, got {size.decode('latin-1')}")
                 await response(scope, receive, send)
                 return
+            if size is None:
+                receive = self.counted(receive)
         await self.app(scope, receive, send)
+
+    def counted(self, receive):
+        """`receive` that raises a 413 once the body read so far passes `max_body` bytes."""
+        read = 0
+
+        async def wrapped():
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_body:
+                raise HTTPException(413, f"at most {self.max_body} bytes, got more (chunked)")
+            return message
+
+        return wrapped
 
 
 def json_response(content: dict) -> Response:
@@ -135,11 +153,10 @@ class RecommendEndpoint:
     """`POST /recommend` as a plain ASGI app, the hot path: the body is validated straight from its bytes
     (`model_validate_json`) and answered without FastAPI's per-request machinery (dependency solving, request
     and response wrapping: ~60 % of the event loop's time under a 32-client load). Errors are the same
-    responses the FastAPI route gives (the route stays registered behind it, for the OpenAPI docs). A body
-    without a declared length (chunked) is refused with a 413 once it passes `max_body` bytes."""
+    responses the FastAPI route gives (the route stays registered behind it, for the OpenAPI docs)."""
 
-    def __init__(self, batcher: MicroBatcher, max_body: int = MAX_BODY) -> None:
-        self.batcher, self.max_body = batcher, max_body
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self.batcher = batcher
 
     async def __call__(self, scope, receive, send) -> None:
         body, more = b"", True
@@ -149,9 +166,6 @@ class RecommendEndpoint:
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                await error(413, "body", f"at most {self.max_body} bytes, got more")(scope, receive, send)
-                return
         try:
             req = RecommendRequest.model_validate_json(body)
             result = await self.batcher.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
@@ -189,7 +203,7 @@ def create_app(rec: Recommender, max_body: int = MAX_BODY, max_batch: int = 256)
         result = await batcher.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
         return json_response(result)
 
-    app.router.routes.insert(0, Route("/recommend", RecommendEndpoint(batcher, max_body), methods=["POST"]))
+    app.router.routes.insert(0, Route("/recommend", RecommendEndpoint(batcher), methods=["POST"]))
 
     @app.post("/recommend/batch", response_model=list[Recommendations])
     async def recommend_batch(req: BatchRequest) -> list[dict]:
