@@ -221,3 +221,15 @@ def test_a_chunked_body_over_the_limit_is_refused_while_reading(server, path):
         assert small.getresponse().status == 200
     finally:
         small.close()
+
+
+def test_a_bad_bundle_with_several_workers_is_one_error_line(tmp_path):
+    """`--workers 2`: the supervisor (no torch of its own) checks the bundle in a child first, so a bad bundle
+    is the loader's own one-line error, not workers failing and restarting."""
+    (tmp_path / "config.json").write_text("{}")
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    bad = subprocess.run([sys.executable, str(REPO / "scripts/serve.py"), str(tmp_path), "--port", str(free_port()),
+                          "--workers", "2"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path) in lines[0], bad.stderr
