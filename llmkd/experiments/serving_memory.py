@@ -28,19 +28,13 @@ SETTINGS = ("onednn_off", "onednn_on")
 """`onednn_off`: the Recommender as shipped; `onednn_on`: torch's default (the per-shape kernel cache)."""
 
 
-def rss_mb() -> float:
-    """This process's resident memory (MiB, Linux /proc)."""
-    status = Path("/proc/self/status").read_text().splitlines()
-    return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
-
-
 def child(bundle: str, seconds: float, setting: str, seed: int, max_batch: int) -> dict:
     """One setting's run (in its own process): loads the bundle, answers random micro-batches for `seconds`,
     returns its series [{t_s, rss_mb, users_per_s}] one entry a second."""
     import torch
 
     from llmkd.serving import Recommender, recommender
-    from llmkd.serving.load_test import request_bodies
+    from llmkd.serving.load_test import request_bodies, rss_mb
 
     torch.set_num_threads(1)  # two children share the machine's cores
     if setting == "onednn_on":
@@ -48,13 +42,15 @@ def child(bundle: str, seconds: float, setting: str, seed: int, max_batch: int) 
     rec = Recommender.from_pretrained(bundle)
     histories = [json.loads(b)["history"] for b in request_bodies(Path(bundle), 10, seed)]
     rng = np.random.default_rng(seed)
-    series, users, start = [{"t_s": 0.0, "rss_mb": rss_mb(), "users_per_s": None}], 0, time.perf_counter()
+    pid = os.getpid()
+    series, users, start = [{"t_s": 0.0, "rss_mb": rss_mb(pid, children=False), "users_per_s": None}], 0, time.perf_counter()
     while (now := time.perf_counter() - start) < seconds:
         batch = [histories[i] for i in rng.integers(0, len(histories), int(rng.integers(1, max_batch + 1)))]
         rec.recommend_batch(batch, 10)
         users += len(batch)
         if now >= len(series):
-            series.append({"t_s": now, "rss_mb": rss_mb(), "users_per_s": users / (now - series[-1]["t_s"])})
+            rate = users / (now - series[-1]["t_s"])
+            series.append({"t_s": now, "rss_mb": rss_mb(pid, children=False), "users_per_s": rate})
             users = 0
     return {"setting": setting, "series": series}
 
