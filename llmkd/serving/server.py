@@ -47,7 +47,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, log_lev
     runs that many server processes on the port (uvicorn's workers), each with its own copy of the bundle,
     its own micro-batcher and cores / workers torch threads: one process's event loop and model thread share
     one interpreter lock, so a second process is what puts both cores to work (ml-100k, 32 clients for
-    600 s: p99 18.1 ms at 3,463 requests/s, memory flat; one process: ~20 ms at ~2,200)."""
+    600 s: p99 15.3 ms at 3,879 requests/s, memory flat; one process, 60 s: 19.6 ms at 2,469)."""
     import uvicorn
 
     if workers < 1:
