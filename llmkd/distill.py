@@ -35,6 +35,7 @@ from llmkd.data import RecData, load_data
 from llmkd.evaluate import blocked_ranks, metrics_from_ranks
 from llmkd.index import build_index
 from llmkd.lineage import input_record
+from llmkd.losses.full_softmax import full_softmax_loss
 from llmkd.locks import main_process_lock
 from llmkd.student import TwoTower, init_from_content
 from llmkd.teacher import TeacherCache
@@ -51,7 +52,7 @@ def hard_loss(states: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, c
     keep = labels != -100
     h, y = states[keep], labels[keep]  # (P, d), (P,)
     if cfg.loss == "full_softmax":
-        return F.cross_entropy(h @ items.T, y)
+        return full_softmax_loss(h, items, y)
     if cfg.loss != "sampled_softmax":
         raise LlmkdError(f"distill.loss {cfg.loss!r}: resolve it for the catalog first (DistillConfig.hard_loss_for)")
     neg = torch.multinomial(log_q.exp(), cfg.num_negatives, replacement=True, generator=generator)  # (S,)

@@ -359,3 +359,36 @@ def test_build_unknown_argument():
 def test_build_rejects_bad_values(name, kwargs):
     with pytest.raises(LlmkdError, match=name):
         build_kd_loss(name, **kwargs)
+
+
+# ---------------------------------------------------------------- the hard loss over the whole catalog
+
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 5, 1 << 22])  # one row a chunk, a ragged last chunk, one chunk
+def test_full_softmax_loss_equals_cross_entropy_in_value_and_gradients(chunk_elements):
+    from llmkd.losses.full_softmax import full_softmax_loss
+
+    torch.manual_seed(0)
+    h = (torch.randn(23, 8) * 3).requires_grad_()  # large scores: the max shift matters
+    items = torch.randn(7, 8, requires_grad=True)
+    y = torch.randint(0, 7, (23,))
+    loss = full_softmax_loss(h, items, y, chunk_elements=chunk_elements)
+    grads = torch.autograd.grad(2.5 * loss, (h, items))  # the upstream gradient is applied
+    ref = torch.nn.functional.cross_entropy(h @ items.T, y)
+    ref_grads = torch.autograd.grad(2.5 * ref, (h, items))
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_full_softmax_loss_hand_value_and_empty_input():
+    from llmkd.losses.full_softmax import full_softmax_loss
+
+    h = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # scores: row 0 (1, 0, 0), row 1 (0, 2, 0)
+    y = torch.tensor([0, 2])
+    hand = ((math.log(math.e + 2) - 1) + math.log(2 + math.e ** 2)) / 2
+    assert full_softmax_loss(h, items, y).item() == pytest.approx(hand, rel=1e-6)
+    empty = full_softmax_loss(torch.zeros(0, 2, requires_grad=True), items.requires_grad_(), torch.zeros(0, dtype=torch.long))
+    assert empty.item() == 0.0
+    empty.backward()
+    assert items.grad is not None and items.grad.abs().sum() == 0
