@@ -131,6 +131,9 @@ class FinetuneConfig:
         check_bounds(self, "finetune")
 
 
+CONTENT_INIT_SOURCES = ("teacher", "shuffled", "random")
+
+
 @dataclass
 class StudentConfig:
     """The two-tower student (see `llmkd.student.TwoTower`)."""
@@ -152,6 +155,13 @@ class StudentConfig:
     """Initialise the item id embeddings from the teacher's item-text vectors: their top `dim` principal
     components, scaled to this standard deviation (0 = random, std 0.02). They then train as usual, so
     serving needs nothing of the teacher (LLM-embedding initialisation, Harte et al., RecSys 2023)."""
+    content_init_source: str = "teacher"
+    """Controls for `content_init` (same initialisation, no item content): 'teacher' = the teacher's item
+    vectors; 'shuffled' = the same vectors with their rows permuted across items (same spectrum and scale);
+    'random' = Gaussian rows with the teacher vectors' column means and standard deviations."""
+    init_std: float = bounded(0.02, gt=0)
+    """Standard deviation of the random id-embedding init (without `content_init`): a twin setting the recipe
+    search can tune, so an init-scale effect is not credited to the teacher."""
     id_dropout: float = bounded(0.0, ge=0, lt=1)
     """With content features: during training each item's id embedding is dropped with this probability
     (DropoutNet-style), so the text path learns to carry an item alone (cold items have no id)."""
@@ -160,6 +170,9 @@ class StudentConfig:
         check_bounds(self, "student")
         if self.pooling not in ("transformer", "mean"):
             raise LlmkdError(f"student.pooling: expected 'transformer' or 'mean', got {self.pooling!r}")
+        if self.content_init_source not in CONTENT_INIT_SOURCES:
+            raise LlmkdError(f"student.content_init_source: expected one of {', '.join(CONTENT_INIT_SOURCES)}, "
+                             f"got {self.content_init_source!r}")
         if self.dim % self.num_heads:
             raise LlmkdError(f"student.dim ({self.dim}) must be divisible by student.num_heads ({self.num_heads})")
 

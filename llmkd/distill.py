@@ -37,7 +37,7 @@ from llmkd.index import build_index
 from llmkd.lineage import input_record
 from llmkd.losses.full_softmax import full_softmax_loss
 from llmkd.locks import main_process_lock
-from llmkd.student import TwoTower, init_from_content
+from llmkd.student import TwoTower, init_item_embedding
 from llmkd.teacher import TeacherCache
 from llmkd.windows import get_dataloaders, trim_padding
 
@@ -289,8 +289,8 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
     model = TwoTower.from_config(cfg.student, data.num_items, cfg.data.max_history, data.num_users, content_dim)
     if content_dim:
         model.item_tower.content[: data.num_items] = teacher.item_emb
-    if cfg.student.content_init:
-        init_from_content(model.item_tower.embedding, teacher.item_emb, cfg.student.content_init)
+    init_item_embedding(model.item_tower.embedding, cfg.student, teacher.item_emb if teacher is not None else None,
+                        dc.seed)
     kd_targets = (KDTargets(teacher, data.train, dc.kd_top_k, dc.teacher_scale, accelerator.device,
                             dc.kd_index_for(data.num_items), dc.kd_nprobe) if dc.learns_from_teacher else None)
     train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)

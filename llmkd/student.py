@@ -105,6 +105,33 @@ def init_from_content(embedding: nn.Embedding, vectors: np.ndarray, std: float) 
         embedding.weight[: len(x), :k] = pcs.to(embedding.weight.dtype)
 
 
+def content_init_vectors(vectors: np.ndarray, source: str, seed: int) -> np.ndarray:
+    """The vectors (num_items, D) `content_init` starts from (`StudentConfig.content_init_source`): the
+    teacher's as they are, their rows shuffled across items, or Gaussian rows with their column means and
+    standard deviations; the controls are drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    if source == "teacher":
+        return vectors
+    x = np.asarray(vectors, dtype=np.float64)
+    if source == "shuffled":
+        return x[rng.permutation(len(x))].astype(np.float32)
+    if source == "random":
+        return (rng.standard_normal(x.shape) * x.std(0) + x.mean(0)).astype(np.float32)
+    raise LlmkdError(f"student.content_init_source: unknown {source!r}")
+
+
+def init_item_embedding(embedding: nn.Embedding, cfg: StudentConfig, teacher_vectors: np.ndarray | None,
+                        seed: int) -> None:
+    """The trainer's item-id initialisation: from (controls of) the teacher's item vectors with
+    `cfg.content_init` > 0, else Gaussian at `cfg.init_std` (the default 0.02 keeps the constructor's draw)."""
+    if cfg.content_init:
+        init_from_content(embedding, content_init_vectors(teacher_vectors, cfg.content_init_source, seed),
+                          cfg.content_init)
+    elif cfg.init_std != 0.02:
+        with torch.no_grad():
+            nn.init.normal_(embedding.weight[:-1], std=cfg.init_std)  # the padding row stays zero
+
+
 class UserTower(nn.Module):
     """Causal user states from history vectors: small transformer or recency-weighted mean, then an MLP."""
 
@@ -246,7 +273,8 @@ class TwoTower(nn.Module):
         """The one factory from a `StudentConfig` to constructor arguments."""
         kw = asdict(cfg)
         use_user_id, content = kw.pop("use_user_id"), kw.pop("content_features")
-        kw.pop("content_init")  # an initialisation, applied by the trainer (`init_from_content`)
+        for name in ("content_init", "content_init_source", "init_std"):  # initialisations the trainer applies
+            kw.pop(name)  # (`init_item_embedding`)
         return cls(num_items=num_items, max_len=max_len, num_users=num_users if use_user_id else 0,
                    content_dim=content_dim if content else 0, **kw)
 

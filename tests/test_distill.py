@@ -341,7 +341,7 @@ def test_trim_padding_keeps_every_real_state():
 def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, synthetic, monkeypatch):
     """student.content_init > 0: the trainer loads the teacher cache and starts the id embeddings from
     its item vectors (`init_from_content`, tested in test_student); 0 leaves the random init alone."""
-    from llmkd import distill
+    from llmkd import distill, student
     from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
 
@@ -352,15 +352,19 @@ def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, syn
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "meta.json").write_text("{}")  # the student records the cache's fingerprint
     calls = []
-    monkeypatch.setattr(distill, "init_from_content", lambda emb, vectors, std: calls.append((emb.weight.shape, vectors, std)))
-    for init in (0.0, 0.1):
+    monkeypatch.setattr(student, "init_from_content", lambda emb, vectors, std: calls.append((emb.weight.shape, vectors, std)))
+    for init, source in ((0.0, "teacher"), (0.1, "teacher"), (0.1, "shuffled"), (0.1, "random")):
         cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
-                     student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0, content_init=init),
-                     distill=DistillConfig(name=f"s_init{init}", alpha=0.0, epochs=1, batch_size=64))
+                     student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0, content_init=init,
+                                           content_init_source=source),
+                     distill=DistillConfig(name=f"s_init{init}_{source}", alpha=0.0, epochs=1, batch_size=64))
         assert cfg.uses_teacher == (init > 0)
         distill.train(cfg)
-    assert len(calls) == 1 and calls[0][1] is item_emb and calls[0][2] == 0.1
-    assert calls[0][0] == (data.num_items + 1, 8)
+    assert [c[2] for c in calls] == [0.1, 0.1, 0.1] and all(c[0] == (data.num_items + 1, 8) for c in calls)
+    teacher, shuffled, random = (c[1] for c in calls)
+    assert teacher is item_emb  # the teacher's vectors as they are
+    assert not np.allclose(shuffled, item_emb) and np.allclose(np.sort(shuffled, 0), np.sort(item_emb, 0))
+    assert random.shape == item_emb.shape and not np.isin(random, item_emb).any()
 
 
 # ---------------------------------------------------------------- hard loss chosen by catalog size

@@ -270,3 +270,40 @@ def test_content_init_validation_and_factory():
         StudentConfig(content_init=-0.1)
     model = TwoTower.from_config(StudentConfig(dim=8, num_heads=2, content_init=0.1), num_items=5, max_len=4, num_users=3)
     assert model.item_tower.content_proj is None  # an initialisation only: no content path to serve with
+
+
+def test_content_init_controls_keep_shape_and_scale_but_not_the_items_content():
+    """'shuffled': the same rows (so the same spectrum and scale) on other items; 'random': Gaussian rows
+    with the same column means and stds; neither keeps which vector belongs to which item."""
+    from llmkd.student import content_init_vectors
+
+    g = np.random.default_rng(123)  # not the controls' seed: the same stream would make 'random' equal the data
+    vectors = (g.normal(size=(500, 6)) * [5, 3, 2, 1, 0.5, 0.1] + 7.0).astype(np.float32)
+    assert content_init_vectors(vectors, "teacher", seed=0) is vectors
+    shuffled = content_init_vectors(vectors, "shuffled", seed=0)
+    assert np.allclose(np.sort(shuffled, 0), np.sort(vectors, 0))  # the same values per column
+    spectrum = lambda x: np.linalg.svd(x - x.mean(0), compute_uv=False)
+    assert np.allclose(spectrum(shuffled), spectrum(vectors), rtol=1e-4)
+    assert (shuffled == vectors).all(1).mean() < 0.02  # (almost) every item got another item's vector
+    random = content_init_vectors(vectors, "random", seed=0)
+    assert random.shape == vectors.shape and random.dtype == np.float32
+    assert np.allclose(random.mean(0), vectors.mean(0), atol=0.5) and np.allclose(random.std(0), vectors.std(0), rtol=0.1)
+    own = [abs(np.corrcoef(x[:, 0], vectors[:, 0])[0, 1]) for x in (shuffled, random)]
+    assert max(own) < 0.2  # no item keeps its own first coordinate
+    assert not np.allclose(content_init_vectors(vectors, "random", seed=1), random)  # drawn per seed
+    with pytest.raises(LlmkdError, match="content_init_source"):
+        StudentConfig(content_init_source="bogus")
+
+
+def test_init_std_sets_the_scale_of_the_random_id_init_and_the_default_changes_nothing():
+    from llmkd.student import init_item_embedding
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(2001, 16, padding_idx=2000)
+    with torch.no_grad():
+        emb.weight[2000].zero_()
+    before = emb.weight.detach().clone()
+    init_item_embedding(emb, StudentConfig(), None, seed=0)
+    assert torch.equal(emb.weight, before)  # 0.02: the constructor's draw is kept
+    init_item_embedding(emb, StudentConfig(init_std=0.5), None, seed=0)
+    assert emb.weight[:2000].std().item() == pytest.approx(0.5, rel=0.02) and not emb.weight[2000].any()
