@@ -8,7 +8,9 @@ student run at one seed, selected on valid NDCG@10; test is never read here. The
 recipe only when its per-user valid gain over the no-teacher run is beyond noise (`evidence`).
 
 Search order (so a short budget spends itself where it pays most):
-  round 0: the no-teacher student, then the first grid point of every family;
+  twin stage: the no-teacher student at its configured settings and at a few others (`twin_points`: lr,
+    dropout, init scale); the valid best is the twin, and its settings train every candidate after it;
+  round 0: the first grid point of every family;
   round 1, 2, ...: the remaining grid points, breadth-first over families;
   last: the combinations, built from each family's best point so far.
 A run starts only while `elapsed + (mean fresh run time) <= budget`; finished runs are reused (keyed on
@@ -88,18 +90,40 @@ def point_name(family: str, point: list[str]) -> str:
     return "_".join([family, *(o.partition("=")[0].split(".")[-1] + "=" + o.partition("=")[2] for o in point)])
 
 
-def first_candidates(families: dict[str, tuple[list[str], dict[str, list]]]) -> list[Candidate]:
-    """The no-teacher student and every family's grid points, ordered breadth-first (see module doc)."""
-    out = [Candidate(NO_TEACHER, NO_TEACHER, list(NO_TEACHER_OVERRIDES), 0)]
+def first_candidates(families: dict[str, tuple[list[str], dict[str, list]]], twin: list[str] | None = None
+                     ) -> list[Candidate]:
+    """The no-teacher student and every family's grid points, ordered breadth-first (see module doc).
+    `twin`: the chosen twin point's settings, appended to every family candidate (and the no-teacher
+    candidate then left out: the twin stage ran it)."""
+    out = [] if twin is not None else [Candidate(NO_TEACHER, NO_TEACHER, list(NO_TEACHER_OVERRIDES), 0)]
     for family, (fixed, grid) in families.items():
         if len(grid) > 1:
             raise LlmkdError(f"recipe family {family}: one searched key per family, got {sorted(grid)}")
         for i, (key, value) in enumerate((k, v) for k, vs in grid.items() for v in vs):
             point = [f"{key}={value}"]
-            out.append(Candidate(point_name(family, point), family, [*fixed, *point], i))
+            out.append(Candidate(point_name(family, point), family, [*fixed, *point, *(twin or [])], i))
         if not grid:
-            out.append(Candidate(family, family, list(fixed), 0))
+            out.append(Candidate(family, family, [*fixed, *(twin or [])], 0))
     return sorted(out, key=lambda c: c.round)  # stable: family order within a round
+
+
+def twin_points(cfg: Config) -> dict[str, list[str]]:
+    """The no-teacher twin's training settings the search tries, one change at a time from `cfg`'s (name ->
+    overrides; '' = as configured): half and twice the learning rate, dropout 0.3 lower (or higher, below
+    0.4), ids initialised at 5x the random scale. The best on valid trains every family, so a teacher is
+    measured over the strongest twin the same search can train, and an effect of lr, dropout or init scale
+    is never credited to the teacher."""
+    d, s = cfg.distill, cfg.student
+    dropout = round(s.dropout - 0.3 if s.dropout >= 0.4 else s.dropout + 0.3, 4)
+    return {"": [], f"lr={d.lr / 2:g}": [f"distill.lr={d.lr / 2:g}"], f"lr={d.lr * 2:g}": [f"distill.lr={d.lr * 2:g}"],
+            f"dropout={dropout:g}": [f"student.dropout={dropout:g}"],
+            f"init_std={s.init_std * 5:g}": [f"student.init_std={s.init_std * 5:g}"]}
+
+
+def twin_candidates(points: dict[str, list[str]]) -> list[Candidate]:
+    """One no-teacher candidate per twin point: `no_teacher` for the configured settings, `no_teacher_<point>`."""
+    return [Candidate("_".join(filter(None, [NO_TEACHER, name])), NO_TEACHER, [*NO_TEACHER_OVERRIDES, *overrides], 0)
+            for name, overrides in points.items()]
 
 
 def best_by_family(cands: list[Candidate]) -> dict[str, Candidate]:
@@ -160,10 +184,12 @@ def valid_gain(cfg: Config, data, folder: Path, base: Path) -> dict[str, float]:
 
 @locked(lambda a: Path(a["cfg"].out_dir) / a["folder"])
 def run_search(cfg: Config, families: dict | None = None, budget_s: float | None = None, jobs: int = 1,
-               seed: int | None = None, folder: str = "tune", train_fn=None, gain_fn=valid_gain) -> dict:
+               seed: int | None = None, folder: str = "tune", train_fn=None, gain_fn=valid_gain,
+               twins: dict[str, list[str]] | None = None) -> dict:
     """Search the candidates on valid within `budget_s` seconds (None = no limit); write the report and
-    `recipe.yaml` to `<out_dir>/<folder>/`. `train_fn(cfgs, jobs)` trains students (default
-    `train_many` with resume); tests can swap it."""
+    `recipe.yaml` to `<out_dir>/<folder>/`. First the twin's points (`twins`, default `twin_points(cfg)`;
+    {'': []} = the configured twin only), then every family with the best twin's settings, then the
+    combinations. `train_fn(cfgs, jobs)` trains students (default `train_many` with resume); tests can swap it."""
     if train_fn is None:
         def train_fn(cfgs: list[Config], jobs: int) -> None:
             train_many(cfgs, jobs, resume=True)
@@ -172,10 +198,11 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
     seed = cfg.distill.seed if seed is None else seed
     out = Path(cfg.out_dir)
     data = load_data(out / "data")
-    cands = first_candidates(families)
+    twins = twin_candidates(twin_points(cfg) if twins is None else twins)
     finished = sorted(p.parent for p in out.glob("*/meta.json"))  # e.g. student_no_kd stands for no_teacher
     start, fresh = time.monotonic(), []  # wall seconds of each batch of fresh runs
-    bar = tqdm(total=len(cands) + 3, desc="recipe search", unit="run")
+    cands = list(twins)
+    bar = tqdm(total=len(twins) + len(first_candidates(families, twin=[])) + 3, desc="recipe search", unit="run")
 
     def record(c: Candidate, vcfg: Config, status: str, **extra) -> None:
         meta = json.loads((out / vcfg.distill.name / "meta.json").read_text(encoding="utf-8"))
@@ -208,7 +235,11 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
             for c, vcfg in batch:
                 record(c, vcfg, "trained", seconds=round(fresh[-1], 1))
 
-    run_all(cands)
+    run_all(twins)
+    twin = best_by_family(twins).get(NO_TEACHER, twins[0])  # the first (configured) point if none finished
+    settings = twin.overrides[len(NO_TEACHER_OVERRIDES):]
+    cands += first_candidates(families, twin=settings)
+    run_all(cands[len(twins):])
     combos = combinations(best_by_family(cands))
     bar.total = len(cands) + len(combos)
     bar.refresh()
@@ -219,10 +250,11 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
     if not finished:
         raise LlmkdError(f"recipe search: no run finished within the budget of {budget_s} s; raise --budget")
     chosen, why = evidence(max(finished, key=lambda c: c.record["valid_ndcg@10"]),  # first on ties
-                           next((c for c in finished if c.name == NO_TEACHER), None),
+                           twin if "valid_ndcg@10" in twin.record else None,
                            lambda c, base: gain_fn(cfg, data, out / c.record["folder"], out / base.record["folder"]))
     report = {"seed": seed, "budget_s": budget_s, "elapsed_s": round(time.monotonic() - start, 1),
               "data_fingerprint": data.fingerprint, "chosen": chosen.name, "chosen_overrides": chosen.overrides,
+              "twin": twin.name, "twin_overrides": twin.overrides,
               "why": why,
               "candidates": [{"name": c.name, "family": c.family, "overrides": c.overrides, **c.record} for c in cands]}
     write_report(out / folder, report, cands, chosen)
@@ -245,7 +277,7 @@ def evidence(best: Candidate, no_teacher: Candidate | None, gain) -> tuple[Candi
 
 def write_report(folder: Path, report: dict, cands: list[Candidate], chosen: Candidate) -> None:
     """recipe.yaml, report.json, report.md and search.png, written atomically (reusing `runs/`)."""
-    base = next((c.record.get("valid_ndcg@10") for c in cands if c.name == NO_TEACHER), None)
+    base = next((c.record.get("valid_ndcg@10") for c in cands if c.name == report["twin"]), None)
     md = [f"Recipe search on valid (seed {report['seed']}, {report['elapsed_s']:.0f} s, budget "
           f"{report['budget_s'] or 'none'}): chosen **{chosen.name}**: {report['why']}.", "",
           "| candidate | overrides | status | valid NDCG@10 | vs no teacher | best epoch |",
@@ -288,7 +320,7 @@ def plot_search(cands: list[Candidate], base: float | None, path: Path) -> None:
     ax.barh(range(len(done)), [c.record["valid_ndcg@10"] for c in done], alpha=0.7)
     ax.set_yticks(range(len(done)), [c.name for c in done], fontsize=7)
     if base is not None:
-        ax.axvline(base, color="k", ls="--", lw=1, label="no teacher")
+        ax.axvline(base, color="k", ls="--", lw=1, label="no teacher (the chosen twin)")
         ax.legend(loc="lower right")
     ax.invert_yaxis()
     ax.set_xlabel("valid NDCG@10")

@@ -21,6 +21,7 @@ from llmkd.data import save_data
 from llmkd.checkpoints import teacher_fingerprint
 from llmkd.recipe import FAMILIES, NO_TEACHER, best_by_family, combinations, first_candidates, run_search
 
+CONFIGURED_TWIN = {"": []}  # the twin stage as it was: the configured no-teacher student only
 CLEAR_GAIN = lambda cfg, data, folder, base: {"mean": 0.01, "lo": 0.005, "hi": 0.015}  # noqa: E731 (beyond noise)
 FAMILIES_SMALL = {
     "content_features": (["distill.alpha=0", "student.content_features=true"], {"student.content_hidden": [0, 32]}),
@@ -34,7 +35,7 @@ def fake_score(cfg: Config) -> float:
     """A made-up valid NDCG@10: content helps, 256-wide content more, listwise KL at alpha 1 helps most of
     the score losses, user_align a little; effects add up."""
     s, d = cfg.student, cfg.distill
-    v = 0.10 + 0.02 * s.content_features + 0.005 * (s.content_hidden == 32) + 0.003 * (d.user_align > 0)
+    v = 0.10 + 0.01 * (d.lr == 0.004) + 0.02 * s.content_features + 0.005 * (s.content_hidden == 32) + 0.003 * (d.user_align > 0)
     if d.alpha > 0:
         v += {"listwise_kl": 0.004 * d.alpha, "margin_mse": -0.01}[d.kd_loss]
     return round(v, 6)
@@ -121,7 +122,7 @@ def test_search_chooses_the_valid_best_and_writes_a_recipe_distill_reads(run_dir
     out, clock = run_dir
     cfg = load_config(None, [f"out_dir={out}"])
     trainer = FakeTrainer(clock)
-    report = run_search(cfg, FAMILIES_SMALL, train_fn=trainer, gain_fn=CLEAR_GAIN)
+    report = run_search(cfg, FAMILIES_SMALL, train_fn=trainer, gain_fn=CLEAR_GAIN, twins=CONFIGURED_TWIN)
     scores = {c["name"]: c["valid_ndcg@10"] for c in report["candidates"]}
     assert len(scores) == 7 + 3 and all(c["status"] == "trained" for c in report["candidates"])
     assert report["chosen"] == max(scores, key=scores.get)
@@ -131,7 +132,7 @@ def test_search_chooses_the_valid_best_and_writes_a_recipe_distill_reads(run_dir
     assert fake_score(chosen) == scores[report["chosen"]]
     assert (out / "tune" / "report.md").read_text().count("**") >= 2 and (out / "tune" / "search.png").is_file()
     # a rerun trains nothing: every run is reused
-    again = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock), gain_fn=CLEAR_GAIN)
+    again = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock), gain_fn=CLEAR_GAIN, twins=CONFIGURED_TWIN)
     assert {c["status"] for c in again["candidates"]} == {"reused"} and again["chosen"] == report["chosen"]
 
 
@@ -139,7 +140,7 @@ def test_budget_stops_new_runs_and_says_so(run_dir):
     out, clock = run_dir
     cfg = load_config(None, [f"out_dir={out}"])
     trainer = FakeTrainer(clock, seconds=10.0)
-    report = run_search(cfg, FAMILIES_SMALL, budget_s=35.0, train_fn=trainer, gain_fn=CLEAR_GAIN)
+    report = run_search(cfg, FAMILIES_SMALL, budget_s=35.0, train_fn=trainer, gain_fn=CLEAR_GAIN, twins=CONFIGURED_TWIN)
     status = {c["name"]: c["status"] for c in report["candidates"]}
     assert len(trainer.trained) == 3  # 0 + 10 <= 35, 10 + 10, 20 + 10; then 30 + 10 > 35
     assert [n for n, s in status.items() if s == "trained"] == [NO_TEACHER, "content_features_content_hidden=0",
@@ -149,7 +150,7 @@ def test_budget_stops_new_runs_and_says_so(run_dir):
     assert "skipped: budget" in (out / "tune" / "report.md").read_text()
     # with more budget the next call continues where the first stopped, reusing what is done
     more = FakeTrainer(clock)
-    run_search(cfg, FAMILIES_SMALL, budget_s=1000.0, train_fn=more, gain_fn=CLEAR_GAIN)
+    run_search(cfg, FAMILIES_SMALL, budget_s=1000.0, train_fn=more, gain_fn=CLEAR_GAIN, twins=CONFIGURED_TWIN)
     assert NO_TEACHER + "_s0" not in " ".join(more.trained) and len(more.trained) == 10 - 3
 
 
@@ -174,7 +175,7 @@ def test_a_finished_student_in_out_dir_stands_for_its_candidate(run_dir):
     cfg = load_config(None, [f"out_dir={out}"])
     FakeTrainer(clock)([load_config(None, [f"out_dir={out}", "distill.alpha=0", "distill.name=student_no_kd"])], 1)
     trainer = FakeTrainer(clock)
-    report = run_search(cfg, {"user_align": FAMILIES_SMALL["user_align"]}, train_fn=trainer, gain_fn=CLEAR_GAIN)
+    report = run_search(cfg, {"user_align": FAMILIES_SMALL["user_align"]}, train_fn=trainer, gain_fn=CLEAR_GAIN, twins=CONFIGURED_TWIN)
     status = {c["name"]: c["status"] for c in report["candidates"]}
     assert status == {NO_TEACHER: "reused", "user_align_user_align=1.0": "trained"}
     assert trainer.trained == ["tune/runs/user_align_user_align=1.0_s0"]
@@ -193,9 +194,39 @@ def test_a_recipe_within_noise_of_no_teacher_is_not_chosen(run_dir, lo, chosen):
         asked.append((folder.name, base.name))
         return {"mean": 0.002, "lo": lo, "hi": 0.004}
 
-    report = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock), gain_fn=gain)
+    report = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock), gain_fn=gain, twins=CONFIGURED_TWIN)
     assert asked == [("content_features_content_hidden=32+user_align_user_align=1.0+listwise_kl_alpha=1.0_s0",
                       f"{NO_TEACHER}_s0")]
     assert report["chosen"] == chosen and ("within noise" in report["why"]) == (lo < 0)
     recipe = (Path(cfg.out_dir) / "tune" / "recipe.yaml").read_text()
     assert ("student.content_features" in recipe or "content_features: true" in recipe) == (lo > 0)
+
+
+def test_the_twin_stage_picks_the_best_no_teacher_settings_and_every_family_trains_with_them(run_dir):
+    """Twin points first; the valid best (here twice the lr) is the no-teacher baseline of the evidence rule
+    and its settings ride along in every family candidate and in the recipe."""
+    from llmkd.recipe import twin_points
+
+    out, clock = run_dir
+    cfg = load_config(None, [f"out_dir={out}"])
+    points = twin_points(cfg)
+    assert points[""] == [] and points["lr=0.004"] == ["distill.lr=0.004"] and points["lr=0.001"] == ["distill.lr=0.001"]
+    assert points["dropout=0.6"] == ["student.dropout=0.6"] and points["init_std=0.1"] == ["student.init_std=0.1"]
+    asked = []
+
+    def gain(cfg, data, folder, base):
+        asked.append(base.name)
+        return {"mean": 0.01, "lo": 0.005, "hi": 0.015}
+
+    trainer = FakeTrainer(clock)
+    report = run_search(cfg, FAMILIES_SMALL, train_fn=trainer, gain_fn=gain)
+    assert trainer.trained[:5] == [f"tune/runs/{NO_TEACHER}{n}_s0" for n in
+                                   ("", "_lr=0.001", "_lr=0.004", "_dropout=0.6", "_init_std=0.1")]
+    assert report["twin"] == f"{NO_TEACHER}_lr=0.004" and asked == [f"{NO_TEACHER}_lr=0.004_s0"]
+    families = [c for c in report["candidates"] if c["family"] != NO_TEACHER]
+    assert families and all(load_config(None, c["overrides"]).distill.lr == 0.004 for c in families)
+    assert load_config(None, [f"out_dir={out}"], recipe=out / "tune" / "recipe.yaml").distill.lr == 0.004
+    configured = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock), gain_fn=gain, twins=CONFIGURED_TWIN,
+                            folder="tune_configured")
+    assert configured["twin"] == NO_TEACHER and all("distill.lr=0.004" not in c["overrides"]
+                                                    for c in configured["candidates"])
