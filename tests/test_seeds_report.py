@@ -1,0 +1,49 @@
+"""The seeds report's pieces: paired differences with their per-seed values, and a plot that stays readable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmkd.experiments.seeds import interval_cell, paired_difference, plot_seeds
+
+
+def test_paired_difference_reports_each_seeds_difference_beside_the_user_interval():
+    rng = np.random.default_rng(0)
+    users = 400
+    per_user = {name: {sd: {s: {"ndcg@10": rng.random(users) * 0.1 + shift + 0.01 * sd} for s in ("valid", "test")}
+                       for sd in (0, 1, 2)} for name, shift in (("a", 0.05), ("b", 0.0))}
+    per_user["a"][2]["test"]["ndcg@10"] = per_user["b"][2]["test"]["ndcg@10"] - 0.02  # seed 2 goes the other way
+    p = paired_difference(per_user, "a", "b", [0, 1, 2], n=200)
+    want = {sd: per_user["a"][sd]["test"]["ndcg@10"].mean() - per_user["b"][sd]["test"]["ndcg@10"].mean()
+            for sd in (0, 1, 2)}
+    assert p["test"]["per_seed"] == pytest.approx(want) and want[2] == pytest.approx(-0.02)
+    assert p["test"]["mean"] == pytest.approx(np.mean(list(want.values())))
+    assert p["test"]["lo"] < p["test"]["mean"] < p["test"]["hi"]
+    assert interval_cell(p["test"]).endswith("seeds " + ", ".join(f"{want[sd]:+.4f}" for sd in (0, 1, 2)))
+
+
+def test_the_plot_keeps_a_bar_height_per_system_whatever_the_names(tmp_path, monkeypatch):
+    """Twenty systems with names as long as the Beauty benchmark's: the plotting area keeps at least 0.25 inch
+    per system and most of the figure, and no label runs off the figure."""
+    import matplotlib.figure
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k)))
+    long = "content_init_content_init=1.0+item_align_item_align=1.0+pairwise_hinge_alpha=1.0"
+    names = ["popularity", "student_no_kd", *[f"{long}_{i}" for i in range(18)]]
+    row = lambda m: {s: {"ndcg@10": {"mean": m, "std": 0.001}} for s in ("valid", "test")}  # noqa: E731
+    rows = {n: {**row(0.05 + 0.001 * i), "per_seed": {0: {"test": {"ndcg@10": 0.05}}}} for i, n in enumerate(names)}
+    plot_seeds(rows, tmp_path / "seeds.png")
+    (fig,) = figures
+    ax = fig.axes[0]
+    height_in = ax.get_position().height * fig.get_figheight()
+    assert height_in >= 0.25 * len(names) and ax.get_position().height >= 0.6
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()  # the figure was closed after saving
+    for label in ax.get_yticklabels():
+        box = label.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.height < 0.5 * fig.dpi  # inside the figure, at most a few lines tall
+    assert (tmp_path / "seeds.png").stat().st_size > 0
