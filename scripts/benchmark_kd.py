@@ -31,6 +31,8 @@ def main() -> None:
                    help="lift of the valid-chosen variant over no-KD to check (test NDCG@10)")
     p.add_argument("--peer", default="SASRec (RecBole, docs/peers.md)=0.0959", metavar="NAME=NDCG",
                    help="a published test NDCG@10 to compare with")
+    p.add_argument("--configured-twin", action="store_true",
+                   help="skip the twin stage: the no-teacher student at the configured settings only (llmkd.recipe.twin_points)")
     args = p.parse_args()
     name, _, value = args.peer.rpartition("=")
     try:
@@ -49,7 +51,7 @@ def main() -> None:
         families[family][1][key] = [yaml.safe_load(v) for v in values.split(",")]
     cfg = config_from(args)
     result = run_kd_benchmark(cfg, args.seeds, families, args.search_seed, peer, args.jobs, args.budget,
-                              tuple(args.target))
+                              tuple(args.target), twins={"": []} if args.configured_twin else None)
     print(result["markdown"])
     print(f"\nwritten to {result['folder']}")
 

@@ -23,6 +23,8 @@ def main() -> None:
     p.add_argument("--families", nargs="+", default=list(FAMILIES), help=f"subset of: {', '.join(FAMILIES)}")
     p.add_argument("--jobs", type=int, default=1, help="students trained at a time (worker processes share the cores)")
     p.add_argument("--seed", type=int, default=None, help="seed of the search runs (default: distill.seed)")
+    p.add_argument("--configured-twin", action="store_true",
+                   help="skip the twin stage: the no-teacher student at the configured settings only (llmkd.recipe.twin_points)")
     args = p.parse_args()
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:
@@ -33,7 +35,7 @@ def main() -> None:
         raise LlmkdError(f"--jobs: expected >= 1, got {args.jobs}")
     cfg = config_from(args)
     families = {f: copy.deepcopy(FAMILIES[f]) for f in args.families}
-    report = run_search(cfg, families, args.budget, args.jobs, args.seed)
+    report = run_search(cfg, families, args.budget, args.jobs, args.seed, twins={"": []} if args.configured_twin else None)
     best = next(c for c in report["candidates"] if c["name"] == report["chosen"])
     print(f"chosen on valid: {report['chosen']} (valid ndcg@10 {best['valid_ndcg@10']:.4f}) in {report['elapsed_s']:.0f} s "
           f"-> {cfg.out_dir}/tune/recipe.yaml ({report['why']})")

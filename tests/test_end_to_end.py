@@ -409,7 +409,7 @@ def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
         "content_features": (["distill.alpha=0", "student.content_features=true"], {}),
         "user_align": (["distill.alpha=0"], {"distill.user_align": [1.0]}),
     }
-    result = run_kd_benchmark(cfg, [0, 1], families)
+    result = run_kd_benchmark(cfg, [0, 1], families, twins={"": []})
     summary = json.loads((out / "kd_benchmark" / "summary" / "results.json").read_text())
     runs = summary["search"]["listwise_kl"]["runs"]
     assert [r["overrides"] for r in runs] == [["distill.alpha=0.5"], ["distill.alpha=2.0"]]
@@ -452,6 +452,46 @@ def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
     for split in ("valid", "test"):
         assert alone["student_no_kd"][split]["mean"] == pytest.approx(summary["rows"]["student_no_kd"][split]["ndcg@10"]["mean"], abs=1e-6)
     assert "## Search on valid" in result["markdown"] and (out / "kd_benchmark" / "summary" / "seeds.png").is_file()
+
+
+def test_kd_benchmark_twin_stage_controls_and_lift_verdicts(pipeline):
+    """The benchmark's twin is the valid best of the twin stage and its settings train every variant; the
+    content_init recipe gets its shuffled and random controls; a verdict says 'lift' exactly when every
+    paired test interval (vs the twin and both controls) is above 0, and each comparison has its per-seed values."""
+    from llmkd.config import load_config
+    from llmkd.experiments.kd_benchmark import run_kd_benchmark
+
+    out = pipeline["out"]
+    cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]",
+                                        "out_dir=" + str(out / "kd_twin")])
+    import shutil
+
+    for folder in ("data", "teacher"):
+        shutil.copytree(out / folder, out / "kd_twin" / folder)
+    families = {"content_init": (["distill.alpha=0"], {"student.content_init": [0.5]})}
+    run_kd_benchmark(cfg, [0, 1], families, twins={"": [], "lr=0.01": ["distill.lr=0.01"]})
+    base = out / "kd_twin" / "kd_benchmark"
+    summary = json.loads((base / "summary" / "results.json").read_text())
+    search = json.loads((base / "search" / "report.json").read_text())
+    twin_runs = {c["name"]: c for c in search["candidates"] if c["family"] == "no_teacher"}
+    assert set(twin_runs) == {"no_teacher", "no_teacher_lr=0.01"}
+    assert summary["twin"] == max(twin_runs, key=lambda n: twin_runs[n]["valid_ndcg@10"])  # the twin is the valid best
+    assert summary["variants"]["student_no_kd"] == twin_runs[summary["twin"]]["overrides"]
+    twin_lr = load_config(pipeline["cfg"], summary["variants"]["student_no_kd"]).distill.lr
+    assert all(load_config(pipeline["cfg"], o).distill.lr == twin_lr for o in summary["variants"].values())
+    init = summary["variants"]["content_init"]  # the controls: the same recipe, the teacher's rows shuffled / random
+    assert summary["controls"] == {"control_shuffled": [*init, "student.content_init_source=shuffled"],
+                                   "control_random": [*init, "student.content_init_source=random"]}
+    assert {"control_shuffled", "control_random", "content_init"} <= set(summary["rows"])
+    assert set(summary["verdicts"]) == {"content_init"}
+    against = [summary["paired"][f"content_init - {b}"]["test"] for b in ("student_no_kd", "control_shuffled", "control_random")]
+    assert all(set(p["per_seed"]) == {"0", "1"} for p in against)  # each seed's difference beside the interval
+    assert (summary["verdicts"]["content_init"] == "lift") == all(p["lo"] > 0 for p in against)
+    assert "control_random" in result_markdown(base) and "verdict" in result_markdown(base)
+
+
+def result_markdown(base):
+    return (base / "summary" / "results.md").read_text()
 
 
 def test_online_cost_benchmark(pipeline, tiny_bert):
@@ -544,7 +584,8 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
     """scripts/tune.py searches on valid and writes recipe.yaml; distill.py --recipe then copies the
     matching search run instead of training it again (same weights), and --retrain trains it."""
     cfg, out, home = pipeline["cfg"], pipeline["out"], pipeline["home"]
-    proc = run(script("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1"), home)
+    proc = run(script("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1",
+                      "--configured-twin"), home)  # the twin stage: tests/test_recipe.py, test_kd_benchmark_*
     assert "chosen on valid" in proc.stdout
     report = json.loads((out / "tune" / "report.json").read_text())
     done = [c for c in report["candidates"] if "valid_ndcg@10" in c]
@@ -567,7 +608,8 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
                        "--retrain"), home)
     assert "reused" not in proc.stdout and "best valid ndcg@10" in proc.stdout
     assert json.loads((out / "student_recipe" / "meta.json").read_text())["created"] >= copied
-    again = run(script("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1"), home)
+    again = run(script("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1",
+                       "--configured-twin"), home)
     assert "chosen on valid" in again.stdout
     assert {c["status"] for c in json.loads((out / "tune" / "report.json").read_text())["candidates"]} == {"reused"}
     bad = run(script("tune.py", cfg, "--families", "nope"), home, check=False)

@@ -21,26 +21,28 @@ import numpy as np
 import torch
 
 from llmkd.artifacts import atomic_dir, write_json
-from llmkd.experiments.seeds import run_seeds, variant_config
-from llmkd.config import Config
+from llmkd.experiments.seeds import paired_difference, run_seeds, seeds_markdown, variant_config
+from llmkd.config import Config, load_config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap
 from llmkd.locks import locked
-from llmkd.recipe import FAMILIES, NO_TEACHER_OVERRIDES, run_search
+from llmkd.recipe import FAMILIES, run_search
 from llmkd.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
 
 NO_KD = "student_no_kd"
+CONTROLS = {"control_shuffled": "shuffled", "control_random": "random"}
 HEADROOM_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)  # teacher-score weights of the serving-time ensemble
 
 
 def search(cfg: Config, families: dict[str, tuple[list[str], dict[str, list]]], seed: int, jobs: int = 1,
-           budget_s: float | None = None) -> tuple[dict, dict]:
+           budget_s: float | None = None, twins: dict[str, list[str]] | None = None) -> tuple[dict, dict, dict]:
     """The recipe search (`llmkd.recipe.run_search`) at `seed` into `<out_dir>/kd_benchmark/search/`.
 
-    Returns, per family, its runs and the valid-best point (`{"fixed", "runs", "chosen"}`), and the
-    combinations the search trained (`{name: {"overrides", "folder", "valid_ndcg@10"}}`)."""
-    report = run_search(cfg, families, budget_s, jobs, seed, folder="kd_benchmark/search")
+    Returns, per family, its runs and the valid-best point (`{"fixed", "runs", "chosen"}`), the
+    combinations the search trained (`{name: {"overrides", "folder", "valid_ndcg@10"}}`), and the search's
+    report (its chosen twin: `twin`, `twin_overrides`; its chosen recipe: `chosen_overrides`)."""
+    report = run_search(cfg, families, budget_s, jobs, seed, folder="kd_benchmark/search", twins=twins)
     cands = [c for c in report["candidates"] if "valid_ndcg@10" in c]
     found = {}
     for family, (fixed, _) in families.items():
@@ -50,7 +52,27 @@ def search(cfg: Config, families: dict[str, tuple[list[str], dict[str, list]]], 
             found[family] = {"fixed": fixed, "runs": runs, "chosen": max(runs, key=lambda r: r["valid_ndcg@10"])}
     combos = {c["name"]: {k: c[k] for k in ("overrides", "folder", "valid_ndcg@10")}
               for c in cands if c["family"] == "combination"}
-    return found, combos
+    return found, combos, report
+
+
+def control_variants(chosen: list[str], content_init: list[str] | None) -> dict[str, list[str]]:
+    """The controls of initialising ids from the teacher's item vectors: the recipe chosen on valid (or, when
+    it does not use `content_init`, the content_init family's chosen point) with those vectors' rows shuffled
+    across items, and with random rows at their scale (`student.content_init_source`); none without either."""
+    base = chosen if load_config(None, chosen).student.content_init else content_init
+    if not base:
+        return {}
+    return {name: [*base, f"student.content_init_source={source}"] for name, source in CONTROLS.items()}
+
+
+def lift_verdicts(paired: dict, systems: list[str], against: list[str], split: str = "test") -> dict[str, str]:
+    """Per system: 'lift' when the paired interval's lower bound on `split` is above 0 against every system
+    in `against` (the twin and the controls), else which comparisons it does not clear."""
+    out = {}
+    for name in systems:
+        short = [b for b in against if b != name and paired[f"{name} - {b}"][split]["lo"] <= 0]
+        out[name] = "lift" if not short else "not a lift: interval reaches 0 vs " + ", ".join(short)
+    return out
 
 
 def topk_lists(data: RecData, split: str, score_fn, k: int = 10, batch_size: int = 512) -> np.ndarray:
@@ -180,7 +202,7 @@ def targets(rows: dict, best: str, teacher: str, peer: tuple[str, float], ratio:
 
 
 def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], seeds: list[int],
-                search_seed: int) -> str:
+                search_seed: int, verdicts: dict[str, str]) -> str:
     lines = [f"## Search on valid (seed {search_seed}; the chosen point per family in bold)", "",
              "| family | overrides | valid NDCG@10 | best epoch |", "|---|---|---|---|"]
     for family, f in found.items():
@@ -189,7 +211,11 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
             if r is f["chosen"]:
                 cells = [f"**{c}**" for c in cells]
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Test, chosen points, seeds {seeds}", "", report["markdown"], "", "## Targets", "", *target_lines,
+    lines += ["", f"## Test, chosen points, seeds {seeds}", "", report["markdown"], "",
+              f"Lift verdicts (test): a system counts as a lift only when its paired interval is above 0 against "
+              f"{NO_KD} and every control ({', '.join(CONTROLS)}, where the recipe has them).", "",
+              "| system | verdict |", "|---|---|", *(f"| {n} | {v} |" for n, v in verdicts.items()),
+              "", "## Targets", "", *target_lines,
               "", "## Diagnostics (test)", "", "Top-10 overlap with the teacher (mean over seeds):", "",
               "| system | overlap@10 |", "|---|---|"]
     for name, o in diag["overlap@10"].items():
@@ -217,29 +243,39 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
 @locked(lambda a: Path(a["cfg"].out_dir) / "kd_benchmark")
 def run_kd_benchmark(cfg: Config, seeds: list[int], families: dict | None = None, search_seed: int | None = None,
                      peer: tuple[str, float] = ("SASRec (RecBole, docs/peers.md)", 0.0959), jobs: int = 1,
-                     budget_s: float | None = None, ratio: tuple[float, float] = (1.10, 1.20)) -> dict:
+                     budget_s: float | None = None, ratio: tuple[float, float] = (1.10, 1.20),
+                     twins: dict[str, list[str]] | None = None) -> dict:
     """Search, seeds, diagnostics; writes `<out_dir>/kd_benchmark/`."""
     families = families or FAMILIES
     search_seed = seeds[0] if search_seed is None else search_seed
     data = load_data(Path(cfg.out_dir) / "data")
-    found, combos = search(cfg, families, search_seed, jobs, budget_s)
-    variants = {NO_KD: list(NO_TEACHER_OVERRIDES)}
-    aliases = {}
+    found, combos, searched = search(cfg, families, search_seed, jobs, budget_s, twins)
+    variants = {NO_KD: searched["twin_overrides"]}  # the strongest twin the search trained, not the configured one
+    aliases = {(NO_KD, search_seed): [t["folder"] for t in searched["candidates"] if t["name"] == searched["twin"]]}
     for family, f in found.items():
         variants[family] = [*f["fixed"], *f["chosen"]["overrides"]]
         aliases[(family, search_seed)] = [f["chosen"]["folder"]]
     for name, c in combos.items():  # content + score loss / alignment, each at its chosen point
         variants[name] = c["overrides"]
         aliases[(name, search_seed)] = [c["folder"]]
+    controls = control_variants(searched["chosen_overrides"], variants.get("content_init"))
+    variants.update(controls)
     report = run_seeds(cfg, seeds, variants, aliases, report="kd_benchmark/seeds", jobs=jobs)
     rows = report["rows"]
-    best = max((v for v in variants if v != NO_KD), key=lambda v: rows[v]["valid"]["ndcg@10"]["mean"])
+    teachers = [v for v in variants if v != NO_KD and v not in controls]
+    best = max(teachers, key=lambda v: rows[v]["valid"]["ndcg@10"]["mean"])
+    for a in teachers:  # every teacher variant against each control, with the same paired rule
+        for c in controls:
+            report["paired"][f"{a} - {c}"] = paired_difference(report["per_user"], a, c, seeds, cfg.eval.bootstrap)
+    verdicts = lift_verdicts(report["paired"], teachers, [NO_KD, *controls])
+    report["markdown"] = seeds_markdown(rows, report["paired"], seeds)  # with the control comparisons
     diag = diagnostics(cfg, data, variants, seeds, report["per_user"], best)
     target_lines = targets(rows, best, cfg.distill.teacher, peer, ratio)
-    md = kd_markdown(found, report, diag, target_lines, seeds, search_seed)
+    md = kd_markdown(found, report, diag, target_lines, seeds, search_seed, verdicts)
     folder = Path(cfg.out_dir) / "kd_benchmark" / "summary"
     with atomic_dir(folder) as tmp:
         write_json(tmp / "results.json", {"chosen": best, "seeds": seeds, "search": found, "variants": variants, "rows": rows,
+                                          "twin": searched["twin"], "controls": controls, "verdicts": verdicts,
                                           "paired": report["paired"], "diagnostics": diag, "targets": target_lines})
         (tmp / "results.md").write_text(md + "\n", encoding="utf-8")
         (tmp / "seeds.png").write_bytes((report["folder"] / "seeds.png").read_bytes())
