@@ -21,7 +21,7 @@ RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
 .PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale \
-	benchmark-scale-micro benchmark-scale-minilm benchmark-ann cold-start clean
+	benchmark-scale-micro benchmark-scale-minilm benchmark-ann cold-start peer-beauty clean
 
 install: $(VENV)/.installed
 
@@ -100,6 +100,19 @@ benchmark-beauty: install
 	cp $(BEAUTY_OUT)/kd_benchmark/summary/results.json results/amazon_beauty_kd_benchmark.json
 	cp $(BEAUTY_OUT)/kd_benchmark/summary/results.md results/amazon_beauty_kd_benchmark.md
 	cp $(BEAUTY_OUT)/kd_benchmark/summary/seeds.png results/amazon_beauty_kd_benchmark.png
+
+# Peer run (PEERS.md, Amazon Beauty): RecTools' SASRec with cross-entropy over the whole catalog and the published
+# SASRec-CE's settings, on llmkd's split (its own data folder, same split) and llmkd's evaluator, over SEEDS; the epoch
+# is chosen on valid NDCG@10. results/peers_beauty.json is rewritten after each seed and a rerun reuses finished seeds.
+# The `peers` extra goes in with --no-deps: RecTools' numpy<2 / pandas<3 pins would downgrade this environment.
+PEER_OUT ?= runs/amazon_beauty_peer
+PEER_EPOCHS ?= 200
+PEER_SET = --config configs/amazon_beauty.yaml --set out_dir=$(PEER_OUT)
+peer-beauty: install
+	$(BIN)/pip install -q --no-deps $$($(RUN) -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))")
+	$(RUN) scripts/prepare_data.py $(PEER_SET)
+	$(RUN) scripts/peer_sasrec.py $(PEER_SET) --seeds $(SEEDS) --epochs $(PEER_EPOCHS) --output results/peers_beauty.json
 
 # Cold-start items: 10% of the items withheld from every stage, then embedded from their text.
 COLD_SET = --config configs/ml100k_cold.yaml
