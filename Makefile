@@ -91,7 +91,7 @@ benchmark-beauty: install
 	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(BEAUTY_SET)
 	$(RUN) scripts/build_teacher.py $(BEAUTY_SET)
 	$(RUN) scripts/benchmark_kd.py $(BEAUTY_SET) --seeds $(SEEDS) --jobs 2 --budget $(BEAUTY_BUDGET) \
-		--families $(BEAUTY_FAMILIES) --target 1.25 1.40 --peer "ActionPiece (ICML 2025, docs/peers.md)=0.0424"
+		--families $(BEAUTY_FAMILIES) --target 1.25 1.40 --peer "BSARec (AAAI 2024, docs/peers.md)=0.0611"
 	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(BEAUTY_SET) --set distill.alpha=0 \
 		--set distill.name=student_no_kd --reuse-from $(BEAUTY_OUT)/kd_benchmark/search/runs
 	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(BEAUTY_SET) --recipe $(BEAUTY_OUT)/kd_benchmark/search/recipe.yaml

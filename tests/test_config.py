@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -151,6 +152,13 @@ def test_shipped_file_configs_build_their_data(path, monkeypatch):
         pytest.skip(f"{path.name}: generated data not made on this machine ({generated[0]})")
     data = build_data(cfg)
     assert data.num_users > 0 and data.num_items > 0 and len(data.eval_users("test")) > 0
+    readme = files[0].parent / "README.md"  # a benchmark folder that publishes its split's SHA-256 sums
+    published = dict(re.findall(r"^- (valid|test)\s+`([0-9a-f]{64})`", readme.read_text(), re.M)) if readme.is_file() else {}
+    assert published or path.name != "amazon_beauty.yaml", f"{readme}: no published split sums found"
+    if published:
+        from llmkd.data import split_checksums
+
+        assert split_checksums(data) == published, f"{path.name}: the split differs from {readme}'s sums"
 
 
 def test_kd_loss_is_checked_when_the_config_loads():

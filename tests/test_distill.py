@@ -248,6 +248,34 @@ def test_training_that_diverges_at_every_epoch_exports_nothing(tmp_path, synthet
     assert not (tmp_path / "s_nan").exists()
 
 
+def test_patience_stops_training_and_the_best_epoch_not_the_last_is_exported(tmp_path, synthetic, monkeypatch):
+    """Valid NDCG@10 scripted as 0.1, 0.3, 0.2, 0.25, (0.9 never reached): with patience 2 the run stops after
+    epoch 4 of 6, and the exported weights are epoch 2's, not epoch 4's (they differ: training went on)."""
+    from llmkd import distill
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+    from llmkd.student import TwoTower
+
+    cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                 student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),
+                 distill=DistillConfig(name="s_patience", alpha=0.0, epochs=6, patience=2, batch_size=16, lr=0.01))
+    save_data(build_data(cfg.data), tmp_path / "data", cfg.data)
+    script, states = [0.1, 0.3, 0.2, 0.25, 0.9, 0.9], []
+
+    def scripted(model, eval_dl, data, accelerator, split="valid", item_block=65536):
+        net = accelerator.unwrap_model(model)
+        states.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return {k: script[len(states) - 1] for k in METRIC_KEYS}
+
+    monkeypatch.setattr(distill, "validate", scripted)
+    result = distill.train(cfg)
+    assert len(states) == 4 and result["epochs_run"] == 4 and result["best_epoch"] == 2
+    assert [row["ndcg@10"] for row in result["history"]] == [0.1, 0.3, 0.2, 0.25]
+    exported = TwoTower.from_pretrained(tmp_path / "s_patience").state_dict()
+    assert all(torch.equal(exported[k], states[1][k]) for k in exported)
+    assert any(not torch.equal(exported[k], states[3][k]) for k in exported)
+
+
 # ---------------------------------------------------------------- KD candidates beyond the window
 
 
