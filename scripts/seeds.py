@@ -4,6 +4,7 @@
     python scripts/seeds.py --config configs/ml100k.yaml --variant kd_t2:distill.temperature=2
     python scripts/seeds.py --config configs/ml100k.yaml --skip-default-kd --variant kd_b:distill.teacher=teacher_b
     python scripts/seeds.py --config configs/ml100k.yaml --recipe runs/ml100k/tune/recipe.yaml   # student_kd = the recipe
+    python scripts/seeds.py --config configs/ml100k.yaml --seeds 0 --reuse-from runs/ml100k   # report finished runs
 
 The no-KD twin never uses the teacher (no KD, no alignment, no teacher item features), whatever the
 config or recipe says; with --recipe the search's runs are reused where their settings match.
@@ -23,6 +24,8 @@ def main() -> None:
                    help="an extra student variant (added after the defaults; each is compared with student_no_kd)")
     p.add_argument("--skip-default-kd", action="store_true",
                    help="run only student_no_kd and the --variant students (not the config's own student_kd)")
+    p.add_argument("--reuse-from", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="folders whose run folders may already hold a variant's run (matched on its training inputs)")
     args = p.parse_args()
     variants = dict(DEFAULT_VARIANTS)
     if args.skip_default_kd:
@@ -33,7 +36,7 @@ def main() -> None:
             raise LlmkdError(f"--variant {v!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
         variants[name] = [x for x in rest.split(",") if x]
     cfg = config_from(args)
-    reuse_from = [Path(args.recipe).parent / "runs"] if args.recipe else []
+    reuse_from = [*([Path(args.recipe).parent / "runs"] if args.recipe else []), *args.reuse_from]
     result = run_seeds(cfg, args.seeds, variants, reuse_from=reuse_from)
     print(result["markdown"])
     print(f"\nwritten to {Path(cfg.out_dir) / 'seeds_report'}")
