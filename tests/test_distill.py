@@ -583,9 +583,13 @@ def test_training_key_counts_item_updates_as_resolved():
     assert training_key(auto, 10 ** 6) == training_key(sparse, 10 ** 6) != training_key(dense, 10 ** 6)
 
 
-def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic):
-    """item_updates 'sparse' end to end: trains, records it, and a rerun resumes from the checkpoint
-    (both optimizers' states restored) to the same weights as an uninterrupted run."""
+def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic, capsys, monkeypatch):
+    """item_updates 'sparse' end to end: trains and records it; a rerun with resume=True really resumes
+    (says so, trains only the epoch left, keeps the first epoch's record from the checkpoint), restores
+    both optimizers' states exactly as the checkpoint saved them (AdamW's and SparseAdam's moments and
+    steps, both non-trivial), and ends with exactly the weights of an uninterrupted run of the same seed
+    (which a run retrained from scratch would match too: hence the other checks)."""
+    import copy
     import json
 
     from safetensors.torch import load_file
@@ -602,14 +606,39 @@ def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic):
 
     save_data(build_data(cfg("x", 1).data), tmp_path / "data", cfg("x", 1).data)
     distill.train(cfg("whole", 2))
-    distill.train(cfg("halves", 1))
-    distill.train(cfg("halves", 2), resume=True)
+    first = distill.train(cfg("halves", 1))
+    last = tmp_path / "checkpoints" / "halves" / "last"
+    assert json.loads((last / "train_state.json").read_text())["epoch"] == 1
+    saved = [torch.load(last / f, weights_only=True) for f in ("optimizer.bin", "optimizer_1.bin")]
+    restored = []
+    real_load = distill.load_checkpoint
+
+    def spy(accelerator, *args, **kwargs):  # what the optimizers hold right after the checkpoint is loaded
+        state = real_load(accelerator, *args, **kwargs)
+        restored.append([(type(o.optimizer).__name__, copy.deepcopy(o.state_dict())) for o in accelerator._optimizers])
+        return state
+
+    monkeypatch.setattr(distill, "load_checkpoint", spy)
+    capsys.readouterr()
+    resumed = distill.train(cfg("halves", 2), resume=True)
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "epoch 2, 0 batches done" in printed, printed
+    assert "halves epoch 2:" in printed and "halves epoch 1:" not in printed, printed  # epoch 1 not trained again
+    assert resumed["history"][0] == first["history"][0] and resumed["epochs_run"] == 2  # seconds included
+    assert len(restored) == 1 and [name for name, _ in restored[0]] == ["AdamW", "SparseAdam"]
+    for (name, got), want in zip(restored[0], saved, strict=True):
+        assert want["state"] and got["state"].keys() == want["state"].keys(), name  # moments exist, every param
+        for p, moments in want["state"].items():
+            assert moments.keys() == got["state"][p].keys(), (name, p)
+            assert float(moments["step"]) > 0, (name, p)
+            for k, v in moments.items():
+                assert torch.equal(torch.as_tensor(got["state"][p][k]), torch.as_tensor(v)), (name, p, k)
     meta = json.loads((tmp_path / "whole" / "meta.json").read_text())
     assert meta["item_updates"] == "sparse" and meta["epochs_run"] == 2
     halves = json.loads((tmp_path / "halves" / "meta.json").read_text())
     assert [r["ndcg@10"] for r in halves["history"]] == [r["ndcg@10"] for r in meta["history"]]
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("whole", "halves"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_valid_users_samples_the_same_users_for_every_run(synthetic_data):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -51,23 +52,78 @@ def _config(tmp_path, model, **finetune) -> Config:
                   finetune=FinetuneConfig(**finetune), distill=DistillConfig(kd_top_k=10))
 
 
+class LoraWatch:
+    """Watches the LoRA weights `finetune_teacher` trains, without changing them: a spy on
+    `peft.get_peft_model` keeps the PEFT model and its trainable weights as created, and a spy on
+    `llmkd.finetune.ndcg_at_10` (called once per valid evaluation in one process) copies them at every
+    evaluation, in the order of meta['curve']. Only the last model made is watched."""
+
+    def __init__(self, monkeypatch) -> None:
+        import peft
+
+        from llmkd import finetune
+
+        self.model, self.initial, self.at_eval = None, {}, []
+        real_peft, real_ndcg = peft.get_peft_model, finetune.ndcg_at_10
+
+        def get_peft_model(model, *args, **kwargs):
+            self.model = real_peft(model, *args, **kwargs)
+            self.initial, self.at_eval = self.trainable(), []
+            return self.model
+
+        def ndcg_at_10(*args, **kwargs):
+            self.at_eval.append(self.trainable())
+            return real_ndcg(*args, **kwargs)
+
+        monkeypatch.setattr(peft, "get_peft_model", get_peft_model)
+        monkeypatch.setattr(finetune, "ndcg_at_10", ndcg_at_10)
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def assert_trained_the_top_layer_only(self) -> None:
+        """Every trainable weight is a LoRA weight of layer 1 (the top of 2) and moved from its initial
+        value (lora_B starts at zero): a no-op optimizer leaves them all as created."""
+        final = self.trainable()
+        assert final and final.keys() == self.initial.keys()
+        assert all(".lora_" in n and re.search(r"\.layers?\.1\.", n) for n in final), sorted(final)
+        unmoved = [n for n in final if torch.equal(final[n], self.initial[n])]
+        assert not unmoved, unmoved
+
+
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
-def test_finetune_writes_a_peft_adapter_that_changes_the_teacher(tmp_path, synthetic_data, fixture, request):
+def test_finetune_writes_a_peft_adapter_that_changes_the_teacher(tmp_path, synthetic_data, fixture, request,
+                                                                monkeypatch):
+    """The adapter artifact (PEFT files, curve, plot). Training moves every LoRA weight of the top layer
+    and no other; the exported adapter is exactly the weights at the best valid evaluation; and these
+    settings (no warm-up: lr 5e-2 from the first step) keep a trained step, not step 0 (bert: step 2 of 4,
+    an intermediate one; llama: step 4), so the exported adapter must change the teacher's vectors. A
+    no-op optimizer fails all three."""
+    from safetensors.torch import load_file
+
     model = request.getfixturevalue(fixture)
-    cfg = _config(tmp_path, model, top_layers=1, lr=5e-2)
+    watch = LoraWatch(monkeypatch)
+    cfg = _config(tmp_path, model, top_layers=1, lr=5e-2, warmup_steps=0)
     meta = finetune_teacher(synthetic_data, cfg)
     folder = tmp_path / "teacher_lora"
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
     assert (folder / "valid_curve.png").is_file()
-    assert [r["step"] for r in meta["curve"]] == [0, 2, 4]
+    assert [r["step"] for r in meta["curve"]] == [0, 2, 4] and len(watch.at_eval) == 3
     saved = json.loads((folder / "meta.json").read_text())
-    assert saved["best_valid_ndcg_at_10"] == max(r["valid_ndcg@10"] for r in saved["curve"])
-    # the adapter touches only the top layer; exported after a training step, it changes the vectors
+    curve = [r["valid_ndcg@10"] for r in saved["curve"]]
+    assert saved["best_valid_ndcg_at_10"] == max(curve)
+    best_at = curve.index(max(curve))  # the first best: a later tie is not an improvement
+    assert saved["curve"][best_at]["step"] != 0, f"no trained step kept ({curve}): this test needs one"
+    watch.assert_trained_the_top_layer_only()
+    exported = load_file(folder / "adapter_model.safetensors")
+    at_best = {n.replace(".default", ""): w for n, w in watch.at_eval[best_at].items()}
+    assert exported.keys() == at_best.keys()
+    assert all(torch.equal(exported[n], at_best[n]) for n in exported), "not the best evaluation's weights"
+    # the adapter touches only the top layer; a trained one changes the vectors
     base = TextEncoder(str(model), batch_size=8).encode(synthetic_data.item_texts[:5], 32)
     tuned = TextEncoder(str(model), batch_size=8, adapter=folder).encode(synthetic_data.item_texts[:5], 32)
-    best_step = max(saved["curve"], key=lambda r: r["valid_ndcg@10"])["step"]
     assert tuned.shape == base.shape and np.isfinite(tuned).all()
-    assert np.allclose(tuned, base, atol=1e-6) == (best_step == 0)
+    assert not np.allclose(tuned, base, atol=1e-6)
     adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
     assert adapter_cfg["layers_to_transform"] == [1]
 
@@ -144,11 +200,27 @@ def test_split_encoder_equals_the_whole_model(fixture, request):
     assert len(split.layers) == enc.model.config.num_hidden_layers  # the layer list is restored
 
 
-def test_finetune_with_cached_lower_layers_trains_the_top(tmp_path, synthetic_data, tiny_bert):
+def test_finetune_with_cached_lower_layers_trains_the_top(tmp_path, synthetic_data, tiny_bert, monkeypatch):
+    """Cached lower layers: training draws from `cache_pairs` fixed cuts and moves every LoRA weight of the
+    top layer (a no-op optimizer moves none). Over all cuts it trains like the uncached whole model: the
+    same batches, so the same loss at every step, up to the float16 cache (< 1e-4 here); a cached run whose
+    optimizer steps change nothing is > 1e-2 away from the second step on."""
+    watch = LoraWatch(monkeypatch)
     cfg = _config(tmp_path, tiny_bert, top_layers=1, lr=5e-2, cache_pairs=20)
     meta = finetune_teacher(synthetic_data, cfg)
     assert meta["cached_lower_layers"] == 1 and meta["training_cuts"] == 20
     assert all(np.isfinite(r["train_loss"]) for r in meta["curve"][1:])
+    watch.assert_trained_the_top_layer_only()
+    common = {"top_layers": 1, "lr": 5e-2, "warmup_steps": 0}
+    cached = finetune_teacher(synthetic_data, _config(tmp_path / "cached", tiny_bert, cache_pairs=0, **common))
+    watch.assert_trained_the_top_layer_only()
+    whole = finetune_teacher(synthetic_data, _config(tmp_path / "whole", tiny_bert, cache_lower_layers=False, **common))
+    assert (cached["cached_lower_layers"], whole["cached_lower_layers"]) == (1, 0)
+    from llmkd.finetune import train_pairs
+
+    assert cached["training_cuts"] == whole["training_cuts"] == len(train_pairs(synthetic_data))  # the same cuts
+    assert len(cached["step_losses"]) == len(whole["step_losses"]) == 4
+    assert cached["step_losses"] == pytest.approx(whole["step_losses"], abs=1e-3)
 
 
 def test_finetune_reuses_a_matching_adapter(tmp_path, synthetic_data, tiny_bert):

@@ -230,3 +230,131 @@ def test_the_twin_stage_picks_the_best_no_teacher_settings_and_every_family_trai
                             folder="tune_configured")
     assert configured["twin"] == NO_TEACHER and all("distill.lr=0.004" not in c["overrides"]
                                                     for c in configured["candidates"])
+
+
+BEST_SMALL = "content_features_content_hidden=32+user_align_user_align=1.0+listwise_kl_alpha=1.0"
+
+
+def per_user_valid_ndcg(clear: bool, n: int = 40) -> dict[str, np.ndarray]:
+    """Made-up per-user valid NDCG@10 of the valid best (`BEST_SMALL`) and of the no-teacher twin, by run
+    folder: the best is 0.05 above the twin for every user (`clear`), or +0.30 / -0.26 on alternate users
+    (a positive mean, +0.02, within a noise of +-0.28 per user)."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.0, 0.5, n)
+    gain = 0.05 + rng.uniform(0.0, 0.01, n) if clear else np.where(np.arange(n) % 2 == 0, 0.30, -0.26)
+    return {f"{BEST_SMALL}_s0": base + gain, f"{NO_TEACHER}_s0": base}
+
+
+@pytest.mark.parametrize("clear", [True, False], ids=["interval_above_0", "interval_straddles_0"])
+def test_the_paired_rule_on_real_bootstrap_intervals(run_dir, clear):
+    """Both branches of the paired rule (`llmkd.recipe.evidence`) through `run_search`, deterministically:
+    the gain is the real `paired_bootstrap` of per-user valid NDCG@10 arrays looked up by the two run
+    folders it is asked about (valid best first, twin second). An interval clearly above 0 keeps the valid
+    best as the recipe; an interval that straddles 0 (with a positive mean, so a rule on the mean or on
+    the upper end would keep the best) gives the no-teacher twin. The report records the interval."""
+    from llmkd.evaluate import paired_bootstrap
+
+    out, clock = run_dir
+    cfg = load_config(None, [f"out_dir={out}"])
+    arrays = per_user_valid_ndcg(clear)
+    expected = paired_bootstrap(arrays[f"{BEST_SMALL}_s0"], arrays[f"{NO_TEACHER}_s0"])
+    if clear:  # the premise of each case, on the real bootstrap's output
+        assert expected["lo"] > 0.04
+    else:
+        assert expected["lo"] < -0.03 and expected["hi"] > 0.03 and expected["mean"] > 0
+    asked = []
+
+    def gain(cfg, data, folder, base):
+        asked.append((folder.name, base.name))
+        return paired_bootstrap(arrays[folder.name], arrays[base.name])
+
+    report = run_search(cfg, FAMILIES_SMALL, train_fn=FakeTrainer(clock), gain_fn=gain, twins=CONFIGURED_TWIN)
+    assert asked == [(f"{BEST_SMALL}_s0", f"{NO_TEACHER}_s0")]
+    assert report["chosen"] == (BEST_SMALL if clear else NO_TEACHER)
+    assert ("within noise" in report["why"]) == (not clear)
+    assert f"[{expected['lo']:+.4f}, {expected['hi']:+.4f}]" in report["why"]
+    best = next(c for c in report["candidates"] if c["name"] == BEST_SMALL)
+    assert best["valid_gain"] == expected
+    recipe = load_config(None, [f"out_dir={out}"], recipe=out / "tune" / "recipe.yaml")
+    assert (recipe.student.content_features, recipe.distill.alpha) == ((True, 1.0) if clear else (False, 0.0))
+
+
+def seal_test_split(monkeypatch) -> list[str]:
+    """From now on every read of the test split raises and is recorded in the list returned (so a read
+    whose error is swallowed is still seen): `RecData.targets('test')`, `RecData.history(u, 'test')`,
+    `RecData.eval_users('test')` and the `test_item` array itself, except for `load_data`'s check that
+    some user has a test item at all (`llmkd.data.no_eval_users`, which reads no item)."""
+    import sys
+
+    from llmkd.data import RecData, no_eval_users
+
+    exempt, reads = no_eval_users.__code__, []
+
+    def read(what: str) -> None:
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is exempt:
+                return
+            frame = frame.f_back
+        reads.append(what)
+        raise AssertionError(f"the test split was read: {what}")
+
+    def get_test_item(self):
+        read("RecData.test_item")
+        return self.__dict__["_sealed_test_item"]
+
+    def set_test_item(self, value) -> None:
+        self.__dict__["_sealed_test_item"] = value
+
+    monkeypatch.setattr(RecData, "test_item", property(get_test_item, set_test_item), raising=False)
+
+    def sealed(name: str):
+        real = getattr(RecData, name)
+
+        def guarded(self, *args, **kwargs):
+            if kwargs.get("split", args[-1] if args else None) == "test":
+                read(f"RecData.{name}(..., 'test')")
+            return real(self, *args, **kwargs)
+
+        return guarded
+
+    for name in ("targets", "history", "eval_users"):
+        monkeypatch.setattr(RecData, name, sealed(name))
+    return reads
+
+
+def test_the_search_never_reads_the_test_split(tmp_path, synthetic_data, monkeypatch):
+    """A real search with the test split sealed (`seal_test_split`): two no-teacher points (the configured
+    twin and dropout 0) trained by `llmkd.distill.train` (tiny, 1 epoch, in this process), then the real
+    `valid_gain` (both students' per-user valid NDCG@10, paired bootstrap). The second point's recorded
+    valid score is raised after training so it is the valid best and the paired rule is asked. The search
+    completes without one read of test, and the gain it recorded is the two students' valid difference."""
+    from llmkd.data import load_data
+    from llmkd.recipe import NO_TEACHER_OVERRIDES, train_many
+
+    # not `run_dir`: its fake clock replaces time.monotonic everywhere, which the real training's lock reads
+    save_data(synthetic_data, tmp_path / "data", DataConfig())
+    assert len(load_data(tmp_path / "data").eval_users("test"))  # before the seal: there is a test split
+    cfg = load_config(None, [f"out_dir={tmp_path}", "data.max_history=8", "student.dim=8", "student.num_layers=1",
+                             "student.num_heads=1", "distill.epochs=1", "distill.batch_size=64"])
+    families = {"plain": (list(NO_TEACHER_OVERRIDES), {"student.dropout": [0.0]})}
+    trained = {}
+
+    def train_fn(cfgs: list[Config], jobs: int) -> None:
+        train_many(cfgs, jobs)  # jobs 1: in this process, under the seal
+        for c in cfgs:
+            meta_file = tmp_path / c.distill.name / "meta.json"
+            meta = json.loads(meta_file.read_text())
+            trained[c.distill.name] = meta["best_valid_ndcg@10"]
+            if "plain" in c.distill.name:
+                meta["best_valid_ndcg@10"] = 1.0
+                write_json(meta_file, meta)
+
+    reads = seal_test_split(monkeypatch)
+    report = run_search(cfg, families, train_fn=train_fn, twins=CONFIGURED_TWIN)
+    assert reads == []
+    assert sorted(trained) == ["tune/runs/no_teacher_s0", "tune/runs/plain_dropout=0.0_s0"]
+    best = next(c for c in report["candidates"] if c["name"] == "plain_dropout=0.0")
+    assert best["valid_gain"]["mean"] == pytest.approx(
+        trained["tune/runs/plain_dropout=0.0_s0"] - trained["tune/runs/no_teacher_s0"], abs=1e-5)
+    assert report["chosen"] == ("plain_dropout=0.0" if best["valid_gain"]["lo"] > 0 else NO_TEACHER)
