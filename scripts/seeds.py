@@ -24,6 +24,7 @@ def main() -> None:
                    help="an extra student variant (added after the defaults; each is compared with student_no_kd)")
     p.add_argument("--skip-default-kd", action="store_true",
                    help="run only student_no_kd and the --variant students (not the config's own student_kd)")
+    p.add_argument("--jobs", type=int, default=1, help="students trained at a time (worker processes share the cores)")
     p.add_argument("--reuse-from", nargs="+", type=Path, default=[], metavar="DIR",
                    help="folders whose run folders may already hold a variant's run (matched on its training inputs)")
     args = p.parse_args()
@@ -37,7 +38,9 @@ def main() -> None:
         variants[name] = [x for x in rest.split(",") if x]
     cfg = config_from(args)
     reuse_from = [*([Path(args.recipe).parent / "runs"] if args.recipe else []), *args.reuse_from]
-    result = run_seeds(cfg, args.seeds, variants, reuse_from=reuse_from)
+    if args.jobs < 1:
+        raise LlmkdError(f"--jobs: expected >= 1, got {args.jobs}")
+    result = run_seeds(cfg, args.seeds, variants, reuse_from=reuse_from, jobs=args.jobs)
     print(result["markdown"])
     print(f"\nwritten to {Path(cfg.out_dir) / 'seeds_report'}")
 
