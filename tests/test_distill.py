@@ -409,7 +409,7 @@ def test_auto_loss_is_full_softmax_up_to_the_threshold_and_named_losses_stay():
     assert dc.hard_loss_for(dc.sampled_above + 1) == "sampled_softmax"
     assert DistillConfig(loss="full_softmax").hard_loss_for(10 ** 7) == "full_softmax"
     assert DistillConfig(loss="sampled_softmax").hard_loss_for(10) == "sampled_softmax"
-    assert load_config(REPO / "configs/amazon_beauty.yaml").distill.hard_loss_for(12_101) == "sampled_softmax"
+    assert load_config(REPO / "configs/amazon_beauty.yaml").distill.hard_loss_for(12_101) == "full_softmax"
     assert load_config(REPO / "configs/ml100k.yaml").distill.hard_loss_for(1682) == "full_softmax"
     assert DistillConfig(kd_index="auto").kd_index_for(dc.kd_exact_max_items + 1) == "ivf"
     assert DistillConfig(kd_index="auto").kd_index_for(dc.kd_exact_max_items) == "flat"
