@@ -24,7 +24,8 @@ def training_key(cfg: Config, num_items: int | None = None, epochs: bool = True)
     student and distill settings (not the run's name; without the teacher fields when it uses no teacher,
     so the no-KD twin is the same whatever teacher the KD variants learn from) and the teacher config.
     Given the catalog size, 'auto' settings count as what they resolve to (`distill.loss`, `kd_index`), so
-    a run recorded with 'full_softmax' is the same run as 'auto' on a catalog where auto means that.
+    a run recorded with 'full_softmax' is the same run as 'auto' on a catalog where auto means that, whatever
+    its `num_negatives` (read by the sampled softmax only).
     `epochs=False` leaves the epoch cap out (`same_epochs` decides it)."""
     d = cfg.to_dict()
     skip = ("name",) if cfg.uses_teacher else ("name", *TEACHER_ONLY)
@@ -32,6 +33,8 @@ def training_key(cfg: Config, num_items: int | None = None, epochs: bool = True)
     distill = {k: v for k, v in d["distill"].items() if k not in skip}
     if num_items is not None:
         distill["loss"] = cfg.distill.hard_loss_for(num_items)
+        if distill["loss"] == "full_softmax":
+            distill.pop("num_negatives", None)  # read by the sampled softmax only
         distill["item_updates"] = cfg.item_updates_for(num_items, strict=False)
         distill.pop("sampled_above", None)
         if "kd_index" in distill:

@@ -583,6 +583,14 @@ def test_training_key_counts_item_updates_as_resolved():
     assert training_key(auto, 10 ** 6) == training_key(sparse, 10 ** 6) != training_key(dense, 10 ** 6)
 
 
+def test_training_key_ignores_the_negatives_count_only_where_the_full_softmax_runs():
+    from llmkd.config import Config, DistillConfig
+    from llmkd.reuse import training_key
+
+    a, b = (Config(distill=DistillConfig(loss="auto", num_negatives=n)) for n in (256, 1024))
+    assert training_key(a, 12_101) == training_key(b, 12_101)  # full softmax: the count is never read
+    assert training_key(a, 10 ** 6) != training_key(b, 10 ** 6)  # sampled: it is the run's setting
+
 def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic, capsys, monkeypatch):
     """item_updates 'sparse' end to end: trains and records it; a rerun with resume=True really resumes
     (says so, trains only the epoch left, keeps the first epoch's record from the checkpoint), restores
