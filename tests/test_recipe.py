@@ -211,7 +211,8 @@ def test_the_twin_stage_picks_the_best_no_teacher_settings_and_every_family_trai
     cfg = load_config(None, [f"out_dir={out}"])
     points = twin_points(cfg)
     assert points[""] == [] and points["lr=0.004"] == ["distill.lr=0.004"] and points["lr=0.001"] == ["distill.lr=0.001"]
-    assert points["dropout=0.6"] == ["student.dropout=0.6"] and points["init_std=0.1"] == ["student.init_std=0.1"]
+    assert points["dropout=0.1"] == ["student.dropout=0.1"] and points["dropout=0.5"] == ["student.dropout=0.5"]
+    assert points["init_std=0.1"] == ["student.init_std=0.1"] and len(points) == 6
     asked = []
 
     def gain(cfg, data, folder, base):
@@ -220,8 +221,8 @@ def test_the_twin_stage_picks_the_best_no_teacher_settings_and_every_family_trai
 
     trainer = FakeTrainer(clock)
     report = run_search(cfg, FAMILIES_SMALL, train_fn=trainer, gain_fn=gain)
-    assert trainer.trained[:5] == [f"tune/runs/{NO_TEACHER}{n}_s0" for n in
-                                   ("", "_lr=0.001", "_lr=0.004", "_dropout=0.6", "_init_std=0.1")]
+    assert trainer.trained[:6] == [f"tune/runs/{NO_TEACHER}{n}_s0" for n in
+                                   ("", "_lr=0.001", "_lr=0.004", "_dropout=0.1", "_dropout=0.5", "_init_std=0.1")]
     assert report["twin"] == f"{NO_TEACHER}_lr=0.004" and asked == [f"{NO_TEACHER}_lr=0.004_s0"]
     families = [c for c in report["candidates"] if c["family"] != NO_TEACHER]
     assert families and all(load_config(None, c["overrides"]).distill.lr == 0.004 for c in families)
