@@ -47,3 +47,29 @@ def test_the_plot_keeps_a_bar_height_per_system_whatever_the_names(tmp_path, mon
         box = label.get_window_extent(renderer)
         assert box.x0 >= 0 and box.height < 0.5 * fig.dpi  # inside the figure, at most a few lines tall
     assert (tmp_path / "seeds.png").stat().st_size > 0
+
+
+def test_compare_folders_reads_exported_and_checkpoint_students_alike(tmp_path, synthetic):
+    """The same two runs given as exported folders and as their checkpoints' best/: identical rows, a paired
+    difference of exactly 0 at each seed, and each run's progress (finished or not) reported."""
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+    from llmkd.distill import train
+    from llmkd.experiments.seeds import compare_folders
+
+    cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                 student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0))
+    save_data(build_data(cfg.data), tmp_path / "data", cfg.data)
+    for seed in (0, 1):
+        cfg.distill = DistillConfig(name=f"s{seed}", alpha=0.0, epochs=2, batch_size=64, seed=seed)
+        train(cfg)
+    cfg.eval.bootstrap = 50
+    result = compare_folders(cfg, {"exported": [tmp_path / "s0", tmp_path / "s1"],
+                                   "best": [tmp_path / f"checkpoints/s{sd}/best" for sd in (0, 1)]}, tmp_path / "cmp")
+    rows, p = result["rows"], result["paired"]["best - exported"]
+    assert rows["best"]["test"] == rows["exported"]["test"] and rows["best"]["valid"] == rows["exported"]["valid"]
+    assert p["test"]["per_seed"] == {0: 0.0, 1: 0.0} and p["test"]["lo"] == p["test"]["hi"] == 0.0
+    runs = result["runs"]
+    assert runs["exported seed 1"]["finished"] and not runs["best seed 1"]["finished"]
+    assert runs["exported seed 1"]["best_epoch"] == runs["best seed 1"]["best_epoch"] >= 1
+    assert (tmp_path / "cmp.json").is_file() and "stopped" in (tmp_path / "cmp.md").read_text()

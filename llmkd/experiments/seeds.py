@@ -22,6 +22,7 @@ from llmkd.locks import locked
 from llmkd.recipe import NO_TEACHER_OVERRIDES, train_many
 from llmkd.report import SPLITS, load_student, student_scorer
 from llmkd.reuse import reuse, runs_in
+from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 
 DEFAULT_VARIANTS = {"student_no_kd": NO_TEACHER_OVERRIDES, "student_kd": []}
@@ -71,12 +72,7 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
     for name, fn in baselines.items():
         m = {s: summarize(evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size, name=name)) for s in SPLITS}
         rows[name] = {s: {k: {"mean": m[s][k], "std": 0.0} for k in REPORTED} for s in SPLITS}
-    for name, by_seed in per_user.items():
-        rows[name] = {s: {k: {"mean": float(np.mean([summarize(r[s])[k] for r in by_seed.values()])),
-                              "std": float(np.std([summarize(r[s])[k] for r in by_seed.values()], ddof=1))
-                              if len(seeds) > 1 else 0.0}
-                          for k in REPORTED} for s in SPLITS}
-        rows[name]["per_seed"] = {seed: {s: summarize(r[s]) for s in SPLITS} for seed, r in by_seed.items()}
+    rows.update(aggregate_rows(per_user))
     base, *others = list(variants)
     paired = {f"{a} - {base}": paired_difference(per_user, a, base, seeds, cfg.eval.bootstrap)
               for a in others}  # every variant against the first (the no-KD twin)
@@ -86,6 +82,65 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
         (tmp / "results.md").write_text(md + "\n", encoding="utf-8")
         plot_seeds(rows, tmp / "seeds.png")
     return {"rows": rows, "paired": paired, "markdown": md, "per_user": per_user, "folder": out / report}
+
+
+def aggregate_rows(per_user: dict[str, dict[int, dict]]) -> dict:
+    """Per system: mean ± std over seeds of each reported metric per split, and each seed's summary."""
+    rows = {}
+    for name, by_seed in per_user.items():
+        rows[name] = {s: {k: {"mean": float(np.mean([summarize(r[s])[k] for r in by_seed.values()])),
+                              "std": float(np.std([summarize(r[s])[k] for r in by_seed.values()], ddof=1))
+                              if len(by_seed) > 1 else 0.0}
+                          for k in REPORTED} for s in SPLITS}
+        rows[name]["per_seed"] = {seed: {s: summarize(r[s]) for s in SPLITS} for seed, r in by_seed.items()}
+    return rows
+
+
+def compare_folders(cfg: Config, systems: dict[str, list[Path]], output: Path) -> dict:
+    """Students already trained (exported folders, or a checkpoint's `best/`), one folder per seed and system:
+    valid and test per user, rows over seeds and every system paired with the first, written to
+    `output`.{json,md}; for runs stopped before early stopping ended them, with what each had reached."""
+    data = load_data(Path(cfg.out_dir) / "data")
+    seeds = list(range(len(next(iter(systems.values())))))
+    if any(len(f) != len(seeds) for f in systems.values()):
+        raise LlmkdError(f"compare: every system needs the same number of folders (one per seed), got "
+                         f"{ {n: len(f) for n, f in systems.items()} }")
+    per_user, runs = {}, {}
+    for name, folders in systems.items():
+        per_user[name] = {}
+        for seed, folder in zip(seeds, folders):
+            folder = Path(folder)
+            model = (load_student(folder, data, Path(cfg.out_dir)) if (folder / "meta.json").is_file()
+                     else TwoTower.from_pretrained(folder))  # a checkpoint's best/: the weights alone
+            fn = student_scorer(model, data)
+            per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size, name=str(folder))
+                                    for s in SPLITS}
+            runs[f"{name} seed {seed}"] = run_progress(folder)
+    rows = aggregate_rows(per_user)
+    base, *others = list(systems)
+    paired = {f"{a} - {base}": paired_difference(per_user, a, base, seeds, cfg.eval.bootstrap) for a in others}
+    md = seeds_markdown(rows, paired, seeds)
+    md += "\n\nRuns (best epoch / epochs trained; 'stopped' = ended before early stopping did):\n\n" + "\n".join(
+        f"- {k}: {v['folder']}, best epoch {v['best_epoch']} of {v['epochs_run']}{'' if v['finished'] else ', stopped'}"
+        for k, v in runs.items())
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json(output.with_suffix(".json"), {"seeds": seeds, "runs": runs, "rows": rows, "paired": paired})
+    output.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+    return {"rows": rows, "paired": paired, "markdown": md, "runs": runs}
+
+
+def run_progress(folder: Path) -> dict:
+    """Best epoch and epochs trained of a student folder: from its meta.json (finished), or, for a checkpoint's
+    `best/`, from the train state beside it (`last/train_state.json`)."""
+    folder = Path(folder)
+    if (folder / "meta.json").is_file():
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        return {"folder": str(folder), "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"], "finished": True}
+    state = folder.parent / "last" / "train_state.json"
+    if folder.name != "best" or not state.is_file():
+        raise LlmkdError(f"{folder}: neither a finished student (meta.json) nor a checkpoint's best/ (with last/)")
+    st = json.loads(state.read_text(encoding="utf-8"))
+    return {"folder": str(folder), "best_epoch": st["best_epoch"], "epochs_run": st["epoch"], "finished": False}
 
 
 def paired_difference(per_user: dict, a: str, b: str, seeds: list[int], n: int = 1000) -> dict:

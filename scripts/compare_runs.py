@@ -1,0 +1,34 @@
+"""Compare students already trained, one folder per seed and system (exported, or a checkpoint's best/ for a
+run stopped early): valid and test over seeds, each system paired with the first (95 % user bootstrap and
+each seed's difference).
+
+    python scripts/compare_runs.py --config configs/amazon_beauty.yaml --output results/probe \\
+        --system student_no_kd=runs/amazon_beauty/a_s0,runs/amazon_beauty/checkpoints/a_s1/best \\
+        --system content_init=runs/amazon_beauty/b_s0,runs/amazon_beauty/checkpoints/b_s1/best
+"""
+
+from pathlib import Path
+
+from llmkd.artifacts import LlmkdError
+from llmkd.cli import config_from, parser, run
+from llmkd.experiments.seeds import compare_folders
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--system", action="append", required=True, metavar="NAME=FOLDER[,FOLDER...]",
+                   help="a system and its student folders, one per seed (the first system is the baseline)")
+    p.add_argument("--output", type=Path, required=True, help="path without suffix: writes .json and .md")
+    args = p.parse_args()
+    systems = {}
+    for s in args.system:
+        name, _, folders = s.partition("=")
+        if not name or not folders:
+            raise LlmkdError(f"--system {s!r}: expected NAME=FOLDER[,FOLDER...]")
+        systems[name] = [Path(f) for f in folders.split(",")]
+    result = compare_folders(config_from(args), systems, args.output)
+    print(result["markdown"])
+
+
+if __name__ == "__main__":
+    run(main)
