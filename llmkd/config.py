@@ -132,6 +132,8 @@ class FinetuneConfig:
 
 
 CONTENT_INIT_SOURCES = ("teacher", "shuffled", "random")
+DEFAULT_INIT_STD = 0.02
+"""The random item-id init's standard deviation (`llmkd.student.ItemTower`)."""
 
 
 @dataclass
@@ -159,7 +161,7 @@ class StudentConfig:
     """Controls for `content_init` (same initialisation, no item content): 'teacher' = the teacher's item
     vectors; 'shuffled' = the same vectors with their rows permuted across items (same spectrum and scale);
     'random' = Gaussian rows with the teacher vectors' column means and standard deviations."""
-    init_std: float = bounded(0.02, gt=0)
+    init_std: float = bounded(DEFAULT_INIT_STD, gt=0)
     """Standard deviation of the random id-embedding init (without `content_init`): a twin setting the recipe
     search can tune, so an init-scale effect is not credited to the teacher."""
     id_dropout: float = bounded(0.0, ge=0, lt=1)

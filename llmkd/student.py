@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from llmkd.artifacts import LlmkdError, reading
-from llmkd.config import StudentConfig
+from llmkd.config import DEFAULT_INIT_STD, StudentConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -42,7 +42,7 @@ class ItemTower(nn.Module):
         super().__init__()
         self.num_items, self.id_dropout = num_items, id_dropout
         self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=num_items)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.embedding.weight, std=DEFAULT_INIT_STD)
         with torch.no_grad():
             self.embedding.weight[num_items].zero_()
         if not content_dim:
@@ -127,7 +127,7 @@ def init_item_embedding(embedding: nn.Embedding, cfg: StudentConfig, teacher_vec
     if cfg.content_init:
         init_from_content(embedding, content_init_vectors(teacher_vectors, cfg.content_init_source, seed),
                           cfg.content_init)
-    elif cfg.init_std != 0.02:
+    elif cfg.init_std != DEFAULT_INIT_STD:
         with torch.no_grad():
             nn.init.normal_(embedding.weight[:-1], std=cfg.init_std)  # the padding row stays zero
 
