@@ -142,7 +142,8 @@ class StudentConfig:
 
     dim: int = bounded(64, ge=1)
     pooling: str = "transformer"
-    """User tower: 'transformer' (causal self-attention, SASRec-like) or 'mean' (recency-weighted)."""
+    """User tower: 'transformer' (causal pre-norm self-attention + MLP head), 'sasrec' (SASRec's own blocks, as the
+    field trains it: `llmkd.sasrec`) or 'mean' (recency-weighted)."""
     num_layers: int = bounded(2, ge=1)
     num_heads: int = bounded(2, ge=1)
     dropout: float = bounded(0.3, ge=0, lt=1)
@@ -170,8 +171,8 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self, "student")
-        if self.pooling not in ("transformer", "mean"):
-            raise LlmkdError(f"student.pooling: expected 'transformer' or 'mean', got {self.pooling!r}")
+        if self.pooling not in ("transformer", "sasrec", "mean"):
+            raise LlmkdError(f"student.pooling: expected 'transformer', 'sasrec' or 'mean', got {self.pooling!r}")
         if self.content_init_source not in CONTENT_INIT_SOURCES:
             raise LlmkdError(f"student.content_init_source: expected one of {', '.join(CONTENT_INIT_SOURCES)}, "
                              f"got {self.content_init_source!r}")

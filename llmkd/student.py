@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llmkd.artifacts import LlmkdError, reading
 from llmkd.config import DEFAULT_INIT_STD, StudentConfig
+from llmkd.sasrec import LAYER_NORM_EPS, SASRecEncoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -133,7 +134,8 @@ def init_item_embedding(embedding: nn.Embedding, cfg: StudentConfig, teacher_vec
 
 
 class UserTower(nn.Module):
-    """Causal user states from history vectors: small transformer or recency-weighted mean, then an MLP."""
+    """Causal user states from history vectors: a small pre-norm transformer, SASRec's blocks (`llmkd.sasrec`)
+    or a recency-weighted mean; then a layer norm and (not SASRec) a residual MLP."""
 
     def __init__(self, dim: int, max_len: int, pooling: str = "transformer", num_layers: int = 2,
                  num_heads: int = 2, dropout: float = 0.3, recency_decay: float = 0.0, num_users: int = 0) -> None:
@@ -147,8 +149,11 @@ class UserTower(nn.Module):
             layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout, activation="gelu",
                                                batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        elif pooling == "sasrec":
+            self.encoder = SASRecEncoder(dim, max_len, num_layers, num_heads, dropout)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS if pooling == "sasrec" else 1e-5)
+        self.mlp = None if pooling == "sasrec" else nn.Sequential(  # SASRec: the last layer norm is the state
+            nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
         self.user_embedding = nn.Embedding(num_users, dim) if num_users else None
         if self.user_embedding is not None:
             nn.init.normal_(self.user_embedding.weight, std=0.02)
@@ -165,6 +170,9 @@ class UserTower(nn.Module):
             mask = (~allowed).repeat_interleave(self.num_heads, dim=0)  # (B*H, L, L), True = blocked
             x = self.encoder(x, mask=mask)
             x = x[:, -1:] if last_only else x
+        elif self.pooling == "sasrec":
+            x = self.encoder(seq, real)
+            x = x[:, -1:] if last_only else x
         else:
             steps = torch.arange(L, device=seq.device, dtype=seq.dtype)
             queries = steps[-1:] if last_only else steps
@@ -176,7 +184,7 @@ class UserTower(nn.Module):
     def head(self, x: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
         """(B, Q, d) pooled states -> user states: norm, residual MLP, + the user's embedding if any."""
         x = self.norm(x)
-        x = x + self.mlp(x)
+        x = x if self.mlp is None else x + self.mlp(x)
         if self.user_embedding is not None and users is not None:
             x = x + self.user_embedding(users)[:, None, :]
         return x
@@ -316,7 +324,7 @@ class TwoTower(nn.Module):
         if not traced:
             first = first_real_column(real)
             history, real = history[:, first:], real[:, first:]
-            if self.user_tower.pooling != "transformer":  # the weighted mean in one fused gather-and-sum
+            if self.user_tower.pooling == "mean":  # the weighted mean in one fused gather-and-sum
                 return self.user_tower.pooled_last_state(history, real, table, users)
         return self.user_tower.last_state(table[history], real, users, traced=traced)
 

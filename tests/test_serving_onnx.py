@@ -21,7 +21,7 @@ def onnx_bundle(served_run, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("pooling", ["transformer", "mean"])
+@pytest.mark.parametrize("pooling", ["transformer", "sasrec", "mean"])
 def test_the_graph_reproduces_torch_for_every_history_length(tmp_path, pooling):
     """Every length 1..max_len, padded by random amounts (the graph has no padding trim and no no-padding
     shortcut, torch's serving path has both), batches of 1 and 5; a graph of another model fails it."""

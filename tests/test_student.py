@@ -21,6 +21,8 @@ VARIANTS = {
     "mean_content_users": {"pooling": "mean", "recency_decay": 0.0, "content_dim": 12, "num_users": N_USERS},
     "transformer_content_mlp": {"pooling": "transformer", "num_layers": 1, "content_dim": 12, "content_hidden": 20,
                                 "id_dropout": 0.5},
+    "sasrec": {"pooling": "sasrec", "num_layers": 2},
+    "sasrec_content_users": {"pooling": "sasrec", "num_layers": 1, "content_dim": 12, "num_users": N_USERS},
 }
 
 
@@ -307,3 +309,26 @@ def test_init_std_sets_the_scale_of_the_random_id_init_and_the_default_changes_n
     assert torch.equal(emb.weight, before)  # 0.02: the constructor's draw is kept
     init_item_embedding(emb, StudentConfig(init_std=0.5), None, seed=0)
     assert emb.weight[:2000].std().item() == pytest.approx(0.5, rel=0.02) and not emb.weight[2000].any()
+
+
+def test_the_sasrec_tower_is_sasrecs_shape():
+    """SASRec's blocks as published: d -> d -> d feed-forward (not 4d), no MLP head after the last layer norm,
+    Xavier-normal weights with zero biases, item vectors scaled by sqrt(d) (changing the scale changes the
+    states). A pre-norm transformer block or a missing scale would fail it."""
+    from llmkd.sasrec import SASRecEncoder
+
+    d, L, layers = 16, MAX_LEN, 2
+    model = TwoTower(num_items=N_ITEMS, max_len=L, dim=d, pooling="sasrec", num_layers=layers, num_heads=1)
+    block = 2 * 2 * d + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d) + 2 * (d * d + d)  # norms, q, kv, out, ffn
+    assert sum(p.numel() for p in model.user_tower.parameters()) == L * d + layers * block + 2 * d
+    assert model.user_tower.mlp is None
+    enc = model.user_tower.encoder
+    assert isinstance(enc, SASRecEncoder) and all(not m.bias.any() for m in enc.modules()
+                                                   if isinstance(m, torch.nn.Linear))
+    h = histories()
+    real = h != N_ITEMS
+    seq = model.eval().item_tower()[h]
+    with torch.no_grad():
+        states = enc(seq, real)
+        enc.scale *= 2
+        assert not torch.allclose(enc(seq, real), states)

@@ -241,7 +241,7 @@ class Recommender:
         padded only to its own longest: a row's state does not depend on the others' padding, and a batch
         of mostly short histories with a few long ones would otherwise pay the longest's cost for every row."""
         lengths = np.minimum([len(r) for r in rows], self.model.max_len)
-        grouped = len(rows) > BUCKETS_ABOVE and self.model.user_tower.pooling == "transformer"  # mean pooling: no
+        grouped = len(rows) > BUCKETS_ABOVE and self.model.user_tower.pooling != "mean"  # mean pooling: no
         bucket = np.searchsorted(LENGTH_BUCKETS, lengths) if grouped else np.zeros(len(rows), int)  # per-position work
         out = np.empty((len(rows), self.table.shape[1]), dtype=np.float32)
         with torch.inference_mode(), without_onednn():
