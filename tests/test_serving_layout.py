@@ -12,7 +12,7 @@ from conftest import REPO
 
 SERVING = REPO / "llmkd" / "serving"
 ALLOWED_LLMKD = {"llmkd", "llmkd.artifacts", "llmkd.config", "llmkd.config_schema", "llmkd.locks", "llmkd.lineage", "llmkd.paths", "llmkd.data",
-                 "llmkd.student", "llmkd.index"}
+                 "llmkd.student", "llmkd.sasrec", "llmkd.index"}
 FORBIDDEN_PACKAGES = {"transformers", "peft", "accelerate", "datasets", "tokenizers", "sentence_transformers"}
 
 
