@@ -8,6 +8,8 @@ folder.
 A run killed inside `atomic_dir` leaves hidden siblings (`.NAME.tmp-PID`, `.NAME.old-PID`) and, between
 the swap's two renames, no artifact at all; the next run that writes or reads the artifact repairs
 that (`recover`) and says what it did in one line.
+
+`LlmkdError` and `notice` are defined in `llmkd.errors`, below `llmkd.locks`, and re-exported here.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import platform
 import re
 import resource
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from llmkd.errors import LlmkdError, notice
+from llmkd.locks import artifact_lock, lock_path
 
 META_FILE = "meta.json"
 
@@ -32,15 +36,6 @@ META_FILE = "meta.json"
 SWAP_PAUSE_ENV = "LLMKD_TEST_PAUSE_IN_SWAP"
 """Test hook: a file path. `atomic_dir` writes it between the two renames of a swap, then sleeps, so a
 test can kill the process exactly there."""
-
-
-class LlmkdError(Exception):
-    """A problem with the user's input (file, field, config or artifact); printed as one line."""
-
-
-def notice(message: str) -> None:
-    """One line to stderr about something the run did on the user's behalf (a recovery, a lock)."""
-    print(f"llmkd: {message}", file=sys.stderr, flush=True)
 
 
 def library_versions() -> dict[str, str]:
@@ -108,8 +103,6 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
     Holds `final`'s lock throughout (`llmkd.locks`; a stage that took it already keeps it) and first
     repairs what a killed run left there (`recover`)."""
-    from llmkd.locks import artifact_lock  # locks imports this module
-
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with artifact_lock(final):
@@ -182,8 +175,6 @@ def recover(final: str | Path) -> None:
 def recover_if_needed(final: str | Path) -> None:
     """`recover` for a reader: only when a killed run left something (leftovers, or its lock file, which
     taking the lock reports and removes) and no other run is writing `final` now."""
-    from llmkd.locks import artifact_lock, lock_path  # locks imports this module
-
     if leftovers(final) or lock_path(final).exists():
         with contextlib.suppress(LlmkdError), artifact_lock(final, wait=0):
             recover(final)

@@ -2,6 +2,7 @@
 
 A killed run resumes from `checkpoints/<name>/last` only when the checkpoint was made by the same run
 (`same_run`): same training settings but for `RESUMABLE_CHANGES`, same data, same teacher cache.
+`teacher_fingerprint` is defined in `llmkd.lineage` (below this module and `llmkd.reuse`) and re-exported here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from accelerate import Accelerator
 
 from llmkd.artifacts import LlmkdError, reading, write_json
 from llmkd.config import Config, from_dict
-from llmkd.lineage import fingerprint
+from llmkd.lineage import teacher_fingerprint
+from llmkd.reuse import training_key
 
 
 def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict) -> None:
@@ -62,8 +64,6 @@ RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_every", "log_with", "eval
 def run_identity(cfg: Config, data_fingerprint: str, num_items: int | None = None) -> dict:
     """What a checkpoint must match to be resumed: the training key (`llmkd.reuse`) but for
     `RESUMABLE_CHANGES`, the data and the teacher cache."""
-    from llmkd.reuse import training_key  # reuse imports this module
-
     training = training_key(cfg, num_items)
     training["distill"] = {k: v for k, v in training["distill"].items() if k not in RESUMABLE_CHANGES}
     teacher = Path(cfg.out_dir) / cfg.distill.teacher
@@ -92,8 +92,3 @@ def same_run(state: dict, cfg: Config, data_fingerprint: str, num_items: int | N
     now = run_identity(cfg, data_fingerprint, num_items)  # 'auto' settings as they resolve on this catalog
     return (run_identity(then, state["run_data"], num_items)["training"] == now["training"]
             and (state["run_data"], state["run_teacher"]) == (now["data"], now["teacher"]))
-
-
-def teacher_fingerprint(folder: Path) -> str:
-    """A short hash of a teacher cache's meta.json: changes whenever the cache is rebuilt (`llmkd.lineage`)."""
-    return fingerprint(folder)

@@ -37,6 +37,12 @@ def fingerprint(folder: str | Path) -> str:
     return hashlib.sha256((Path(folder) / META_FILE).read_bytes()).hexdigest()[:16]
 
 
+def teacher_fingerprint(folder: str | Path) -> str:
+    """The `fingerprint` of a teacher cache, as a student records it (`teacher_fingerprint` in its meta.json)
+    and as checkpoints (`llmkd.checkpoints`) and reuse (`llmkd.reuse`) compare it."""
+    return fingerprint(folder)
+
+
 def input_record(out_dir: str | Path, folder: str | Path) -> dict[str, str]:
     """{"folder", "fingerprint"} of an input artifact, its folder relative to `out_dir` where it is inside."""
     out_dir, folder = Path(out_dir), Path(folder)

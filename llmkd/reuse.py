@@ -12,9 +12,8 @@ import shutil
 from pathlib import Path
 
 from llmkd.artifacts import LlmkdError, atomic_dir
-from llmkd.checkpoints import teacher_fingerprint
 from llmkd.config import Config, from_dict
-from llmkd.lineage import files_load
+from llmkd.lineage import files_load, teacher_fingerprint
 
 TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
 

@@ -113,29 +113,70 @@ def test_a_missing_bundle_is_one_line_and_exit_2(tmp_path):
 
 
 def test_add_items_then_recommend_finds_them(exported, served_run, synthetic, tmp_path):
-    """`llmkd add-items B items.csv` (the run's withheld items), then `llmkd recommend` can return them."""
+    """`llmkd add-items B items.csv` (the run's withheld items), then `llmkd recommend` ranks them by their
+    cold-start vectors: for the history whose top k (k small) ends with a new item, its answer is that top k
+    over the old items' vectors and the new items' vectors computed here from their text (teacher -> the
+    student's content projection). New items with other vectors (random, zero) would rank elsewhere."""
     import shutil
 
-    from llmkd.data import load_data
+    import numpy as np
+    import torch
 
-    data = load_data(served_run[1] / "data")
+    from llmkd.add_items import student_item_vectors, teacher_item_vectors
+    from llmkd.data import load_data
+    from llmkd.report import load_student
+    from llmkd.serving import Recommender
+    from llmkd.teacher import TextEncoder
+
+    cfg, out = served_run
+    data = load_data(out / "data")
     bundle = tmp_path / "B"
     shutil.copytree(exported, bundle)
     rows = synthetic.items_df[synthetic.items_df["item_id"].astype(str).isin(data.cold_item_ids)]
     rows.to_csv(tmp_path / "items.csv", index=False)
+    new = [str(i) for i in rows["item_id"]]
+    tc = cfg.teacher
+    texts = [data.cold_item_texts[data.cold_item_ids.index(i)] for i in new]
+    with torch.inference_mode():
+        teacher = teacher_item_vectors(TextEncoder(tc.model, tc.pooling, tc.batch_size, device="cpu"), texts, tc)
+        new_vectors = student_item_vectors(load_student(out / "student_text", data), torch.as_tensor(teacher),
+                                           out / "student_text").numpy()  # (m, d)
+    before = Recommender.from_pretrained(exported)
+    n = before.num_items
+    ids, table = before.item_ids + new, np.concatenate([before.table[:n].numpy(), new_vectors])  # (n + m, d)
+
+    def expected(item: str) -> tuple[int, float, list[str]]:
+        """For the history [item], ranking `table`: the length k of the shortest top list that holds a new item,
+        the smallest gap between its k + 1 best scores, and the top k."""
+        scores = table @ before.user_vectors([np.asarray([before.row[item]])])[0]
+        scores[before.row[item]] = -np.inf
+        order = np.argsort(-scores)
+        k = int(np.flatnonzero(order >= n)[0]) + 1
+        return k, float(np.min(-np.diff(scores[order[: k + 1]]))), [ids[j] for j in order[:k]]
+
+    answers = {item: expected(item) for item in before.item_ids}
+    history = min(answers, key=lambda h: (answers[h][0], -answers[h][1]))  # a new item high, clearly ranked
+    k, gap, want = answers[history]
+    assert k <= n // 2 and gap > 1e-4 and want[-1] in new, answers[history]
+
     proc = run("add-items", str(bundle), str(tmp_path / "items.csv"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"added {len(rows)} items" in proc.stdout
-    new = [str(i) for i in rows["item_id"]]
-    config = json.loads((bundle / "config.json").read_text())
-    proc = run("recommend", str(bundle), "--history", new[0], "--k", str(config["num_items"] - 1))
+    proc = run("recommend", str(bundle), "--history", history, "--k", str(k))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(new[1:]) <= set(json.loads(proc.stdout)["items"])  # every other catalog item, the new ones too
+    assert json.loads(proc.stdout)["items"] == want
 
 
 def test_serve_answers_over_http_and_stops_on_sigterm(exported):
+    """`llmkd serve B` answers a recommendation (200, the Python API's items and scores) and a bad request
+    (4xx naming the id), then stops on SIGTERM."""
     from test_http import call, free_port, wait_until_healthy
 
+    from llmkd.serving import Recommender
+
+    rec = Recommender.from_pretrained(exported)
+    history = rec.item_ids[:3]
+    want = rec.recommend(history, k=5)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([*llmkd(), "serve", str(exported), "--host", "127.0.0.1", "--port", str(port),
@@ -144,6 +185,10 @@ def test_serve_answers_over_http_and_stops_on_sigterm(exported):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base, proc)
+        status, body = call(base, "/recommend", {"history": history, "k": 5})
+        assert status == 200, body
+        assert body["items"] == want["items"] and len(body["items"]) == 5 and not set(history) & set(body["items"])
+        assert body["scores"] == pytest.approx(want["scores"], rel=1e-5, abs=1e-6)
         status, body = call(base, "/recommend", {"history": ["no-such-item"], "k": 3})
         assert 400 <= status < 500 and "no-such-item" in body["error"]
     finally:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import pytest
 import yaml
 from conftest import REPO
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import Config, apply_overrides, from_dict, load_config
+from llmkd.artifacts import LlmkdError, write_json
+from llmkd.config import Config, apply_overrides, load_config
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -127,10 +128,17 @@ def test_override_errors():
         load_config(None, ["distill.kd_args={top_k: 5"])
 
 
-def test_resolved_config_round_trips():
-    cfg = load_config(REPO / "configs" / "ml100k.yaml", ["student.pooling=mean"])
-    assert from_dict(Config, cfg.to_dict()) == cfg
-    assert dataclasses.asdict(cfg) == cfg.to_dict()
+def test_resolved_config_round_trips(tmp_path):
+    """The resolved config as a run saves it (`resolved_config.json`, `write_json(cfg.to_dict())`) loads back
+    through `load_config` as the same config, and a field edited in that file comes back edited."""
+    cfg = load_config(REPO / "configs" / "ml100k.yaml", ["student.pooling=mean", "distill.alpha=0.3"])
+    path = tmp_path / "resolved_config.json"
+    write_json(path, cfg.to_dict())
+    assert load_config(path) == cfg
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved["distill"]["alpha"] = 0.7
+    write_json(path, saved)
+    assert load_config(path) == dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, alpha=0.7))
 
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if yaml.safe_load(p.read_text()).get("data", {}).get("source")

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
@@ -158,9 +159,18 @@ def test_bad_request_corpus(server):
     assert call(base, "/recommend", {"history": rec.item_ids[:2], "k": 10})[0] == 200
 
 
+def maps_a_file_under(pid: int, folder: str) -> bool:
+    """Whether process `pid` has a file inside `folder` mapped (Linux /proc/PID/maps): a loaded library's
+    shared objects, e.g. torch's once it is imported."""
+    return any(f" {folder}/" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
 def test_several_worker_processes_serve_the_same_answers(served_run, tmp_path):
     """`llmkd serve --workers 2`: uvicorn's worker processes each load the bundle and answer as the Python API
-    does; the load test's RSS counts the workers too; --workers 0 is refused with a message."""
+    does, while the supervisor never loads torch (`llmkd.serving.server`: it only supervises); the load test's
+    RSS counts the workers too; --workers 0 is refused with a message."""
+    import torch
+
     from llmkd.serving import Recommender
     from llmkd.serving.bundle import export_bundle
     from llmkd.serving.load_test import child_pids, rss_mb
@@ -179,7 +189,11 @@ def test_several_worker_processes_serve_the_same_answers(served_run, tmp_path):
             history = rec.item_ids[i : i + 3]
             status, got = call(base, "/recommend", {"history": history, "k": 5})
             assert status == 200 and got["items"] == rec.recommend(history, k=5)["items"]
-        assert len(child_pids(proc.pid)) >= 2
+        workers = child_pids(proc.pid)
+        assert len(workers) >= 2
+        torch_dir = str(Path(torch.__file__).resolve().parent)
+        assert sum(maps_a_file_under(pid, torch_dir) for pid in workers) >= 2  # the check sees torch where it is
+        assert not maps_a_file_under(proc.pid, torch_dir), "the supervisor of --workers 2 imported torch"
         assert rss_mb(proc.pid) > rss_mb(proc.pid, children=False) + 50  # each worker holds torch and the bundle
     finally:
         proc.terminate()

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import REPO
@@ -26,24 +25,22 @@ def test_a_two_second_run_reports_latency_throughput_errors_and_rss(bundle, tmp_
     """`llmkd load-test B` starts the server itself, measures ~2 s and stops it: JSON + markdown."""
     out = tmp_path / "load.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    t = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "llmkd", "load-test", str(bundle), "--clients", "4", "--duration", "2",
                            "--warmup", "0.5", "--output", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert time.monotonic() - t < 60
     r = json.loads(out.read_text())
     assert r["errors"] == 0 and r["ok"] == r["requests"] > 0 and r["server_started_here"]
     assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
-    assert 1.9 < r["elapsed_s"] < 15 and r["requests_per_s"] == pytest.approx(r["ok"] / r["elapsed_s"])
+    assert r["elapsed_s"] > 1.9 and r["requests_per_s"] == pytest.approx(r["ok"] / r["elapsed_s"])  # ran its 2 s
     rss = r["server_rss_mb"]
     if sys.platform == "linux":
         assert 10 < rss["before"] <= rss["peak"] and rss["after"] > 10 and rss["growth"] == rss["after"] - rss["before"]
     assert "p50 / p95 / p99" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
     assert "127.0.0.1" in r["url"]
-    series = r["series"]  # one entry a second: its requests add up to the run's, t ascending, RSS sampled
-    assert 2 <= len(series) <= 3 and [e["t_s"] for e in series] == sorted(e["t_s"] for e in series)
-    assert series[-1]["t_s"] == pytest.approx(r["elapsed_s"], abs=0.5)
+    series = r["series"]  # one entry a second (the last at the end): its requests add up to the run's, RSS sampled
+    assert len(series) >= 2 and all(e["t_s"] >= i + 1 for i, e in enumerate(series[:-1]))
+    assert [e["t_s"] for e in series] == sorted(e["t_s"] for e in series) and series[-1]["t_s"] <= r["elapsed_s"]
     windows = [e["t_s"] - (series[i - 1]["t_s"] if i else 0) for i, e in enumerate(series)]
     assert sum(e["requests_per_s"] * w for e, w in zip(series, windows)) == pytest.approx(r["ok"], rel=1e-6)
     assert all(e["p99_ms"] is None or 0 < e["p99_ms"] <= r["max_ms"] for e in series)
@@ -57,10 +54,9 @@ def test_the_request_budget_stops_the_run_before_its_time(bundle):
     port = free_port()
     server = start_server(bundle, port)
     try:
-        t = time.monotonic()
         r = load_test(bundle, LoadConfig(clients=3, duration_s=120, max_requests=30, warmup_s=0),
                       url=f"http://127.0.0.1:{port}", server_pid=server.pid)
-        assert time.monotonic() - t < 60
+        assert r["elapsed_s"] < r["config"]["duration_s"]  # stopped by the budget, not the clock
         assert r["requests"] == r["ok"] == 30 and r["errors"] == 0 and not r["server_started_here"]
         assert r["server_rss_mb"]["before"] is not None or sys.platform != "linux"
     finally:

@@ -11,8 +11,8 @@ from pathlib import Path
 from conftest import REPO
 
 SERVING = REPO / "llmkd" / "serving"
-ALLOWED_LLMKD = {"llmkd", "llmkd.artifacts", "llmkd.config", "llmkd.config_schema", "llmkd.locks", "llmkd.lineage", "llmkd.paths", "llmkd.data",
-                 "llmkd.student", "llmkd.sasrec", "llmkd.index"}
+ALLOWED_LLMKD = {"llmkd", "llmkd.artifacts", "llmkd.errors", "llmkd.config", "llmkd.config_schema", "llmkd.locks",
+                 "llmkd.lineage", "llmkd.paths", "llmkd.data", "llmkd.student", "llmkd.sasrec", "llmkd.index"}
 FORBIDDEN_PACKAGES = {"transformers", "peft", "accelerate", "datasets", "tokenizers", "sentence_transformers"}
 
 

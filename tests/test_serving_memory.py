@@ -1,14 +1,36 @@
 """The serving-memory benchmark (`scripts/benchmark_serving_memory.py`): both settings run side by side in
-child processes and report their RSS series, growth and throughput."""
+child processes, each with its own oneDNN setting, and report their RSS series, growth and throughput."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
+
+ONEDNN_PROBE = """
+import atexit, json, os, sys
+from pathlib import Path
+
+MODULE = "llmkd.experiments.serving_memory"
+if MODULE in sys.orig_argv:  # a child of the benchmark: bundle seconds SETTING seed max_batch
+    import torch
+    from llmkd.student import TwoTower
+
+    setting, seen, tower = sys.orig_argv[sys.orig_argv.index(MODULE) + 3], set(), TwoTower.serve_user_vectors
+
+    def observed(self, *args, **kwargs):
+        seen.add(torch.backends.mkldnn.enabled)
+        return tower(self, *args, **kwargs)
+
+    TwoTower.serve_user_vectors = observed
+    atexit.register(lambda: (Path(os.environ["ONEDNN_SEEN"]) / f"{setting}.json").write_text(json.dumps(sorted(seen))))
+"""
+"""A `sitecustomize` for the benchmark's processes: each child records whether oneDNN was on while its user
+tower ran, so the test sees what each setting ran rather than the name it was given."""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -16,11 +38,17 @@ def test_both_settings_report_a_series_growth_and_throughput(served_run, tmp_pat
     from llmkd.serving.bundle import export_bundle
 
     bundle = export_bundle(served_run[0], "student_text", tmp_path / "b")
-    out = tmp_path / "mem"
+    out, probe, seen = tmp_path / "mem", tmp_path / "probe", tmp_path / "seen"
+    probe.mkdir()
+    seen.mkdir()
+    (probe / "sitecustomize.py").write_text(ONEDNN_PROBE, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(probe), str(REPO)]), "ONEDNN_SEEN": str(seen)}
     proc = subprocess.run([sys.executable, "scripts/benchmark_serving_memory.py", str(bundle), "--seconds", "3",
                            "--max-batch", "8", "--output", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, check=False)
+                          timeout=300, check=False, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = {f.stem: json.loads(f.read_text()) for f in seen.glob("*.json")}
+    assert ran == {"onednn_off": [False], "onednn_on": [True]}  # the shipped tower without oneDNN, torch's with it
     r = json.loads(out.with_suffix(".json").read_text())
     assert set(r["settings"]) == {"onednn_off", "onednn_on"} and out.with_suffix(".png").stat().st_size > 0
     for run in r["settings"].values():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +29,7 @@ from starlette.routing import Route
 
 from llmkd.serving.batching import MicroBatcher
 from llmkd.serving.recommender import BadRequest, Recommender, UnknownItems
+from llmkd.serving.workers import worker_spec
 
 MAX_HISTORY = 10_000
 """Longest history (and exclude list) accepted: the user tower reads the last `max_len` items anyway."""
@@ -229,11 +229,9 @@ def frozen_app(bundle: str | Path, backend: str = "torch") -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """The app of one worker process of `llmkd.serving.server.serve(..., workers=N)`: bundle, backend and torch
-    threads from the environment variable `WORKER_ENV`."""
+    threads from the environment (`llmkd.serving.workers`)."""
     import torch
 
-    from llmkd.serving.server import WORKER_ENV
-
-    spec = json.loads(os.environ[WORKER_ENV])
+    spec = worker_spec()
     torch.set_num_threads(spec["threads"])
     return frozen_app(spec["bundle"], spec["backend"])

@@ -9,16 +9,13 @@ line, not workers failing and restarting.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from llmkd.artifacts import LlmkdError
-
-WORKER_ENV = "LLMKD_SERVE"
-"""How `serve` hands the bundle to worker processes (uvicorn imports `http.app_from_env` in each)."""
+from llmkd.serving.workers import set_worker_spec
 
 CHECK = """
 import sys
@@ -59,6 +56,6 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, log_lev
         return
     check_bundle(bundle, backend)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    os.environ[WORKER_ENV] = json.dumps({"bundle": str(Path(bundle).resolve()), "backend": backend, "threads": threads})
+    set_worker_spec(bundle, backend, threads)
     uvicorn.run("llmkd.serving.http:app_from_env", factory=True, workers=workers, host=host, port=port,
                 log_level=log_level)
