@@ -37,6 +37,7 @@ from llmkd.index import NormAboveMax, build_id_index, read_index, write_index
 from llmkd.lineage import check_lineage
 from llmkd.locks import locked
 from llmkd.serving.manifest import check_files, write_manifest
+from llmkd.serving.onnx import ONNX_FILE
 from llmkd.student import TwoTower
 
 FORMAT = "llmkd-bundle"
@@ -224,7 +225,7 @@ def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, sourc
     the student's content projection maps them, and they join the vocabulary, the student and the index.
     The whole bundle is rewritten in a sibling and swapped in, so a crash leaves the old one intact; every
     file is hashed first (a new manifest over a damaged file would vouch for it) and the manifest rewritten
-    last."""
+    last. A user-tower ONNX graph is dropped: it holds the old item table (`llmkd export-onnx` again)."""
     folder = Path(folder)
     config = require_item_text(folder, full=True)
     text = np.ascontiguousarray(text, dtype=np.float32)
@@ -259,5 +260,6 @@ def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, sourc
         with open(tmp / "README.md", "a", encoding="utf-8") as f:
             f.write(f"\n- Added after export: {len(new_ids)} items from {source} (text through the teacher and "
                     f"the student's content projection; no id embedding); catalog now {n + len(new_ids)} items.\n")
+        (tmp / ONNX_FILE).unlink(missing_ok=True)
         write_manifest(tmp)
     return {"added": len(new_ids), "num_items": n + len(new_ids)}
