@@ -97,13 +97,31 @@ def reading(path: str | Path, what: str) -> Iterator[None]:
         raise LlmkdError(f"{path}: unreadable {what} ({detail}); rebuild it") from None
 
 
+def check_replaceable(final: str | Path) -> Path:
+    """`final` if `atomic_dir` may replace it: nothing there, or a real folder (an earlier artifact), under
+    folders. A user's file there would be moved aside and then fail to be deleted (and a link would be
+    replaced, not followed): one LlmkdError instead, and the path is left as it is."""
+    from llmkd.paths import folder_or_nothing  # paths imports this module
+
+    final = Path(final)
+    if final.is_symlink():
+        raise LlmkdError(f"{final}: is a symbolic link; an artifact folder is replaced whole, which would replace "
+                         "the link, not what it points to: remove the link or write the artifact elsewhere")
+    if final.exists() and not final.is_dir():
+        raise LlmkdError(f"{final}: is a file; expected an artifact folder (or nothing) there; move the file or "
+                         "write the artifact elsewhere")
+    folder_or_nothing(final.parent, "folder")
+    return final
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success replace `final` with it, on error delete it.
 
     Holds `final`'s lock throughout (`llmkd.locks`; a stage that took it already keeps it) and first
-    repairs what a killed run left there (`recover`)."""
-    final = Path(final)
+    repairs what a killed run left there (`recover`). A file or a link at `final` is refused before
+    anything is written (`check_replaceable`)."""
+    final = check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with artifact_lock(final):
         recover(final)

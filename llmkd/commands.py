@@ -6,6 +6,7 @@
     llmkd distill --multi_gpu --num_processes 2 -- --config configs/ml100k.yaml   # launch options, then --
     llmkd export --config configs/ml100k.yaml --student student_kd --output bundles/ml100k
     llmkd recommend bundles/ml100k --history 50,172,133 --k 10
+    llmkd verify bundles/ml100k
     llmkd serve bundles/ml100k --host 127.0.0.1 --port 8000
 
 Each subcommand is a row of `STAGES`: the script under `scripts/` it runs, so `llmkd X ...` and
@@ -60,6 +61,8 @@ STAGES = {
                          launched=False),
     "recommend": Stage("recommend.py", "top-k items for one history from a bundle, as JSON", launched=False),
     "add-items": Stage("add_items.py", "new items into a bundle from their text, no retraining", launched=False),
+    "verify": Stage("verify.py", "check a bundle's files against its manifest (sizes, SHA-256); print its version",
+                    launched=False),
     "serve": Stage("serve.py", "HTTP service over a bundle (FastAPI on uvicorn)", launched=False),
     "load-test": Stage("load_test.py", "N concurrent clients against `llmkd serve` on loopback", launched=False),
     "benchmark-serving": Stage("benchmark_serving.py", "bundle API, HTTP and teachers side by side: latency, "

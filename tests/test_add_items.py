@@ -130,9 +130,11 @@ def test_ids_already_in_the_bundle_or_repeated_are_refused(bundle, cold, tmp_pat
 
 def test_a_changed_teacher_base_model_is_refused(bundle, cold):
     from llmkd.add_items import add_items
+    from llmkd.serving.manifest import write_manifest
 
     record = json.loads((bundle / "teacher/teacher.json").read_text())
     (bundle / "teacher/teacher.json").write_text(json.dumps({**record, "model_fingerprint": "0" * 16}))
+    write_manifest(bundle)  # the bundle vouches for the record: the base model on disk is what differs
     with pytest.raises(LlmkdError, match="teacher base model .* changed since export"):
         add_items(bundle, cold["path"])
 

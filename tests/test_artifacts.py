@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from llmkd.artifacts import SWAP_PAUSE_ENV, atomic_dir, read_meta, write_json
+from llmkd.artifacts import SWAP_PAUSE_ENV, LlmkdError, atomic_dir, read_meta, write_json
 
 
 def _siblings(folder):
@@ -50,6 +51,44 @@ def test_success_replaces_the_folder_whole(tmp_path):
         (tmp / "metrics.json").write_text("{}")
     assert sorted(p.name for p in final.iterdir()) == ["metrics.json"]
     assert _siblings(final) == ["eval"]
+
+
+def test_a_users_file_where_the_artifact_goes_is_refused_untouched(tmp_path):
+    """The swap would move the file aside and fail to delete it: refused before anything is written."""
+    final = tmp_path / "data"
+    final.write_text("my notes\n")
+    with pytest.raises(LlmkdError, match=rf"^{re.escape(str(final))}: is a file; expected an artifact folder"), \
+            atomic_dir(final) as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert final.read_text() == "my notes\n"
+    assert _siblings(final) == ["data"]
+
+
+def test_a_symbolic_link_where_the_artifact_goes_is_refused_untouched(tmp_path):
+    """A link (to a folder or a file) would be replaced by the new folder, not followed: refused."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("x")
+    final = tmp_path / "student"
+    final.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(LlmkdError, match=rf"^{re.escape(str(final))}: is a symbolic link"), atomic_dir(final):
+        pass
+    assert final.is_symlink() and (final / "keep.txt").read_text() == "x"
+    assert _siblings(final) == ["elsewhere", "student"]
+
+
+def test_prepare_refuses_a_users_file_at_data_in_one_line(tmp_path, synthetic):
+    """`<out_dir>/data` is the user's file: exit 2, one `error:` line, the file intact, no hidden sibling."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data").write_text("my notes\n")
+    proc = _prepare(_data_config(tmp_path, synthetic, 8))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    expect = (f"error: {run / 'data'}: is a file; expected an artifact folder (or nothing) there; move the file or "
+              "write the artifact elsewhere")
+    assert err.strip().splitlines() == [expect], err[-3000:]
+    assert (run / "data").read_text() == "my notes\n"
+    assert sorted(p.name for p in run.iterdir()) == ["data"]
 
 
 # ---------------------------------------------------------------- a run killed inside the swap

@@ -25,7 +25,7 @@ CONSOLE = Path(sys.executable).with_name("llmkd")
 CONFIG_STAGES = {"prepare", "finetune", "teacher", "distill", "tune", "index", "evaluate", "export", "cold-start",
                  "seeds", "benchmark-kd", "benchmark-serving"}
 STUDENT_STAGES = {"index", "export", "cold-start"}
-BUNDLE_STAGES = {"recommend", "add-items", "serve", "load-test"}
+BUNDLE_STAGES = {"recommend", "add-items", "serve", "load-test", "verify"}
 
 
 def llmkd() -> list[str]:

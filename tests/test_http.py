@@ -69,9 +69,10 @@ def server(served_run, tmp_path_factory):
 
 def test_health_metadata_and_docs(server):
     base, rec = server
-    assert call(base, "/health") == (200, {"status": "ok", "items": rec.num_items})
+    assert rec.version and call(base, "/health") == (200, {"status": "ok", "items": rec.num_items, "version": rec.version})
     status, meta = call(base, "/metadata")
     assert status == 200 and meta["num_items"] == rec.num_items and meta["student"] == "student_text"
+    assert meta["version"] == rec.version
     with urllib.request.urlopen(base + "/docs", timeout=30) as r:
         assert r.status == 200 and b"swagger" in r.read().lower()
     status, spec = call(base, "/openapi.json")

@@ -239,14 +239,19 @@ def test_a_bundle_with_sizes_that_disagree_is_refused(bundle, tmp_path):
     import shutil
 
     from llmkd.serving import Recommender
+    from llmkd.serving.manifest import write_manifest
 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     ids = json.loads((copy / "item_ids.json").read_text())
     (copy / "item_ids.json").write_text(json.dumps(ids[:-1]))
+    with pytest.raises(LlmkdError, match="item_ids.json: size differs from manifest.json"):
+        Recommender.from_pretrained(copy)
+    write_manifest(copy)  # a manifest that vouches for the bad file: the loader's own checks still refuse it
     with pytest.raises(LlmkdError, match="sizes disagree"):
         Recommender.from_pretrained(copy)
     (copy / "meta.json").unlink()
+    write_manifest(copy)
     with pytest.raises(LlmkdError, match="not a bundle artifact"):
         Recommender.from_pretrained(copy)
 

@@ -52,6 +52,36 @@ def test_onnx_backend_recommends_what_torch_recommends(onnx_bundle, served_run):
     assert onnx_rec.user_tower is not None and torch_rec.user_tower is None
 
 
+def test_the_graph_joins_the_bundles_manifest(onnx_bundle):
+    """`export-onnx` records the graph in manifest.json (so the bundle gets a new version id)."""
+    import hashlib
+    import json
+
+    from llmkd.serving.manifest import check_files
+
+    files = json.loads((onnx_bundle / "manifest.json").read_text())["files"]
+    graph = (onnx_bundle / "user_tower.onnx").read_bytes()
+    assert files["user_tower.onnx"] == {"size": len(graph), "sha256": hashlib.sha256(graph).hexdigest()}
+    assert check_files(onnx_bundle, full=True)
+
+
+def test_adding_items_drops_the_stale_graph(onnx_bundle, tmp_path):
+    """The graph holds the old item table (and padding row): the grown bundle must not serve it."""
+    import json
+
+    from llmkd.serving import Recommender
+    from llmkd.serving.bundle import append_items
+    from llmkd.serving.manifest import check_files
+
+    copy = tmp_path / "b"
+    shutil.copytree(onnx_bundle, copy)
+    dim = json.loads((copy / "teacher/teacher.json").read_text())["dim"]
+    append_items(copy, ["new-1"], np.zeros((1, dim), dtype=np.float32))
+    assert not (copy / "user_tower.onnx").exists() and check_files(copy, full=True)
+    with pytest.raises(LlmkdError, match="llmkd export-onnx"):
+        Recommender.from_pretrained(copy, "onnx")
+
+
 def test_a_graph_that_disagrees_with_torch_is_not_written(served_run, tmp_path, monkeypatch):
     from llmkd.serving import onnx
     from llmkd.serving.bundle import export_bundle

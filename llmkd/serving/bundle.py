@@ -13,6 +13,8 @@ Layout (written atomically by `export_bundle`, rewritten atomically by `append_i
                          (+ faiss.index.json: an approximate type's L2 reduction, `llmkd.index.MipsIndex`)
     teacher/             text students only: teacher.json (base model, pooling, templates, fingerprints)
                          and adapter/ (a copy of the LoRA adapter the teacher cache was built with)
+    manifest.json        every other file's size and SHA-256 and the bundle's version id
+                         (`llmkd.serving.manifest`), written last; every load checks it
 
 Loading needs torch, faiss and safetensors only (`llmkd.serving.recommender`).
 """
@@ -29,11 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkd.artifacts import LlmkdError, atomic_dir, new_meta, read_meta, reading, write_json
+from llmkd.artifacts import LlmkdError, atomic_dir, new_meta, read_meta, reading, recover_if_needed, write_json
 from llmkd.config import Config, IndexConfig
 from llmkd.index import NormAboveMax, build_id_index, read_index, write_index
 from llmkd.lineage import check_lineage
 from llmkd.locks import locked
+from llmkd.serving.manifest import check_files, write_manifest
+from llmkd.serving.onnx import ONNX_FILE
 from llmkd.student import TwoTower
 
 FORMAT = "llmkd-bundle"
@@ -150,7 +154,17 @@ def export_bundle(cfg: Config, student: str, output: str | Path) -> Path:
         write_json(tmp / CONFIG, config)
         write_json(tmp / "meta.json", meta)
         (tmp / "README.md").write_text(model_card(config, meta, smeta, data), encoding="utf-8")
+        write_manifest(tmp)
     return output
+
+
+def read_bundle(folder: str | Path, full: bool = False) -> tuple[dict[str, Any], str]:
+    """A bundle's config.json and version id, once an interrupted rewrite is repaired and its files match
+    its manifest (sizes; with `full`, SHA-256 too: `llmkd.serving.manifest.check_files`)."""
+    folder = Path(folder)
+    recover_if_needed(folder)
+    version = check_files(folder, full)
+    return read_config(folder), version
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -194,9 +208,10 @@ def check_new_ids(new_ids: list[str], known: list[str], source: str) -> None:
         raise LlmkdError(f"{source}: {what}; each new item needs an id the bundle does not have")
 
 
-def require_item_text(folder: Path) -> dict[str, Any]:
-    """The bundle's config, refused (saying why) when its student has no text path for new items."""
-    config = read_config(folder)
+def require_item_text(folder: Path, full: bool = False) -> dict[str, Any]:
+    """The bundle's config, refused (saying why) when its files do not match its manifest (`read_bundle`) or
+    its student has no text path for new items."""
+    config, _ = read_bundle(folder, full)
     if config.get("item_text") is None:
         raise LlmkdError(f"{folder}: the student has no item-text vectors (student.content_features: false), so "
                          "it has no projection from text to an item vector; add items by retraining, or export a "
@@ -208,9 +223,11 @@ def require_item_text(folder: Path) -> dict[str, Any]:
 def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, source: str = "new items") -> dict:
     """Add items to a bundle of a text student: `text` (M, content_dim) float32 are their teacher vectors;
     the student's content projection maps them, and they join the vocabulary, the student and the index.
-    The whole bundle is rewritten in a sibling and swapped in, so a crash leaves the old one intact."""
+    The whole bundle is rewritten in a sibling and swapped in, so a crash leaves the old one intact; every
+    file is hashed first (a new manifest over a damaged file would vouch for it) and the manifest rewritten
+    last. A user-tower ONNX graph is dropped: it holds the old item table (`llmkd export-onnx` again)."""
     folder = Path(folder)
-    config = require_item_text(folder)
+    config = require_item_text(folder, full=True)
     text = np.ascontiguousarray(text, dtype=np.float32)
     known = json.loads((folder / ITEM_IDS).read_text(encoding="utf-8"))
     check_new_ids(new_ids, known, source)
@@ -243,4 +260,6 @@ def append_items(folder: str | Path, new_ids: list[str], text: np.ndarray, sourc
         with open(tmp / "README.md", "a", encoding="utf-8") as f:
             f.write(f"\n- Added after export: {len(new_ids)} items from {source} (text through the teacher and "
                     f"the student's content projection; no id embedding); catalog now {n + len(new_ids)} items.\n")
+        (tmp / ONNX_FILE).unlink(missing_ok=True)
+        write_manifest(tmp)
     return {"added": len(new_ids), "num_items": n + len(new_ids)}

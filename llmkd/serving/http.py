@@ -192,7 +192,7 @@ def create_app(rec: Recommender, max_body: int = MAX_BODY, max_batch: int = 256)
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "items": rec.num_items}
+        return {"status": "ok", "items": rec.num_items, "version": rec.version}
 
     @app.get("/metadata")
     def metadata() -> dict:

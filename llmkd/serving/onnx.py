@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from llmkd.artifacts import LlmkdError
+from llmkd.serving.manifest import MANIFEST, add_to_manifest
 from llmkd.student import TwoTower
 
 ONNX_FILE = "user_tower.onnx"
@@ -72,7 +73,7 @@ def probe_histories(model: TwoTower, rng: np.random.Generator, batch: int = 5) -
 
 def export_onnx(folder: str | Path) -> Path:
     """Write `folder/user_tower.onnx` from the bundle's student, after checking it against torch (a failed
-    check writes nothing); returns its path."""
+    check writes nothing), and add it to the bundle's manifest (a new version id); returns its path."""
     from llmkd.serving.bundle import STUDENT
 
     folder = Path(folder)
@@ -97,6 +98,8 @@ def export_onnx(folder: str | Path) -> Path:
             raise LlmkdError(f"{folder}: ONNX Runtime's user vectors differ from torch's by {worst:.2e} "
                              f"(> {TOLERANCE:g}); nothing written")
         os.replace(tmp, final)
+        if (folder / MANIFEST).is_file():  # a bundle (not a bare student folder): it now vouches for the graph
+            add_to_manifest(folder, ONNX_FILE)
     finally:
         quiet.setLevel(level)
         tmp.unlink(missing_ok=True)

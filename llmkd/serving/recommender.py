@@ -24,7 +24,7 @@ import torch
 
 from llmkd.artifacts import LlmkdError, reading
 from llmkd.index import MipsIndex, read_index
-from llmkd.serving.bundle import INDEX, ITEM_IDS, POPULARITY, STUDENT, read_config
+from llmkd.serving.bundle import INDEX, ITEM_IDS, POPULARITY, STUDENT, read_bundle
 from llmkd.student import TwoTower, first_real_column
 
 UNKNOWN_POLICIES = ("error", "drop")
@@ -86,16 +86,19 @@ class UnknownItems(BadRequest):
 
 
 class Recommender:
-    """A loaded bundle: student towers, vocabulary, popularity and FAISS index."""
+    """A loaded bundle: student towers, vocabulary, popularity and FAISS index; `version` is the bundle's
+    version id (its manifest's, `llmkd.serving.manifest`)."""
 
     def __init__(self, model: TwoTower, item_ids: list[str], popularity: np.ndarray, index: faiss.Index | MipsIndex,
-                 config: dict[str, Any], user_tower: Callable[[torch.Tensor], np.ndarray] | None = None) -> None:
+                 config: dict[str, Any], user_tower: Callable[[torch.Tensor], np.ndarray] | None = None,
+                 version: str | None = None) -> None:
         n = model.num_items
         if not (len(item_ids) == len(popularity) == index.ntotal == n):
             raise LlmkdError(f"bundle: sizes disagree: {len(item_ids)} ids, {len(popularity)} popularity counts, "
                              f"{index.ntotal} indexed vectors, {n} student items; re-export it")
         self.model, self.item_ids, self.index, self.config = model.eval(), item_ids, index, config
         self.user_tower = user_tower  # padded histories -> user vectors instead of torch (the ONNX graph)
+        self.version = version
         self.row = {item: r for r, item in enumerate(item_ids)}
         self.popularity = np.asarray(popularity, dtype=np.float32)
         self.by_popularity = np.argsort(-self.popularity, kind="stable")  # ties to the lower row
@@ -108,35 +111,34 @@ class Recommender:
             self.exact_pos[self.exact[1]] = np.arange(len(self.exact[1]))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, backend: str = "torch") -> Recommender:
+    def from_pretrained(cls, folder: str | Path, backend: str = "torch", verify: bool = False) -> Recommender:
         """Load a bundle written by `export_bundle` (`scripts/export.py`). `backend` 'onnx' computes user
-        vectors with the bundle's ONNX graph through ONNX Runtime (`llmkd export-onnx` writes it)."""
+        vectors with the bundle's ONNX graph through ONNX Runtime (`llmkd export-onnx` writes it). The files
+        are checked against the bundle's manifest first: sizes always, SHA-256 too with `verify`."""
         folder = Path(folder)
         if backend not in ("torch", "onnx"):
             raise LlmkdError(f"backend {backend!r}: expected 'torch' or 'onnx'")
-        user_tower = None
-        if backend == "onnx":
-            from llmkd.serving.onnx import ONNX_FILE, OnnxUserTower
+        from llmkd.serving.onnx import ONNX_FILE, OnnxUserTower
 
-            if not (folder / ONNX_FILE).is_file():
-                raise LlmkdError(f"{folder}: no {ONNX_FILE}; write it with `llmkd export-onnx {folder}`")
-            user_tower = OnnxUserTower(folder / ONNX_FILE)
-        config = read_config(folder)
+        if backend == "onnx" and not (folder / ONNX_FILE).is_file():
+            raise LlmkdError(f"{folder}: no {ONNX_FILE}; write it with `llmkd export-onnx {folder}`")
+        config, version = read_bundle(folder, full=verify)
+        user_tower = OnnxUserTower(folder / ONNX_FILE) if backend == "onnx" else None
         model = TwoTower.from_pretrained(folder / STUDENT)
         with reading(folder / ITEM_IDS, "item vocabulary"):
             item_ids = json.loads((folder / ITEM_IDS).read_text(encoding="utf-8"))
         with reading(folder / POPULARITY, "popularity"):
             popularity = np.asarray(json.loads((folder / POPULARITY).read_text(encoding="utf-8")), dtype=np.float32)
         index = read_index(folder / INDEX)
-        return cls(model, item_ids, popularity, index, config, user_tower)
+        return cls(model, item_ids, popularity, index, config, user_tower, version)
 
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
 
     def metadata(self) -> dict[str, Any]:
-        """The bundle's config (counts, dims, index, text path, metrics) as served by GET /metadata."""
-        return {**self.config, "num_items": self.num_items}
+        """The bundle's config (counts, dims, index, text path, metrics) and version, as served by GET /metadata."""
+        return {**self.config, "num_items": self.num_items, "version": self.version}
 
     # ---------------------------------------------------------------- checks
 
