@@ -29,6 +29,7 @@ from typing import Any
 
 from llmkd.errors import LlmkdError, notice
 from llmkd.locks import artifact_lock, lock_path
+from llmkd.paths import folder_or_nothing
 
 META_FILE = "meta.json"
 
@@ -101,8 +102,6 @@ def check_replaceable(final: str | Path) -> Path:
     """`final` if `atomic_dir` may replace it: nothing there, or a real folder (an earlier artifact), under
     folders. A user's file there would be moved aside and then fail to be deleted (and a link would be
     replaced, not followed): one LlmkdError instead, and the path is left as it is."""
-    from llmkd.paths import folder_or_nothing  # paths imports this module
-
     final = Path(final)
     if final.is_symlink():
         raise LlmkdError(f"{final}: is a symbolic link; an artifact folder is replaced whole, which would replace "

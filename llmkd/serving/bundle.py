@@ -37,7 +37,6 @@ from llmkd.index import NormAboveMax, build_id_index, read_index, write_index
 from llmkd.lineage import check_lineage
 from llmkd.locks import locked
 from llmkd.serving.manifest import check_files, write_manifest
-from llmkd.serving.onnx import ONNX_FILE
 from llmkd.student import TwoTower
 
 FORMAT = "llmkd-bundle"
@@ -48,6 +47,7 @@ ITEM_IDS = "item_ids.json"
 POPULARITY = "popularity.json"
 INDEX = "index/faiss.index"
 TEACHER = "teacher"
+ONNX_FILE = "user_tower.onnx"  # optional: the user tower as an ONNX graph (`llmkd.serving.onnx`)
 
 
 def serving_versions() -> dict[str, str]:

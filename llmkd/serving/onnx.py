@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from llmkd.artifacts import LlmkdError
+from llmkd.serving.bundle import ONNX_FILE, STUDENT
 from llmkd.serving.manifest import MANIFEST, add_to_manifest
 from llmkd.student import TwoTower
 
-ONNX_FILE = "user_tower.onnx"
 TOLERANCE = 1e-4
 """Largest absolute difference allowed between ONNX Runtime's and torch's user vectors."""
 
@@ -74,8 +74,6 @@ def probe_histories(model: TwoTower, rng: np.random.Generator, batch: int = 5) -
 def export_onnx(folder: str | Path) -> Path:
     """Write `folder/user_tower.onnx` from the bundle's student, after checking it against torch (a failed
     check writes nothing), and add it to the bundle's manifest (a new version id); returns its path."""
-    from llmkd.serving.bundle import STUDENT
-
     folder = Path(folder)
     model = TwoTower.from_pretrained(folder / STUDENT).eval()  # bundles never hold user-id embeddings
     require_runtime()
