@@ -144,6 +144,9 @@ class StudentConfig:
     pooling: str = "transformer"
     """User tower: 'transformer' (causal pre-norm self-attention + MLP head), 'sasrec' (SASRec's own blocks, as the
     field trains it: `llmkd.sasrec`) or 'mean' (recency-weighted)."""
+    attend_padding: bool = False
+    """'sasrec' pooling: queries also attend to the padding, as SASRec does (it pads every history to max_len;
+    a zero input's key and value, i.e. a learned "nothing to read" weighted by the number of pads)."""
     num_layers: int = bounded(2, ge=1)
     num_heads: int = bounded(2, ge=1)
     dropout: float = bounded(0.3, ge=0, lt=1)
@@ -173,6 +176,8 @@ class StudentConfig:
         check_bounds(self, "student")
         if self.pooling not in ("transformer", "sasrec", "mean"):
             raise LlmkdError(f"student.pooling: expected 'transformer', 'sasrec' or 'mean', got {self.pooling!r}")
+        if self.attend_padding and self.pooling != "sasrec":
+            raise LlmkdError(f"student.attend_padding: only with pooling 'sasrec', got {self.pooling!r}")
         if self.content_init_source not in CONTENT_INIT_SOURCES:
             raise LlmkdError(f"student.content_init_source: expected one of {', '.join(CONTENT_INIT_SOURCES)}, "
                              f"got {self.content_init_source!r}")

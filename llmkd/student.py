@@ -138,7 +138,8 @@ class UserTower(nn.Module):
     or a recency-weighted mean; then a layer norm and (not SASRec) a residual MLP."""
 
     def __init__(self, dim: int, max_len: int, pooling: str = "transformer", num_layers: int = 2,
-                 num_heads: int = 2, dropout: float = 0.3, recency_decay: float = 0.0, num_users: int = 0) -> None:
+                 num_heads: int = 2, dropout: float = 0.3, recency_decay: float = 0.0, num_users: int = 0,
+                 attend_padding: bool = False) -> None:
         super().__init__()
         self.pooling, self.num_heads, self.recency_decay = pooling, num_heads, recency_decay
         self.dropout = nn.Dropout(dropout)
@@ -150,7 +151,7 @@ class UserTower(nn.Module):
                                                batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         elif pooling == "sasrec":
-            self.encoder = SASRecEncoder(dim, max_len, num_layers, num_heads, dropout)
+            self.encoder = SASRecEncoder(dim, max_len, num_layers, num_heads, dropout, attend_padding)
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS if pooling == "sasrec" else 1e-5)
         self.mlp = None if pooling == "sasrec" else nn.Sequential(  # SASRec: the last layer norm is the state
             nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
@@ -265,15 +266,17 @@ class TwoTower(nn.Module):
 
     def __init__(self, num_items: int, max_len: int = 50, dim: int = 64, pooling: str = "transformer",
                  num_layers: int = 2, num_heads: int = 2, dropout: float = 0.3, recency_decay: float = 0.0,
-                 num_users: int = 0, content_dim: int = 0, content_hidden: int = 0, id_dropout: float = 0.0) -> None:
+                 num_users: int = 0, content_dim: int = 0, content_hidden: int = 0, id_dropout: float = 0.0,
+                 attend_padding: bool = False) -> None:
         super().__init__()
         self.config = dict(num_items=num_items, max_len=max_len, dim=dim, pooling=pooling, num_layers=num_layers,
                            num_heads=num_heads, dropout=dropout, recency_decay=recency_decay,
                            num_users=num_users, content_dim=content_dim, content_hidden=content_hidden,
-                           id_dropout=id_dropout)
+                           id_dropout=id_dropout, attend_padding=attend_padding)
         self.num_items, self.max_len = num_items, max_len
         self.item_tower = ItemTower(num_items, dim, content_dim, content_hidden, id_dropout)
-        self.user_tower = UserTower(dim, max_len, pooling, num_layers, num_heads, dropout, recency_decay, num_users)
+        self.user_tower = UserTower(dim, max_len, pooling, num_layers, num_heads, dropout, recency_decay, num_users,
+                                    attend_padding)
 
     @classmethod
     def from_config(cls, cfg: StudentConfig, num_items: int, max_len: int, num_users: int,

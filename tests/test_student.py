@@ -23,6 +23,7 @@ VARIANTS = {
                                 "id_dropout": 0.5},
     "sasrec": {"pooling": "sasrec", "num_layers": 2},
     "sasrec_content_users": {"pooling": "sasrec", "num_layers": 1, "content_dim": 12, "num_users": N_USERS},
+    "sasrec_attend_padding": {"pooling": "sasrec", "num_layers": 2, "attend_padding": True},
 }
 
 
@@ -332,3 +333,39 @@ def test_the_sasrec_tower_is_sasrecs_shape():
         states = enc(seq, real)
         enc.scale *= 2
         assert not torch.allclose(enc(seq, real), states)
+
+
+@pytest.mark.parametrize("lengths", [[1, 3, 8, 5], [2, 1, 4]])
+def test_attend_padding_is_sasrecs_attention_over_pads_to_max_len(lengths):
+    """SASRec pads every history to max_len, lets each query attend to the (zeroed) pads and zeroes them again
+    after each block. `attend_padding` folds the pads into one key: the same states at every real position,
+    and the same whatever all-padding columns a batch carries (training trims them, serving too)."""
+    from llmkd.sasrec import SASRecEncoder
+
+    torch.manual_seed(0)
+    d, L, B = 16, MAX_LEN, len(lengths)
+    enc = SASRecEncoder(d, L, num_layers=2, num_heads=2, dropout=0.0, attend_padding=True).eval()
+    with torch.no_grad():
+        for p in enc.parameters():  # non-zero biases: the pads' keys and values are the biases
+            p.add_(0.2 * torch.randn_like(p))
+    real = torch.arange(L)[None] >= (L - torch.tensor(lengths))[:, None]  # (B, L) left-padded
+    seq = torch.randn(B, L, d) * real[..., None]
+    causal = torch.ones(L, L, dtype=torch.bool).tril().expand(B, 1, L, L)
+    with torch.no_grad():
+        want = (seq * enc.scale + enc.position.weight) * real[..., None]
+        for block in enc.blocks:  # the reference: SASRec's loop over the full width
+            want = block(want, causal) * real[..., None]
+        got = enc(seq, real)
+        first = L - max(lengths)
+        trimmed = enc(seq[:, first:], real[:, first:])
+        enc.attend_padding = False
+        masked = enc(seq, real)
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trimmed[real[:, first:]], want[real], rtol=1e-5, atol=1e-5)
+    if min(lengths) < L:
+        assert not torch.allclose(masked[real], want[real], atol=1e-3)  # masking the pads is another model
+
+
+def test_attend_padding_needs_sasrec_pooling():
+    with pytest.raises(LlmkdError, match="attend_padding"):
+        StudentConfig(pooling="transformer", attend_padding=True)
