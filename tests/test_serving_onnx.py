@@ -21,7 +21,7 @@ def onnx_bundle(served_run, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("pooling", ["transformer", "sasrec", "mean"])
+@pytest.mark.parametrize("pooling", ["transformer", "sasrec", "sasrec_attend_padding", "mean"])
 def test_the_graph_reproduces_torch_for_every_history_length(tmp_path, pooling):
     """Every length 1..max_len, padded by random amounts (the graph has no padding trim and no no-padding
     shortcut, torch's serving path has both), batches of 1 and 5; a graph of another model fails it."""
@@ -29,12 +29,16 @@ def test_the_graph_reproduces_torch_for_every_history_length(tmp_path, pooling):
     from llmkd.student import TwoTower
 
     torch.manual_seed(0)
-    model = TwoTower(num_items=40, max_len=7, dim=8, pooling=pooling, num_layers=2, num_heads=2, recency_decay=0.2)
+    pooling, _, extra = pooling.partition("_")
+    kw = {"attend_padding": True} if extra else {}
+    model = TwoTower(num_items=40, max_len=7, dim=8, pooling=pooling, num_layers=2, num_heads=2, recency_decay=0.2,
+                     **kw)
     model.eval().save_pretrained(tmp_path / "student")
     path = export_onnx(tmp_path)
     graph, rng = UserTowerGraph(model), np.random.default_rng(1)
     assert parity(graph, session(path), probe_histories(model, rng) + probe_histories(model, rng, batch=1)) < 1e-5
-    other = TwoTower(num_items=40, max_len=7, dim=8, pooling=pooling, num_layers=2, num_heads=2, recency_decay=0.2)
+    other = TwoTower(num_items=40, max_len=7, dim=8, pooling=pooling, num_layers=2, num_heads=2, recency_decay=0.2,
+                     **kw)
     assert parity(UserTowerGraph(other.eval()), session(path), probe_histories(model, rng)) > 1e-3
 
 
