@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -64,8 +66,10 @@ def test_compare_folders_reads_exported_and_checkpoint_students_alike(tmp_path, 
         cfg.distill = DistillConfig(name=f"s{seed}", alpha=0.0, epochs=2, batch_size=64, seed=seed)
         train(cfg)
     cfg.eval.bootstrap = 50
+    reference = {"published": {"epochs": [0, 1, 2], "values": [0.0, 0.1, 0.2]}}
     result = compare_folders(cfg, {"exported": [tmp_path / "s0", tmp_path / "s1"],
-                                   "best": [tmp_path / f"checkpoints/s{sd}/best" for sd in (0, 1)]}, tmp_path / "cmp")
+                                   "best": [tmp_path / f"checkpoints/s{sd}/best" for sd in (0, 1)]}, tmp_path / "cmp",
+                             reference)
     rows, p = result["rows"], result["paired"]["best - exported"]
     assert rows["best"]["test"] == rows["exported"]["test"] and rows["best"]["valid"] == rows["exported"]["valid"]
     assert p["test"]["per_seed"] == {0: 0.0, 1: 0.0} and p["test"]["lo"] == p["test"]["hi"] == 0.0
@@ -73,3 +77,9 @@ def test_compare_folders_reads_exported_and_checkpoint_students_alike(tmp_path, 
     assert runs["exported seed 1"]["finished"] and not runs["best seed 1"]["finished"]
     assert runs["exported seed 1"]["best_epoch"] == runs["best seed 1"]["best_epoch"] >= 1
     assert (tmp_path / "cmp.json").is_file() and "stopped" in (tmp_path / "cmp.md").read_text()
+    meta = json.loads((tmp_path / "s1" / "meta.json").read_text())
+    curve = runs["best seed 1"]["valid_curve"]  # the train state's history is the exported run's history
+    assert curve == runs["exported seed 1"]["valid_curve"] and curve["epochs"] == [1, 2]
+    assert curve["values"] == [h["ndcg@10"] for h in meta["history"]]
+    assert json.loads((tmp_path / "cmp.json").read_text())["references"] == reference
+    assert (tmp_path / "cmp_curves.png").stat().st_size > 1000

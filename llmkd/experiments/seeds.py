@@ -96,10 +96,12 @@ def aggregate_rows(per_user: dict[str, dict[int, dict]]) -> dict:
     return rows
 
 
-def compare_folders(cfg: Config, systems: dict[str, list[Path]], output: Path) -> dict:
+def compare_folders(cfg: Config, systems: dict[str, list[Path]], output: Path,
+                    references: dict[str, dict] | None = None) -> dict:
     """Students already trained (exported folders, or a checkpoint's `best/`), one folder per seed and system:
     valid and test per user, rows over seeds and every system paired with the first, written to
-    `output`.{json,md}; for runs stopped before early stopping ended them, with what each had reached."""
+    `output`.{json,md}; for runs stopped before early stopping ended them, with what each had reached; each
+    run's valid curve in `output`_curves.png, beside the `references` curves (`plot_valid_curves`)."""
     data = load_data(Path(cfg.out_dir) / "data")
     seeds = list(range(len(next(iter(systems.values())))))
     if any(len(f) != len(seeds) for f in systems.values()):
@@ -124,8 +126,10 @@ def compare_folders(cfg: Config, systems: dict[str, list[Path]], output: Path) -
         f"- {k}: {v['folder']}, best epoch {v['best_epoch']} of {v['epochs_run']}{'' if v['finished'] else ', stopped'}"
         for k, v in runs.items())
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(output.with_suffix(".json"), {"seeds": seeds, "runs": runs, "rows": rows, "paired": paired})
+    write_json(output.with_suffix(".json"), {"seeds": seeds, "runs": runs, "rows": rows, "paired": paired,
+                                             "references": references or {}})
     output.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+    plot_valid_curves(runs, references or {}, output.with_name(output.name + "_curves.png"))
     return {"rows": rows, "paired": paired, "markdown": md, "runs": runs}
 
 
@@ -135,12 +139,41 @@ def run_progress(folder: Path) -> dict:
     folder = Path(folder)
     if (folder / "meta.json").is_file():
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        return {"folder": str(folder), "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"], "finished": True}
+        return {"folder": str(folder), "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"], "finished": True,
+                "valid_curve": valid_curve(meta["history"])}
     state = folder.parent / "last" / "train_state.json"
     if folder.name != "best" or not state.is_file():
         raise LlmkdError(f"{folder}: neither a finished student (meta.json) nor a checkpoint's best/ (with last/)")
     st = json.loads(state.read_text(encoding="utf-8"))
-    return {"folder": str(folder), "best_epoch": st["best_epoch"], "epochs_run": st["epoch"], "finished": False}
+    return {"folder": str(folder), "best_epoch": st["best_epoch"], "epochs_run": st["epoch"], "finished": False,
+            "valid_curve": valid_curve(st["history"])}
+
+
+def valid_curve(history: list[dict]) -> dict[str, list]:
+    """A run's valid NDCG@10 per epoch, from its history (meta.json or the train state)."""
+    return {"epochs": [h["epoch"] for h in history], "values": [h["ndcg@10"] for h in history]}
+
+
+def plot_valid_curves(runs: dict[str, dict], references: dict[str, dict], path: Path) -> None:
+    """Each run's valid NDCG@10 by epoch (`run_progress`), with reference curves (e.g. a published run's log:
+    {"epochs": [...], "values": [...]}) dashed beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run in runs.items():
+        ax.plot(run["valid_curve"]["epochs"], run["valid_curve"]["values"], label=name, lw=1.5)
+    for name, ref in references.items():
+        ax.plot(ref["epochs"], ref["values"], "k--", marker=".", lw=1, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("valid NDCG@10")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def paired_difference(per_user: dict, a: str, b: str, seeds: list[int], n: int = 1000) -> dict:
