@@ -44,7 +44,7 @@ class SASRecBlock(nn.Module):
         q = self.query(self.attn_norm(x)).view(B, L, H, d // H).transpose(1, 2)  # (B, H, L, d/H)
         k, v = self.key_value(x).view(B, L, 2 * H, d // H).transpose(1, 2).chunk(2, dim=1)
         if allowed.shape[-1] == L + 1:  # a zero input's key and value (the projection's biases) lead
-            pad_k, pad_v = self.key_value.bias.view(2 * H, 1, d // H).expand(2 * H, 1, d // H).chunk(2)
+            pad_k, pad_v = self.key_value.bias.view(2 * H, 1, d // H).chunk(2)
             k = torch.cat([pad_k.expand(B, H, 1, d // H), k], 2)
             v = torch.cat([pad_v.expand(B, H, 1, d // H), v], 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
