@@ -165,6 +165,9 @@ class StudentConfig:
     """Controls for `content_init` (same initialisation, no item content): 'teacher' = the teacher's item
     vectors; 'shuffled' = the same vectors with their rows permuted across items (same spectrum and scale);
     'random' = Gaussian rows with the teacher vectors' column means and standard deviations."""
+    content_init_whiten: bool = False
+    """With `content_init`: scale each principal component to unit variance before the overall standard
+    deviation (whitening), so every id dimension starts with the same spread."""
     init_std: float = bounded(DEFAULT_INIT_STD, gt=0)
     """Standard deviation of the random id-embedding init (without `content_init`): a twin setting the recipe
     search can tune, so an init-scale effect is not credited to the teacher."""

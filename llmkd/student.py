@@ -90,9 +90,11 @@ class ItemRows:
         return self.tower.rows(ids)
 
 
-def init_from_content(embedding: nn.Embedding, vectors: np.ndarray, std: float) -> None:
+def init_from_content(embedding: nn.Embedding, vectors: np.ndarray, std: float, whiten: bool = False) -> None:
     """Overwrite the id rows (all but the padding row) with the top principal components of `vectors`
-    (num_items, D), scaled to standard deviation `std`; columns beyond D keep their random values.
+    (num_items, D), scaled to standard deviation `std`; columns beyond D keep their random values. With
+    `whiten` each component is first scaled to unit variance, so the few leading directions of a text
+    encoder's anisotropic space do not dominate the rows (as WhitenRec, Zhang et al., ICDE 2024).
 
     PCA by an eigendecomposition of the D x D covariance: deterministic, and memory O(D^2) whatever the
     catalog size (an SVD of the item matrix would hold a num_items x D factor)."""
@@ -101,6 +103,8 @@ def init_from_content(embedding: nn.Embedding, vectors: np.ndarray, std: float) 
     _, eigvecs = torch.linalg.eigh(x.T @ x / max(len(x) - 1, 1))  # ascending eigenvalues
     k = min(embedding.embedding_dim, x.shape[1])
     pcs = x @ eigvecs[:, -k:].flip(1)  # (num_items, k), largest variance first
+    if whiten:
+        pcs = pcs / pcs.std(0).clamp(min=1e-12)
     pcs = pcs * (std / pcs.std().clamp(min=1e-12))
     with torch.no_grad():
         embedding.weight[: len(x), :k] = pcs.to(embedding.weight.dtype)
@@ -127,7 +131,7 @@ def init_item_embedding(embedding: nn.Embedding, cfg: StudentConfig, teacher_vec
     `cfg.content_init` > 0, else Gaussian at `cfg.init_std` (the default 0.02 keeps the constructor's draw)."""
     if cfg.content_init:
         init_from_content(embedding, content_init_vectors(teacher_vectors, cfg.content_init_source, seed),
-                          cfg.content_init)
+                          cfg.content_init, whiten=cfg.content_init_whiten)
     elif cfg.init_std != DEFAULT_INIT_STD:
         with torch.no_grad():
             nn.init.normal_(embedding.weight[:-1], std=cfg.init_std)  # the padding row stays zero
@@ -284,7 +288,7 @@ class TwoTower(nn.Module):
         """The one factory from a `StudentConfig` to constructor arguments."""
         kw = asdict(cfg)
         use_user_id, content = kw.pop("use_user_id"), kw.pop("content_features")
-        for name in ("content_init", "content_init_source", "init_std"):  # initialisations the trainer applies
+        for name in ("content_init", "content_init_source", "content_init_whiten", "init_std"):  # initialisations the trainer applies
             kw.pop(name)  # (`init_item_embedding`)
         return cls(num_items=num_items, max_len=max_len, num_users=num_users if use_user_id else 0,
                    content_dim=content_dim if content else 0, **kw)

@@ -380,15 +380,16 @@ def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, syn
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "meta.json").write_text("{}")  # the student records the cache's fingerprint
     calls = []
-    monkeypatch.setattr(student, "init_from_content", lambda emb, vectors, std: calls.append((emb.weight.shape, vectors, std)))
-    for init, source in ((0.0, "teacher"), (0.1, "teacher"), (0.1, "shuffled"), (0.1, "random")):
+    monkeypatch.setattr(student, "init_from_content", lambda emb, vectors, std, whiten: calls.append((emb.weight.shape, vectors, std, whiten)))
+    for init, source, whiten in ((0.0, "teacher", False), (0.1, "teacher", False), (0.1, "shuffled", True),
+                                 (0.1, "random", False)):
         cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
                      student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0, content_init=init,
-                                           content_init_source=source),
+                                           content_init_source=source, content_init_whiten=whiten),
                      distill=DistillConfig(name=f"s_init{init}_{source}", alpha=0.0, epochs=1, batch_size=64))
         assert cfg.uses_teacher == (init > 0)
         distill.train(cfg)
-    assert [c[2] for c in calls] == [0.1, 0.1, 0.1] and all(c[0] == (data.num_items + 1, 8) for c in calls)
+    assert [c[2:] for c in calls] == [(0.1, False), (0.1, True), (0.1, False)] and all(c[0] == (data.num_items + 1, 8) for c in calls)
     teacher, shuffled, random = (c[1] for c in calls)
     assert teacher is item_emb  # the teacher's vectors as they are
     assert not np.allclose(shuffled, item_emb) and np.allclose(np.sort(shuffled, 0), np.sort(item_emb, 0))

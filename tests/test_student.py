@@ -268,6 +268,24 @@ def test_content_init_is_the_scaled_principal_components():
     assert np.allclose(np.corrcoef(w.T)[0, 1], 0.0, atol=1e-6)  # principal components are uncorrelated
 
 
+def test_whitened_content_init_gives_every_component_the_same_spread():
+    """content_init_whiten: the same principal directions (each column correlates +-1 with the plain
+    init's), each scaled to the same variance, overall std as asked; the plain init keeps the spectrum."""
+    from llmkd.student import init_from_content
+
+    g = np.random.default_rng(1)
+    vectors = (g.normal(size=(200, 6)) * [5, 3, 2, 1, 0.5, 0.1]).astype(np.float32)
+    plain, white = (torch.nn.Embedding(201, 4, padding_idx=200) for _ in range(2))
+    init_from_content(plain, vectors, std=0.1)
+    init_from_content(white, vectors, std=0.1, whiten=True)
+    p, w = (e.weight.detach().double().numpy()[:200] for e in (plain, white))
+    assert np.allclose(w.std(0, ddof=1), 0.1, rtol=1e-2) and np.isclose(w.std(ddof=1), 0.1, rtol=1e-6)
+    assert np.ptp(w.std(0)) < 1e-9  # exactly equal spreads
+    assert p.std(0)[0] > 3 * p.std(0)[3]  # without whitening the leading component dominates
+    assert np.allclose(np.abs(np.corrcoef(p.T, w.T).diagonal(4)), 1.0)
+    assert not white.weight[200].any()
+
+
 def test_content_init_validation_and_factory():
     with pytest.raises(LlmkdError, match="student.content_init"):
         StudentConfig(content_init=-0.1)
