@@ -254,6 +254,11 @@ class DistillConfig:
     """Batch history windows of similar length together (shuffled within buckets of 50 batches, batch order
     shuffled) and drop each batch's all-padding columns: the same loss, far less work when most histories
     are much shorter than `data.max_history` (sparse catalogs)."""
+    length_groups: int = bounded(4, ge=1)
+    """Run the user tower on each batch in this many groups of rows of similar history length, each without
+    its all-padding columns (`TwoTower.grouped_states`): the same batches, loss and states (only dropout's
+    draws differ), less work where most histories are much shorter than `data.max_history`; 1 = one
+    full-width run."""
     checkpoint_every: int = bounded(0, ge=0)
     """Also checkpoint every N batches within an epoch (0 = at epoch ends only), for exact mid-epoch resume."""
     log_with: str | None = None

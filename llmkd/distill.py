@@ -336,7 +336,8 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                     batch = trim_padding(batch, data.num_items)
                 with accelerator.accumulate(model):
                     # (B, L, d), (N, d) table or (sparse) an ItemRows lookup
-                    states, items = model(batch["input_ids"], batch["user"], rows=sparse)
+                    states, items = model(batch["input_ids"], batch["user"], rows=sparse,
+                                          length_groups=dc.length_groups)
                     loss = distill_loss(states, items, batch, dc, log_q, kd_targets, kd_loss, heads, accelerator)
                     accelerator.backward(loss)
                     for optimizer in optimizers:

@@ -16,6 +16,9 @@ from llmkd.config import Config, from_dict
 from llmkd.lineage import files_load, teacher_fingerprint
 
 TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
+SPEED_ONLY = ("length_groups",)
+"""Settings that change how fast a run trains, not what it learns (only dropout's draws differ): a run
+trained or checkpointed with another value stands for this one."""
 
 
 def training_key(cfg: Config, num_items: int | None = None, epochs: bool = True) -> dict:
@@ -27,7 +30,7 @@ def training_key(cfg: Config, num_items: int | None = None, epochs: bool = True)
     its `num_negatives` (read by the sampled softmax only).
     `epochs=False` leaves the epoch cap out (`same_epochs` decides it)."""
     d = cfg.to_dict()
-    skip = ("name",) if cfg.uses_teacher else ("name", *TEACHER_ONLY)
+    skip = ("name", *SPEED_ONLY) if cfg.uses_teacher else ("name", *SPEED_ONLY, *TEACHER_ONLY)
     skip = skip if epochs else (*skip, "epochs")
     distill = {k: v for k, v in d["distill"].items() if k not in skip}
     if num_items is not None:

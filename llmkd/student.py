@@ -297,16 +297,36 @@ class TwoTower(nn.Module):
         """(num_items, d) float32: what the FAISS index stores."""
         return self.item_tower()[: self.num_items]
 
-    def forward(self, history: torch.Tensor, users: torch.Tensor | None = None, rows: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | ItemRows]:
+    def forward(self, history: torch.Tensor, users: torch.Tensor | None = None, rows: bool = False,
+                length_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor | ItemRows]:
         """(B, L) left-padded item ids -> user states (B, L, d), item vectors (num_items, d). With `rows`
-        the item vectors come as an `ItemRows` lookup and nothing is computed over the whole catalog."""
-        if rows:
-            items = ItemRows(self.item_tower)
-            return self.user_tower(items[history], history != self.num_items, users), items
-        table = self.item_tower()  # (N + 1, d)
-        states = self.user_tower(table[history], history != self.num_items, users)
-        return states, table[: self.num_items]
+        the item vectors come as an `ItemRows` lookup and nothing is computed over the whole catalog.
+        `length_groups` > 1: the user tower runs on that many groups of rows of similar history length
+        (`grouped_states`); the same states at real positions."""
+        items = ItemRows(self.item_tower) if rows else self.item_tower()  # lookup, or the (N + 1, d) table
+        vectors, real = items[history], history != self.num_items
+        if length_groups > 1:
+            states = self.grouped_states(vectors, real, users, length_groups)
+        else:
+            states = self.user_tower(vectors, real, users)
+        return states, items if rows else items[: self.num_items]
+
+    def grouped_states(self, vectors: torch.Tensor, real: torch.Tensor, users: torch.Tensor | None,
+                       groups: int) -> torch.Tensor:
+        """The user tower's (B, L, d) states computed in `groups` equal-sized groups of rows sorted by history
+        length, each without the columns that are padding in all its rows (as `user_vectors` trims): padding
+        is never attended to (SASRec's padding key counts max_len - n wherever the batch is cut) and positions
+        count from the right, so the states at real positions equal one full-width run's (padded positions,
+        which no loss reads, hold zeros or a pad's state). A shuffled batch of a sparse catalog is mostly padding (one
+        long history sets its width), so this skips most of the tower's work without changing the batches."""
+        B, L, d = vectors.shape
+        states = vectors.new_zeros(B, L, d)
+        for idx in real.sum(1).argsort(stable=True).tensor_split(groups):
+            if len(idx):
+                first = first_real_column(real[idx])
+                states[idx, first:] = self.user_tower(vectors[idx, first:], real[idx, first:],
+                                                      None if users is None else users[idx])
+        return states
 
     def user_vectors(self, history: torch.Tensor, users: torch.Tensor | None = None,
                      table: torch.Tensor | None = None) -> torch.Tensor:

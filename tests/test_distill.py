@@ -592,6 +592,34 @@ def test_training_key_ignores_the_negatives_count_only_where_the_full_softmax_ru
     assert training_key(a, 12_101) == training_key(b, 12_101)  # full softmax: the count is never read
     assert training_key(a, 10 ** 6) != training_key(b, 10 ** 6)  # sampled: it is the run's setting
 
+def test_the_trainer_runs_the_user_tower_in_length_groups_and_reuse_ignores_the_count(tmp_path, synthetic,
+                                                                                        monkeypatch):
+    """distill.length_groups reaches the model's forward (a speed setting: the reuse key leaves it out, so a
+    run trained with another count stands for this one; a different learning rate does not)."""
+    from llmkd import distill
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+    from llmkd.reuse import training_key
+    from llmkd.student import TwoTower
+
+    data = build_data(synthetic.data_config())
+    save_data(data, tmp_path / "data", synthetic.data_config())
+    seen, grouped = [], TwoTower.grouped_states
+    monkeypatch.setattr(TwoTower, "grouped_states",
+                        lambda self, v, r, u, groups: seen.append(groups) or grouped(self, v, r, u, groups))
+    cfgs = {g: Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                      student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),
+                      distill=DistillConfig(name=f"g{g}", alpha=0.0, epochs=1, batch_size=64, length_groups=g))
+            for g in (1, 3)}
+    for cfg in cfgs.values():
+        distill.train(cfg)
+    assert seen and set(seen) == {3}  # every step of the 3-group run, none of the 1-group run
+    assert training_key(cfgs[1], data.num_items) == training_key(cfgs[3], data.num_items)
+    other = Config(**{**cfgs[3].__dict__, "distill": DistillConfig(name="g3", alpha=0.0, epochs=1, batch_size=64,
+                                                                  length_groups=3, lr=0.01)})
+    assert training_key(other, data.num_items) != training_key(cfgs[3], data.num_items)
+
+
 def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic, capsys, monkeypatch):
     """item_updates 'sparse' end to end: trains and records it; a rerun with resume=True really resumes
     (says so, trains only the epoch left, keeps the first epoch's record from the checkpoint), restores

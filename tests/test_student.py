@@ -387,3 +387,26 @@ def test_attend_padding_is_sasrecs_attention_over_pads_to_max_len(lengths):
 def test_attend_padding_needs_sasrec_pooling():
     with pytest.raises(LlmkdError, match="attend_padding"):
         StudentConfig(pooling="transformer", attend_padding=True)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "mlp" not in v])  # (id_dropout draws differ per call)
+@pytest.mark.parametrize("rows", [False, True])
+def test_length_groups_give_the_full_width_states_and_gradients(variant, rows):
+    """`length_groups`: the rows run in groups of similar length, each trimmed of its all-padding columns;
+    the states at real positions and every gradient equal one full-width run's (what padded positions hold,
+    no loss reads). A group scattered back to the wrong rows, or a trim that shifts positions, fails it."""
+    h = histories(seed=3, n=9)
+    real = h != N_ITEMS
+    assert len(set(real.sum(1).tolist())) > 3 and real.all(1).any()  # lengths that differ, one fills the window
+    out = {}
+    for groups in (1, 4):
+        model = make(variant)
+        states, items = model(h, users(9), rows=rows, length_groups=groups)
+        target = torch.randn(states.shape, generator=torch.Generator().manual_seed(0))
+        ((states * target)[real].sum() + (items[torch.arange(N_ITEMS)] if rows else items).sum()).backward()
+        out[groups] = states.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (full, full_grads), (grouped, grouped_grads) = out[1], out[4]
+    assert torch.allclose(grouped[real], full[real], atol=1e-5)
+    assert full_grads.keys() == grouped_grads.keys()
+    for name, grad in full_grads.items():
+        assert torch.allclose(grouped_grads[name], grad, atol=1e-5), name
