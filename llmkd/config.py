@@ -165,6 +165,10 @@ class StudentConfig:
     """Controls for `content_init` (same initialisation, no item content): 'teacher' = the teacher's item
     vectors; 'shuffled' = the same vectors with their rows permuted across items (same spectrum and scale);
     'random' = Gaussian rows with the teacher vectors' column means and standard deviations."""
+    content_init_anchor: float = bounded(0.0, ge=0)
+    """With `content_init`: add this weight x the mean over items of |e_i - e_i(0)|^2 to the training loss,
+    pulling each id row toward its start from the teacher's vectors (a prior centred on the item's text, not
+    on zero as weight decay is): rows the data says little about stay near their text. Training only."""
     content_init_whiten: bool = False
     """With `content_init`: scale each principal component to unit variance before the overall standard
     deviation (whitening), so every id dimension starts with the same spread."""
@@ -184,6 +188,9 @@ class StudentConfig:
         if self.content_init_source not in CONTENT_INIT_SOURCES:
             raise LlmkdError(f"student.content_init_source: expected one of {', '.join(CONTENT_INIT_SOURCES)}, "
                              f"got {self.content_init_source!r}")
+        if self.content_init_anchor and not self.content_init:
+            raise LlmkdError("student.content_init_anchor: pulls the id rows toward their content_init start; "
+                             "set student.content_init > 0 too")
         if self.dim % self.num_heads:
             raise LlmkdError(f"student.dim ({self.dim}) must be divisible by student.num_heads ({self.num_heads})")
 
@@ -409,8 +416,8 @@ class Config:
             return "the full softmax scores every item at every step (set distill.loss: sampled_softmax)"
         if dc.item_align > 0:
             return "distill.item_align reads every item vector at every step"
-        if dc.weight_decay > 0:
-            return "SparseAdam has no weight decay (distill.weight_decay > 0)"
+        if dc.weight_decay > 0 or self.student.content_init_anchor > 0:
+            return "SparseAdam has no weight decay (distill.weight_decay or student.content_init_anchor > 0)"
         if self.student.content_features and self.student.id_dropout > 0:
             return "student.id_dropout drops rows over the whole table"
         if num_processes > 1:

@@ -291,6 +291,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
         model.item_tower.content[: data.num_items] = teacher.item_emb
     init_item_embedding(model.item_tower.embedding, cfg.student, teacher.item_emb if teacher is not None else None,
                         dc.seed)
+    anchor = model.item_tower.embedding.weight.detach().clone() if cfg.student.content_init_anchor else None
     kd_targets = (KDTargets(teacher, data.train, dc.kd_top_k, dc.teacher_scale, accelerator.device,
                             dc.kd_index_for(data.num_items), dc.kd_nprobe) if dc.learns_from_teacher else None)
     train_dl, eval_dl = get_loaders(data, cfg, kd_targets.rows_by_user(data.train) if kd_targets else None)
@@ -303,6 +304,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
     else:
         model, *optimizers, train_dl, eval_dl = accelerator.prepare(model, *optimizers, train_dl, eval_dl)
     device = accelerator.device
+    anchor = anchor.to(device) if anchor is not None else None
     kd_loss = dc.make_kd_loss()
     counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
     log_q = (counts / counts.sum()).log()
@@ -339,6 +341,9 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                     states, items = model(batch["input_ids"], batch["user"], rows=sparse,
                                           length_groups=dc.length_groups)
                     loss = distill_loss(states, items, batch, dc, log_q, kd_targets, kd_loss, heads, accelerator)
+                    if anchor is not None:  # (the start, re-derived on resume: the init is deterministic)
+                        rows = accelerator.unwrap_model(model).item_tower.embedding.weight
+                        loss = loss + cfg.student.content_init_anchor * (rows - anchor).pow(2).sum(1).mean()
                     accelerator.backward(loss)
                     for optimizer in optimizers:
                         optimizer.step()

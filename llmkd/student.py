@@ -288,7 +288,7 @@ class TwoTower(nn.Module):
         """The one factory from a `StudentConfig` to constructor arguments."""
         kw = asdict(cfg)
         use_user_id, content = kw.pop("use_user_id"), kw.pop("content_features")
-        for name in ("content_init", "content_init_source", "content_init_whiten", "init_std"):  # initialisations the trainer applies
+        for name in ("content_init", "content_init_source", "content_init_whiten", "content_init_anchor", "init_std"):  # initialisations the trainer applies
             kw.pop(name)  # (`init_item_embedding`)
         return cls(num_items=num_items, max_len=max_len, num_users=num_users if use_user_id else 0,
                    content_dim=content_dim if content else 0, **kw)

@@ -592,6 +592,38 @@ def test_training_key_ignores_the_negatives_count_only_where_the_full_softmax_ru
     assert training_key(a, 12_101) == training_key(b, 12_101)  # full softmax: the count is never read
     assert training_key(a, 10 ** 6) != training_key(b, 10 ** 6)  # sampled: it is the run's setting
 
+def test_content_init_anchor_holds_the_id_rows_near_their_start(tmp_path, synthetic, monkeypatch):
+    """student.content_init_anchor: the trained id rows end far closer to their content start under a strong
+    pull than with none (same seed, same data); it needs content_init and keeps the item table dense."""
+    from llmkd import distill
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+    from llmkd.student import TwoTower, init_item_embedding
+
+    data = build_data(synthetic.data_config())
+    save_data(data, tmp_path / "data", synthetic.data_config())
+    item_emb = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32)
+    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data, keys=None: SimpleNamespace(item_emb=item_emb))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "meta.json").write_text("{}")
+    drift = {}
+    for pull in (0.0, 100.0):
+        cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                     student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0, content_init=0.1,
+                                           content_init_anchor=pull),
+                     distill=DistillConfig(name=f"pull{pull}", alpha=0.0, epochs=2, batch_size=32, lr=0.01))
+        distill.train(cfg)
+        start = TwoTower.from_config(cfg.student, data.num_items, 8, data.num_users).item_tower.embedding
+        init_item_embedding(start, cfg.student, item_emb, seed=0)
+        trained = TwoTower.from_pretrained(tmp_path / f"pull{pull}").item_tower.embedding.weight
+        drift[pull] = float((trained - start.weight).detach().norm() / start.weight.detach().norm())
+    assert drift[0.0] > 0.1 and drift[100.0] < drift[0.0] / 2, drift  # (Adam: a strong pull, not a clamp)
+    with pytest.raises(LlmkdError, match="content_init_anchor"):
+        StudentConfig(content_init_anchor=1.0)
+    assert "content_init_anchor" in Config(student=StudentConfig(content_init=0.1, content_init_anchor=1.0),
+                                           distill=DistillConfig(loss="sampled_softmax")).sparse_items_blocker(10 ** 6)
+
+
 def test_the_trainer_runs_the_user_tower_in_length_groups_and_reuse_ignores_the_count(tmp_path, synthetic,
                                                                                         monkeypatch):
     """distill.length_groups reaches the model's forward (a speed setting: the reuse key leaves it out, so a
