@@ -21,7 +21,7 @@ RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
 .PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale \
-	benchmark-scale-micro benchmark-scale-minilm benchmark-ann cold-start peer-beauty clean
+	benchmark-scale-micro benchmark-scale-minilm benchmark-ann benchmark-student-step cold-start peer-beauty clean
 
 install: $(VENV)/.installed
 
@@ -87,6 +87,12 @@ BEAUTY_SET = --config configs/amazon_beauty.yaml --set out_dir=$(BEAUTY_OUT)
 BEAUTY_BUDGET ?= 7200
 BEAUTY_FAMILIES ?= content_features content_init user_align item_align listwise_kl ranking_distillation relaxed_ranking \
 	margin_mse pairwise_hinge infonce
+# One training step of the Beauty student per distill.length_groups value, side by side in one process
+# (after `make benchmark-beauty` or any Beauty run has prepared the data): results/student_step_cpu.json.
+benchmark-student-step: install
+	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
+	$(RUN) scripts/benchmark_student_step.py $(BEAUTY_SET) --groups 1 2 4 8 --output results/student_step_cpu.json
+
 benchmark-beauty: install
 	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
 	$(RUN) scripts/build_teacher.py $(BEAUTY_SET) --zero-shot --name teacher_zero_shot
