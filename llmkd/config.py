@@ -162,9 +162,10 @@ class StudentConfig:
     components, scaled to this standard deviation (0 = random, std 0.02). They then train as usual, so
     serving needs nothing of the teacher (LLM-embedding initialisation, Harte et al., RecSys 2023)."""
     content_init_source: str = "teacher"
-    """Controls for `content_init` (same initialisation, no item content): 'teacher' = the teacher's item
-    vectors; 'shuffled' = the same vectors with their rows permuted across items (same spectrum and scale);
-    'random' = Gaussian rows with the teacher vectors' column means and standard deviations."""
+    """Controls for `content_init` and `distill.neighbor_smoothing` (same initialisation and smoothing, no item
+    content): 'teacher' = the teacher's item vectors; 'shuffled' = the same vectors with their rows permuted
+    across items (same spectrum and scale); 'random' = Gaussian rows with the teacher vectors' column means
+    and standard deviations."""
     content_init_anchor: float = bounded(0.0, ge=0)
     """With `content_init`: add this weight x the mean over items of |e_i - e_i(0)|^2 to the training loss,
     pulling each id row toward its start from the teacher's vectors (a prior centred on the item's text, not
@@ -218,6 +219,10 @@ class DistillConfig:
     kd_exact_max_items: int = bounded(100_000, ge=0)
     kd_nprobe: int = bounded(32, ge=1)
     """'ivf' KD search: inverted lists visited per query (nlist = `llmkd.index.ivf_nlist`)."""
+    neighbor_smoothing: float = bounded(0.0, ge=0, lt=1)
+    """Smooth each next-item target toward its `neighbor_k` nearest items by the teacher's item vectors:
+    (1 - eps) on the item, eps spread over its neighbours (`llmkd.losses.neighbor_smoothing`); 0 = off."""
+    neighbor_k: int = bounded(10, ge=1)
     kd_loss: str = "listwise_kl"
     """KD loss, a name in `llmkd.losses.KD_LOSSES` (listwise_kl, ranking_distillation, relaxed_ranking,
     margin_mse, pairwise_hinge, infonce); its weight is `alpha`."""
@@ -437,7 +442,8 @@ class Config:
     @property
     def uses_teacher(self) -> bool:
         """True when training reads the teacher cache: a teacher loss term or its item vectors as features."""
-        return self.distill.learns_from_teacher or self.student.content_features or self.student.content_init > 0
+        return (self.distill.learns_from_teacher or self.distill.neighbor_smoothing > 0
+                or self.student.content_features or self.student.content_init > 0)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

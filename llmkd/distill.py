@@ -37,7 +37,8 @@ from llmkd.index import build_index
 from llmkd.lineage import input_record
 from llmkd.losses.full_softmax import full_softmax_loss
 from llmkd.locks import main_process_lock
-from llmkd.student import TwoTower, init_item_embedding
+from llmkd.losses.neighbor_smoothing import item_neighbors, neighbor_smoothing_term
+from llmkd.student import TwoTower, content_init_vectors, init_item_embedding
 from llmkd.teacher import TeacherCache
 from llmkd.windows import get_dataloaders, trim_padding
 
@@ -188,8 +189,8 @@ class TeacherHeads(nn.Module):
 
 
 def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log_q: torch.Tensor,
-                 kd_targets: KDTargets | None, kd_loss: nn.Module, heads: nn.Module, accelerator: Accelerator
-                 ) -> torch.Tensor:
+                 kd_targets: KDTargets | None, kd_loss: nn.Module, heads: nn.Module, accelerator: Accelerator,
+                 neighbors: torch.Tensor | None = None) -> torch.Tensor:
     """Hard-label loss + alpha * KD loss (+ user_align * user-vector and item_align * item-vector
     alignment with the teacher) for one batch. Each term is a mean over this process's rows,
     re-weighted by the process's share of the global batch, so the gradient DDP averages equals the
@@ -199,6 +200,9 @@ def distill_loss(states: torch.Tensor, items: torch.Tensor, batch: dict, dc, log
     local = torch.stack([(labels != -100).sum(), at.sum()]).float()
     share = local * accelerator.num_processes / accelerator.reduce(local.clone(), "sum").clamp(min=1)
     loss = hard_loss(states, items, labels, dc, log_q) * share[0]
+    if neighbors is not None:  # the hard targets smoothed toward their neighbours (`neighbor_smoothing`)
+        keep = labels != -100
+        loss = loss + dc.neighbor_smoothing * neighbor_smoothing_term(states[keep], items, labels[keep], neighbors) * share[0]
     h, pos, r = states[at], labels[at], rows[at]  # (P, d), (P,), (P,)
     if dc.alpha > 0 and len(r):
         cand, t_scores, mask = kd_targets(r, pos)
@@ -305,6 +309,9 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
         model, *optimizers, train_dl, eval_dl = accelerator.prepare(model, *optimizers, train_dl, eval_dl)
     device = accelerator.device
     anchor = anchor.to(device) if anchor is not None else None
+    neighbors = (item_neighbors(content_init_vectors(teacher.item_emb, cfg.student.content_init_source, dc.seed),
+                                dc.neighbor_k, dc.kd_index_for(data.num_items), dc.kd_nprobe).to(device)
+                 if dc.neighbor_smoothing else None)
     kd_loss = dc.make_kd_loss()
     counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
     log_q = (counts / counts.sum()).log()
@@ -340,7 +347,8 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                     # (B, L, d), (N, d) table or (sparse) an ItemRows lookup
                     states, items = model(batch["input_ids"], batch["user"], rows=sparse,
                                           length_groups=dc.length_groups)
-                    loss = distill_loss(states, items, batch, dc, log_q, kd_targets, kd_loss, heads, accelerator)
+                    loss = distill_loss(states, items, batch, dc, log_q, kd_targets, kd_loss, heads, accelerator,
+                                        neighbors)
                     if anchor is not None:  # (the start, re-derived on resume: the init is deterministic)
                         rows = accelerator.unwrap_model(model).item_tower.embedding.weight
                         loss = loss + cfg.student.content_init_anchor * (rows - anchor).pow(2).sum(1).mean()

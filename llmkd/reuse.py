@@ -15,7 +15,8 @@ from llmkd.artifacts import LlmkdError, atomic_dir
 from llmkd.config import Config, from_dict
 from llmkd.lineage import files_load, teacher_fingerprint
 
-TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args")
+TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args", "neighbor_smoothing",
+                "neighbor_k")
 SPEED_ONLY = ("length_groups",)
 """Settings that change how fast a run trains, not what it learns (only dropout's draws differ): a run
 trained or checkpointed with another value stands for this one."""
