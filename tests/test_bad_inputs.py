@@ -22,15 +22,11 @@ Inputs that are *not* errors are pinned by the `test_policy_*` tests at the end.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import traceback
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_in_process
 
 BAD = REPO / "tests" / "bad_inputs"
 TEMPLATE = "{title} | {genre}"
@@ -66,40 +62,8 @@ def run_script(script: str, cfg: Path, *extra: str, home: Path) -> subprocess.Co
 
 
 def run_script_in_process(script: str, cfg: Path, *extra: str, home: Path) -> subprocess.CompletedProcess:
-    """`run_script` in this interpreter: the script runs as `__main__` (its `run(main)`: a user error is one
-    line and exit 2) in the repository with the subprocess's environment; what it prints is captured, each
-    warning is printed to its stderr as a fresh interpreter would print it (not kept by pytest), and an
-    exception that escapes the script is its stderr's traceback (status 1), as in a subprocess."""
-    from llmkd.commands import run_in_process
-
-    args = ["--config", str(cfg), *extra]
-    out, err = io.StringIO(), io.StringIO()
-    run_env = env(home)
-    saved_env = {k: os.environ.get(k) for k in run_env}
-    saved_cwd = Path.cwd()
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        err.write(warnings.formatwarning(message, category, filename, lineno, line))
-
-    os.environ.update(run_env)  # never emptied meanwhile: the pool's threads copy it for their subprocesses
-    os.chdir(REPO)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            try:
-                code = run_in_process(REPO / "scripts" / script, script, args)
-            except Exception:  # noqa: BLE001 -- what a subprocess would print before exiting 1
-                err.write(traceback.format_exc())
-                code = 1
-    finally:
-        os.chdir(saved_cwd)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    """`run_script` in this interpreter (conftest.run_in_process: output captured, warnings printed)."""
+    return run_in_process(REPO / "scripts" / script, ["--config", str(cfg), *extra], env(home))
 
 
 def base_config(out_dir: Path, interactions: Path = OK_INTER, items: Path = OK_ITEMS, teacher: str = "minilm") -> dict:
