@@ -25,7 +25,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # Tiny models: one thread per process is faster than two and immune to a busy machine (spin waits).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", str(Path(tempfile.gettempdir()) / "llmkd-tests-hf-datasets"))
+# One datasets cache per pytest-xdist worker (`make test` runs two): workers never write one cache file at once.
+os.environ.setdefault("HF_DATASETS_CACHE", str(Path(tempfile.gettempdir()) / "llmkd-tests-hf-datasets"
+                                                / os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
 import numpy as np
 import pandas as pd
