@@ -41,7 +41,7 @@ from llmkd.config import TeacherConfig
 from llmkd.data import RecData
 from llmkd.lineage import check_lineage, files_load, input_record
 from llmkd.locks import main_process_lock
-from llmkd.models import (  # noqa: F401 -- re-exported: callers import them from the teacher
+from llmkd.teacher.models import (  # noqa: F401 -- re-exported: callers import them from the teacher
     PACKAGED,
     cache_root,
     convert_gguf,
