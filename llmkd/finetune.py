@@ -31,7 +31,7 @@ from llmkd.data import RecData
 from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
 from llmkd.lineage import files_load
 from llmkd.locks import main_process_lock
-from llmkd.parallel import GatherWithGrad, average_gradients, negatives_per_process
+from llmkd.teacher.parallel import GatherWithGrad, average_gradients, negatives_per_process
 from llmkd.teacher import TextEncoder, item_prompts, model_fingerprint, resolve_model_path, user_prompt
 
 TARGET_MODULES = {

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from llmkd.config import Config, from_dict
 from llmkd.data import build_data, save_data
 from llmkd.finetune import contrastive_loss, finetune_teacher
-from llmkd.parallel import negatives_per_process
+from llmkd.teacher.parallel import negatives_per_process
 
 
 def test_the_loss_of_each_processs_rows_averages_to_the_global_batch_loss():
