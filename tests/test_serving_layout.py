@@ -12,7 +12,7 @@ from conftest import REPO
 
 SERVING = REPO / "llmkd" / "serving"
 ALLOWED_LLMKD = {"llmkd", "llmkd.artifacts", "llmkd.errors", "llmkd.config", "llmkd.config_schema", "llmkd.locks",
-                 "llmkd.lineage", "llmkd.paths", "llmkd.data", "llmkd.student", "llmkd.sasrec", "llmkd.index"}
+                 "llmkd.lineage", "llmkd.paths", "llmkd.data", "llmkd.student", "llmkd.student.sasrec", "llmkd.index"}
 FORBIDDEN_PACKAGES = {"transformers", "peft", "accelerate", "datasets", "tokenizers", "sentence_transformers"}
 
 
