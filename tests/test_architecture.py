@@ -123,9 +123,9 @@ DOC = REPO / "docs" / "architecture.md"
 def documented_rooms(text: str) -> tuple[list[str], dict[str, str], set[tuple[str, str]]]:
     """From docs/architecture.md: the rooms bottom to top (its `rooms:` line), module -> room (the rows
     "| `llmkd.x` | room | ... |"), and the upward imports it lists as still to move ("- `a -> b`")."""
-    order = [r.strip() for r in re.search(r"^rooms: (.+)$", text, re.M).group(1).split(",")]
-    room = dict(re.findall(r"^\| `(llmkd[\w.]*)` \| (\w+) \|", text, re.M))
-    upward = set(re.findall(r"^- `(llmkd[\w.]*) -> (llmkd[\w.]*)`", text, re.M))
+    order = [r.strip() for r in re.search(r"^rooms: (.+)$", text, re.MULTILINE).group(1).split(",")]
+    room = dict(re.findall(r"^\| `(llmkd[\w.]*)` \| (\w+) \|", text, re.MULTILINE))
+    upward = set(re.findall(r"^- `(llmkd[\w.]*) -> (llmkd[\w.]*)`", text, re.MULTILINE))
     return order, room, upward
 
 

@@ -12,8 +12,8 @@ import torch
 
 from llmkd.artifacts import LlmkdError
 from llmkd.config import Config, DistillConfig, FinetuneConfig, TeacherConfig
-from llmkd.teacher.finetune import contrastive_loss, finetune_teacher, lora_config
 from llmkd.teacher import TeacherCache, TextEncoder, build_teacher_cache, resolve_model_path
+from llmkd.teacher.finetune import contrastive_loss, finetune_teacher, lora_config
 
 
 def test_contrastive_loss_hand_computed_with_duplicate_masking():
