@@ -197,8 +197,11 @@ benchmark-ann: install
 	$(RUN) scripts/ann_sweep.py --config $(SCALE_1M)/config.yaml --student student_kd --pq-m 16 --pq-refine 0 4 \
 		--build-threads 2 --out results/ann_sweep_cpu_student1m.json
 
+# Two pytest-xdist workers, one test file each at a time (a file's module fixtures are built once); TEST_JOBS=0
+# runs in one process.
+TEST_JOBS ?= 2
 test: install
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 clean:
 	rm -rf runs

@@ -143,7 +143,7 @@ class StudentConfig:
     dim: int = bounded(64, ge=1)
     pooling: str = "transformer"
     """User tower: 'transformer' (causal pre-norm self-attention + MLP head), 'sasrec' (SASRec's own blocks, as the
-    field trains it: `llmkd.sasrec`) or 'mean' (recency-weighted)."""
+    field trains it: `llmkd.student.sasrec`) or 'mean' (recency-weighted)."""
     attend_padding: bool = False
     """'sasrec' pooling: queries also attend to the padding, as SASRec does (it pads every history to max_len;
     a zero input's key and value, i.e. a learned "nothing to read" weighted by the number of pads)."""

@@ -19,8 +19,8 @@ import torch
 
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
-from llmkd.finetune import Featurizer, contrastive_loss, lora_config, train_pairs
 from llmkd.teacher import TextEncoder, item_prompts, user_prompt
+from llmkd.teacher.finetune import Featurizer, contrastive_loss, lora_config, train_pairs
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
-from llmkd.finetune import finetune_teacher
+from llmkd.teacher.finetune import finetune_teacher
 
 
 def main() -> None:

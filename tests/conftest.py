@@ -6,9 +6,14 @@ word-level tokenizer made offline with the `tokenizers` library over the synthet
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import subprocess
 import tempfile
+import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +25,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # Tiny models: one thread per process is faster than two and immune to a busy machine (spin waits).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", str(Path(tempfile.gettempdir()) / "llmkd-tests-hf-datasets"))
+# One datasets cache per pytest-xdist worker (`make test` runs two): workers never write one cache file at once.
+os.environ.setdefault("HF_DATASETS_CACHE", str(Path(tempfile.gettempdir()) / "llmkd-tests-hf-datasets"
+                                                / os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
 import numpy as np
 import pandas as pd
@@ -228,3 +235,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_in_process(script: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in this interpreter, for tests where the script's code is tested, not a fresh process:
+    the script runs as `__main__` (`llmkd.commands.run_in_process`: its `run(main)` turns a user error into one
+    line and exit 2) in the repository, with `env` laid over the environment meanwhile. What it prints is
+    captured, each warning is printed to its stderr as a fresh interpreter prints it (not kept by pytest), and
+    an exception that escapes the script becomes its stderr's traceback and status 1, as in a subprocess."""
+    from llmkd.commands import run_in_process as run_script
+
+    out, err = io.StringIO(), io.StringIO()
+    env = env or {}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_cwd = Path.cwd()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    os.environ.update(env)  # never emptied meanwhile: other threads may copy it for their subprocesses
+    os.chdir(REPO)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            try:
+                code = run_script(script, script.name, args)
+            except Exception:  # noqa: BLE001 -- what a subprocess would print before exiting 1
+                err.write(traceback.format_exc())
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([str(script), *args], code, out.getvalue(), err.getvalue())

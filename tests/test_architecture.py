@@ -5,6 +5,7 @@ tested and loaded bottom-up."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -112,3 +113,51 @@ def test_llmkd_has_no_import_cycles():
     assert {"llmkd.artifacts", "llmkd.locks", "llmkd.serving.http"} <= set(graph)
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+# ---------------------------------------------------------------- rooms (docs/architecture.md)
+
+DOC = REPO / "docs" / "architecture.md"
+
+
+def documented_rooms(text: str) -> tuple[list[str], dict[str, str], set[tuple[str, str]]]:
+    """From docs/architecture.md: the rooms bottom to top (its `rooms:` line), module -> room (the rows
+    "| `llmkd.x` | room | ... |"), and the upward imports it lists as still to move ("- `a -> b`")."""
+    order = [r.strip() for r in re.search(r"^rooms: (.+)$", text, re.MULTILINE).group(1).split(",")]
+    room = dict(re.findall(r"^\| `(llmkd[\w.]*)` \| (\w+) \|", text, re.MULTILINE))
+    upward = set(re.findall(r"^- `(llmkd[\w.]*) -> (llmkd[\w.]*)`", text, re.MULTILINE))
+    return order, room, upward
+
+
+def upward_imports(graph: dict[str, set[str]], order: list[str], room: dict[str, str]) -> set[tuple[str, str]]:
+    """Imports from a module to one in a higher room (the package `llmkd` itself sits above every room)."""
+    rank = {r: i for i, r in enumerate(order)}
+    return {(a, b) for a, targets in graph.items() if a != "llmkd" for b in targets
+            if rank[room[b]] > rank[room[a]]}
+
+
+def test_the_architecture_doc_places_every_module_in_one_room():
+    graph = import_graph(REPO / "llmkd", "llmkd")
+    order, room, _ = documented_rooms(DOC.read_text(encoding="utf-8"))
+    assert len(order) == len(set(order)) >= 8
+    modules = set(graph) - {"llmkd"}
+    assert modules - set(room) == set(), "modules missing from docs/architecture.md"
+    assert set(room) - modules == set(), "docs/architecture.md lists modules that do not exist"
+    assert set(room.values()) <= set(order), set(room.values()) - set(order)
+
+
+def test_imports_go_down_the_rooms_except_the_listed_ones():
+    """A new import from a lower room to a higher one fails here (move the shared piece down, or list it in
+    docs/architecture.md with how it will move); a listed one that is gone must be struck from the list."""
+    graph = import_graph(REPO / "llmkd", "llmkd")
+    order, room, listed = documented_rooms(DOC.read_text(encoding="utf-8"))
+    found = upward_imports(graph, order, room)
+    assert found - listed == set(), "imports up a room: " + ", ".join(f"{a} -> {b}" for a, b in sorted(found - listed))
+    assert listed - found == set(), "listed as upward but no longer imported: " + str(sorted(listed - found))
+
+
+def test_the_room_check_sees_an_upward_import():
+    graph = {"p.low": {"p.high"}, "p.high": set()}
+    assert upward_imports(graph, ["infra", "commands"], {"p.low": "infra", "p.high": "commands"}) == {
+        ("p.low", "p.high")}
+    assert upward_imports(graph, ["commands", "infra"], {"p.low": "infra", "p.high": "commands"}) == set()

@@ -11,7 +11,11 @@ Each case runs a script as a subprocess and checks that it
 Data and config cases need no model. Cases about broken artifacts (a truncated student, FAISS index or
 teacher cache, a teacher cache made from other data, a missing teacher model) start from one tiny
 pipeline built once for the module (tiny BERT teacher, 1-epoch dim-8 student), copied and broken per case.
-Cases run a few at a time in a thread pool (each subprocess pays the torch / datasets import).
+Each case runs the script's own code in-process (`llmkd.commands.run_in_process`: the script as `__main__`
+with its argv, stdout and stderr captured, warnings printed as the interpreter would, an uncaught exception
+recorded as a traceback), so the corpus does not pay a torch / transformers import per case. One case per
+script (`SUBPROCESS`) runs as a real subprocess instead, checking the same contract where nothing is already
+imported or configured: exit status 2 and a stderr of exactly one line as a user sees them.
 
 Inputs that are *not* errors are pinned by the `test_policy_*` tests at the end.
 """
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_in_process
 
 BAD = REPO / "tests" / "bad_inputs"
 TEMPLATE = "{title} | {genre}"
@@ -55,6 +59,11 @@ def env(home: Path) -> dict[str, str]:
 def run_script(script: str, cfg: Path, *extra: str, home: Path) -> subprocess.CompletedProcess:
     args = [sys.executable, str(REPO / "scripts" / script), "--config", str(cfg), *extra]
     return subprocess.run(args, cwd=REPO, env=env(home), capture_output=True, text=True, timeout=180, check=False)
+
+
+def run_script_in_process(script: str, cfg: Path, *extra: str, home: Path) -> subprocess.CompletedProcess:
+    """`run_script` in this interpreter (conftest.run_in_process: output captured, warnings printed)."""
+    return run_in_process(REPO / "scripts" / script, ["--config", str(cfg), *extra], env(home))
 
 
 def base_config(out_dir: Path, interactions: Path = OK_INTER, items: Path = OK_ITEMS, teacher: str = "minilm") -> dict:
@@ -433,9 +442,21 @@ CASES = [
 ]
 
 
+SUBPROCESS = {
+    "prepare_data.py": "inter_semicolon.csv",
+    "finetune_teacher.py": "no_eval_users_finetune_teacher",
+    "build_teacher.py": "teacher_model_weights_truncated",
+    "distill.py": "teacher_cache_truncated",
+    "build_index.py": "student_weights_truncated",
+    "evaluate.py": "faiss_index_truncated",
+}
+"""The one case per script that runs as a real subprocess (one that gets past the imports and the config)."""
+
+
 @pytest.fixture(scope="module")
 def results(request, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path, set[str]]]:
-    """Run every selected case (data and config cases while the pipeline builds).
+    """Run every selected case: the `SUBPROCESS` ones in a thread pool while the others run in-process, data
+    and config cases before the pipeline is built.
 
     {id: (process, out_dir, the paths under out_dir before the run)}.
     """
@@ -445,16 +466,21 @@ def results(request, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedPr
     root = tmp_path_factory.mktemp("bad_input_runs")
     home = root / "hf_home"
     futures: dict[str, Future] = {}
+    done: dict[str, tuple[subprocess.CompletedProcess, Path, set[str]]] = {}
 
     def start(pool: ThreadPoolExecutor, case: Case, p: Pipeline | None) -> None:
         tmp = root / case.id
         tmp.mkdir()
         cfg, extra = case.setup(tmp, p)
         before = snapshot(tmp / "run")
-        futures[case.id] = pool.submit(lambda: (run_script(case.script, cfg, *extra, home=home), tmp / "run", before))
+        if SUBPROCESS[case.script] == case.id:
+            futures[case.id] = pool.submit(lambda: (run_script(case.script, cfg, *extra, home=home), tmp / "run",
+                                                    before))
+        else:
+            done[case.id] = (run_script_in_process(case.script, cfg, *extra, home=home), tmp / "run", before)
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        todo = [c for c in CASES if c.id in selected]
+        todo = sorted((c for c in CASES if c.id in selected), key=lambda c: SUBPROCESS[c.script] != c.id)
         for case in todo:
             if not case.needs_pipeline:
                 start(pool, case, None)
@@ -463,7 +489,14 @@ def results(request, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedPr
             for case in todo:
                 if case.needs_pipeline:
                     start(pool, case, p)
-        return {k: f.result() for k, f in futures.items()}
+        return {**done, **{k: f.result() for k, f in futures.items()}}
+
+
+def test_every_script_has_one_case_in_a_real_subprocess():
+    """The exit-2 contract is also checked where nothing is imported yet, once per script of the corpus."""
+    by_id = {c.id: c for c in CASES}
+    assert set(SUBPROCESS) == {c.script for c in CASES}
+    assert all(by_id[case].script == script for script, case in SUBPROCESS.items())
 
 
 def test_corpus_is_covered():

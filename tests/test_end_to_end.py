@@ -1,4 +1,7 @@
-"""The real scripts, as subprocesses, on the synthetic data with the tiny BERT teacher."""
+"""The real scripts, as subprocesses, on the synthetic data with the tiny BERT teacher.
+
+The pipeline itself and every multi-process run go through real processes (`accelerate launch`); where a test
+checks what a script does rather than how it is launched, the script runs in this interpreter (`in_process`)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, TEXT_TEMPLATE, free_port
+from conftest import REPO, TEXT_TEMPLATE, free_port, run_in_process
 
 _CLI = Path(sys.executable).with_name("accelerate")
 ACCELERATE = [*([str(_CLI), "launch"] if _CLI.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]),
@@ -50,6 +53,17 @@ def run_parallel(commands: list[list[str]], home: Path, timeout: int = 240) -> l
             pytest.fail(f"{' '.join(proc.args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                         f"stderr:\n{proc.stderr[-5000:]}")
     return done
+
+
+def in_process(name: str, cfg: Path, *extra: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python scripts/NAME --config CFG EXTRA` run in this interpreter (conftest.run_in_process); a non-zero
+    exit fails the test unless `check` is false. `scripts/distill.py` run this way trains in one process, as
+    `accelerate launch --num_processes 1` does."""
+    proc = run_in_process(REPO / "scripts" / name, ["--config", str(cfg), *extra], env(home))
+    if check and proc.returncode != 0:
+        pytest.fail(f"{name} {' '.join(extra)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                    f"stderr:\n{proc.stderr[-5000:]}")
+    return proc
 
 
 def script(name: str, cfg: Path, *extra: str) -> list[str]:
@@ -215,7 +229,7 @@ def test_bad_config_key_exits_2_without_traceback(pipeline):
     bad["distill"].update(name="student_bad", alpah=0.5)
     path = root / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    proc = run(script("distill.py", path), pipeline["home"], check=False)
+    proc = in_process("distill.py", path, home=pipeline["home"], check=False)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
@@ -225,7 +239,7 @@ def test_bad_config_key_exits_2_without_traceback(pipeline):
 
 
 def test_bad_override_exits_2(pipeline):
-    proc = run(script("distill.py", pipeline["cfg"], "--set", "distill.epochs=many"), pipeline["home"], check=False)
+    proc = in_process("distill.py", pipeline["cfg"], "--set", "distill.epochs=many", home=pipeline["home"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and "distill.epochs" in proc.stderr
 
@@ -252,9 +266,9 @@ def test_resume_continues_the_same_run(pipeline):
     (weights, optimizer, RNG and data order restored)."""
     out = pipeline["out"]
     name = ["--set", "distill.name=student_resumed"]
-    run(distill(pipeline["cfg"], *name, "--set", "distill.epochs=1"), pipeline["home"])
+    in_process("distill.py", pipeline["cfg"], *name, "--set", "distill.epochs=1", home=pipeline["home"])
     assert len(json.loads((out / "student_resumed" / "meta.json").read_text())["history"]) == 1
-    proc = run(distill(pipeline["cfg"], *name, "--resume"), pipeline["home"])
+    proc = in_process("distill.py", pipeline["cfg"], *name, "--resume", home=pipeline["home"])
     assert "resumed from" in proc.stdout
     resumed = json.loads((out / "student_resumed" / "meta.json").read_text())["history"]
     straight = json.loads((out / "student_kd" / "meta.json").read_text())["history"]
@@ -265,8 +279,8 @@ def test_resume_continues_the_same_run(pipeline):
 
 
 def test_missing_previous_stage_is_a_one_line_error(pipeline, tmp_path):
-    proc = run(script("evaluate.py", pipeline["cfg"], "--set", f"out_dir={tmp_path / 'empty'}"), pipeline["home"],
-               check=False)
+    proc = in_process("evaluate.py", pipeline["cfg"], "--set", f"out_dir={tmp_path / 'empty'}", home=pipeline["home"],
+                      check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "data" in lines[0], proc.stderr
@@ -282,8 +296,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pipeline):
     out = pipeline["out"]
     common = ["--set", "distill.epochs=2", "--set", "student.dropout=0.0", "--set", "distill.alpha=0.5",
               "--set", "distill.eval_batch_size=4", "--set", "distill.drop_last=true"]
-    run(distill(pipeline["cfg"], *common, "--set", "distill.name=eq_1p", "--set", "distill.batch_size=8"),
-        pipeline["home"])
+    in_process("distill.py", pipeline["cfg"], *common, "--set", "distill.name=eq_1p", "--set", "distill.batch_size=8",
+               home=pipeline["home"])
     run(distill(pipeline["cfg"], *common, "--set", "distill.name=eq_2p", "--set", "distill.batch_size=4",
                 processes=2), pipeline["home"])
     from safetensors.numpy import load_file
@@ -366,7 +380,7 @@ def test_seeds_report_and_reuse_of_the_no_teacher_twin(pipeline):
     assert (twin.stat().st_mtime_ns, kd.stat().st_mtime_ns) == stamps  # same config, same teacher: reused
     assert second["rows"] == first["rows"]
     shutil.copytree(out / "teacher", pipeline["root"] / "teacher_before")
-    run(script("build_teacher.py", pipeline["cfg"], "--force"), pipeline["home"])  # a new teacher cache
+    in_process("build_teacher.py", pipeline["cfg"], "--force", home=pipeline["home"])  # a new teacher cache
     run_seeds(cfg, [0, 1], variants)
     assert twin.stat().st_mtime_ns == stamps[0]  # the no-teacher twin is still reused ...
     assert kd.stat().st_mtime_ns != stamps[1]  # ... a student that learned from the old teacher is not
@@ -514,9 +528,9 @@ def test_online_cost_benchmark(pipeline, tiny_bert):
     assert (systems["teacher"]["parameters"], systems["student_kd"]["parameters"]) == (teacher_params, student_params)
     assert ratio["parameters"] == pytest.approx(teacher_params / student_params)
     assert ratio["throughput"] == pytest.approx(systems["student_kd"]["users_per_second"] / systems["teacher"]["users_per_second"])
-    proc = run(script("benchmark_online.py", pipeline["cfg"], "--latency-users", "3", "--throughput-users", "6",
-                      "--batch-size", "3", "--repeats", "1", "--out", str(pipeline["root"] / "online.json")),
-               pipeline["home"])
+    proc = in_process("benchmark_online.py", pipeline["cfg"], "--latency-users", "3", "--throughput-users", "6",
+                      "--batch-size", "3", "--repeats", "1", "--out", str(pipeline["root"] / "online.json"),
+                      home=pipeline["home"])
     assert "teacher / student" in proc.stdout and (pipeline["root"] / "online.md").is_file()
 
 
@@ -551,12 +565,12 @@ def test_cold_start_items(tmp_path_factory, synthetic, tiny_bert):
     raw["data"]["cold_items"] = 0.2
     raw["student"]["content_features"] = True
     cfg.write_text(yaml.safe_dump(raw))
-    run(script("prepare_data.py", cfg), home)
-    run(script("build_teacher.py", cfg), home)
+    in_process("prepare_data.py", cfg, home=home)
+    in_process("build_teacher.py", cfg, home=home)
     from llmkd.config import load_config
 
-    run(distill(cfg), home)
-    proc = run(script("cold_start.py", cfg), home)
+    in_process("distill.py", cfg, home=home)
+    proc = in_process("cold_start.py", cfg, home=home)
     assert "Ranking cold items only" in proc.stdout
     r = json.loads((out / "cold_start" / "results.json").read_text())
     assert r["cold_items"] == round(0.2 * 40) and r["users"] > 0
@@ -575,8 +589,8 @@ def test_cold_start_items(tmp_path_factory, synthetic, tiny_bert):
     # ... and the order is the teacher's: NDCG@10 against cold item and history texts encoded here
     assert systems["teacher"]["cold items only"]["ndcg@10"] == pytest.approx(
         cold_teacher_ndcg(load_config(cfg), tiny_bert, 10), abs=1e-6)
-    run(distill(cfg, "--set", "distill.name=id_only", "--set", "student.content_features=false"), home)
-    bad = run(script("cold_start.py", cfg, "--students", "id_only"), home, check=False)
+    in_process("distill.py", cfg, "--set", "distill.name=id_only", "--set", "student.content_features=false", home=home)
+    bad = in_process("cold_start.py", cfg, "--students", "id_only", home=home, check=False)
     assert bad.returncode == 2 and "cannot embed unseen items" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -584,8 +598,8 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
     """scripts/tune.py searches on valid and writes recipe.yaml; distill.py --recipe then copies the
     matching search run instead of training it again (same weights), and --retrain trains it."""
     cfg, out, home = pipeline["cfg"], pipeline["out"], pipeline["home"]
-    proc = run(script("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1",
-                      "--configured-twin"), home)  # the twin stage: tests/test_recipe.py, test_kd_benchmark_*
+    proc = in_process("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1",
+                      "--configured-twin", home=home)  # the twin stage: tests/test_recipe.py, test_kd_benchmark_*
     assert "chosen on valid" in proc.stdout
     report = json.loads((out / "tune" / "report.json").read_text())
     done = [c for c in report["candidates"] if "valid_ndcg@10" in c]
@@ -605,21 +619,21 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
     assert report["chosen"] == (best["name"] if gain["lo"] > 0 else "no_teacher")
     recipe = out / "tune" / "recipe.yaml"
     chosen = next(c for c in done if c["name"] == report["chosen"])
-    proc = run(distill(cfg, "--recipe", str(recipe), "--set", "distill.epochs=1", "--set", "distill.name=student_recipe"),
-               home)
+    proc = in_process("distill.py", cfg, "--recipe", str(recipe), "--set", "distill.epochs=1",
+                      "--set", "distill.name=student_recipe", home=home)
     assert "reused a finished run" in proc.stdout
     weights = (out / "student_recipe" / "model.safetensors").read_bytes()
     assert weights == (out / chosen["folder"] / "model.safetensors").read_bytes()
     copied = json.loads((out / "student_recipe" / "meta.json").read_text())["created"]
-    proc = run(distill(cfg, "--recipe", str(recipe), "--set", "distill.epochs=1", "--set", "distill.name=student_recipe",
-                       "--retrain"), home)
+    proc = in_process("distill.py", cfg, "--recipe", str(recipe), "--set", "distill.epochs=1",
+                      "--set", "distill.name=student_recipe", "--retrain", home=home)
     assert "reused" not in proc.stdout and "best valid ndcg@10" in proc.stdout
     assert json.loads((out / "student_recipe" / "meta.json").read_text())["created"] >= copied
-    again = run(script("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1",
-                       "--configured-twin"), home)
+    again = in_process("tune.py", cfg, "--families", "content_features", "user_align", "--set", "distill.epochs=1",
+                       "--configured-twin", home=home)
     assert "chosen on valid" in again.stdout
     assert {c["status"] for c in json.loads((out / "tune" / "report.json").read_text())["candidates"]} == {"reused"}
-    bad = run(script("tune.py", cfg, "--families", "nope"), home, check=False)
+    bad = in_process("tune.py", cfg, "--families", "nope", home=home, check=False)
     assert bad.returncode == 2 and "unknown ['nope']" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -628,7 +642,8 @@ def test_length_buckets_train_deterministically_on_one_and_two_processes(pipelin
     seed and epoch only), and a 2-process run forms one run over the same sampler."""
     out, home = pipeline["out"], pipeline["home"]
     common = ["--set", "distill.epochs=2", "--set", "distill.length_buckets=true", "--set", "distill.alpha=0.5"]
-    run_parallel([distill(pipeline["cfg"], *common, "--set", f"distill.name=lb_{i}") for i in "ab"], home)
+    for i in "ab":
+        in_process("distill.py", pipeline["cfg"], *common, "--set", f"distill.name=lb_{i}", home=home)
     assert largest_weight_change(out / "lb_a", out / "lb_b") == 0.0
     run(distill(pipeline["cfg"], *common, "--set", "distill.name=lb_2p", "--set", "distill.drop_last=true",
                 processes=2), home)

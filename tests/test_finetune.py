@@ -12,8 +12,8 @@ import torch
 
 from llmkd.artifacts import LlmkdError
 from llmkd.config import Config, DistillConfig, FinetuneConfig, TeacherConfig
-from llmkd.finetune import contrastive_loss, finetune_teacher, lora_config
 from llmkd.teacher import TeacherCache, TextEncoder, build_teacher_cache, resolve_model_path
+from llmkd.teacher.finetune import contrastive_loss, finetune_teacher, lora_config
 
 
 def test_contrastive_loss_hand_computed_with_duplicate_masking():
@@ -55,7 +55,7 @@ def _config(tmp_path, model, **finetune) -> Config:
 class LoraWatch:
     """Watches the LoRA weights `finetune_teacher` trains, without changing them: a spy on
     `peft.get_peft_model` keeps the PEFT model and its trainable weights as created, and a spy on
-    `llmkd.finetune.ndcg_at_10` (called once per valid evaluation in one process) copies them at every
+    `llmkd.teacher.finetune.ndcg_at_10` (called once per valid evaluation in one process) copies them at every
     evaluation, in the order of meta['curve']. Only the last model made is watched."""
 
     def __init__(self, monkeypatch) -> None:
@@ -169,7 +169,7 @@ def test_templates_need_their_placeholders():
 
 
 def test_finetune_uses_train_split_only(synthetic_data):
-    from llmkd.finetune import train_pairs
+    from llmkd.teacher.finetune import train_pairs
 
     pairs = train_pairs(synthetic_data)
     for u, t in pairs:
@@ -183,7 +183,7 @@ def test_split_encoder_equals_the_whole_model(fixture, request):
     """Top layers run on cached lower-layer states give the vectors the whole model gives."""
     from peft import get_peft_model
 
-    from llmkd.finetune import SplitEncoder
+    from llmkd.teacher.finetune import SplitEncoder
 
     enc = TextEncoder(str(request.getfixturevalue(fixture)), batch_size=3)
     enc.model = get_peft_model(enc.model, lora_config(enc.model.config, FinetuneConfig(top_layers=1)))
@@ -216,7 +216,7 @@ def test_finetune_with_cached_lower_layers_trains_the_top(tmp_path, synthetic_da
     watch.assert_trained_the_top_layer_only()
     whole = finetune_teacher(synthetic_data, _config(tmp_path / "whole", tiny_bert, cache_lower_layers=False, **common))
     assert (cached["cached_lower_layers"], whole["cached_lower_layers"]) == (1, 0)
-    from llmkd.finetune import train_pairs
+    from llmkd.teacher.finetune import train_pairs
 
     assert cached["training_cuts"] == whole["training_cuts"] == len(train_pairs(synthetic_data))  # the same cuts
     assert len(cached["step_losses"]) == len(whole["step_losses"]) == 4

@@ -18,8 +18,8 @@ from safetensors.numpy import load_file
 
 from llmkd.config import Config, from_dict
 from llmkd.data import build_data, save_data
-from llmkd.finetune import contrastive_loss, finetune_teacher
-from llmkd.parallel import negatives_per_process
+from llmkd.teacher.finetune import contrastive_loss, finetune_teacher
+from llmkd.teacher.parallel import negatives_per_process
 
 
 def test_the_loss_of_each_processs_rows_averages_to_the_global_batch_loss():
@@ -81,7 +81,7 @@ def test_two_processes_of_batch_b_train_as_one_process_of_batch_2b(tmp_path, syn
 def test_the_adapter_key_names_the_processes_only_when_several(processes, synthetic_data, tiny_bert, tmp_path):
     """An adapter tuned by one process keeps its old key (so it is reused as before); one tuned by two is
     not mistaken for it (their global batches differ)."""
-    from llmkd.finetune import tuning_key
+    from llmkd.teacher.finetune import tuning_key
 
     cfg = from_dict(Config, {"out_dir": str(tmp_path), "teacher": {"model": str(tiny_bert)}})
     key = tuning_key(synthetic_data, cfg, processes)

@@ -119,7 +119,7 @@ def test_a_student_whose_files_do_not_load_is_not_reused(run, tmp_path, broken):
 
 def test_a_truncated_adapter_is_tuned_again_not_reused(tmp_path, synthetic_data, tiny_bert):
     from llmkd.config import Config, FinetuneConfig, TeacherConfig
-    from llmkd.finetune import finetune_teacher
+    from llmkd.teacher.finetune import finetune_teacher
 
     cfg = Config(out_dir=str(tmp_path), teacher=TeacherConfig(model=str(tiny_bert), batch_size=8, max_history_items=5,
                                                               max_history_tokens=64),

@@ -167,11 +167,11 @@ def _stages():
     from llmkd.experiments.coldstart import run_cold_start
     from llmkd.experiments.kd_benchmark import run_kd_benchmark
     from llmkd.experiments.seeds import run_seeds
-    from llmkd.finetune import finetune_teacher
     from llmkd.index import build_index, save_index
     from llmkd.recipe import run_search
     from llmkd.report import run_evaluation
     from llmkd.teacher import build_teacher_cache
+    from llmkd.teacher.finetune import finetune_teacher
 
     one = {"user_align": (["distill.alpha=0"], {"distill.user_align": [1.0]})}
 

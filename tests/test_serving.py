@@ -203,7 +203,7 @@ def test_loading_and_recommending_import_no_teacher_code(bundle, run_data):
         f"print(r.recommend({run_data.item_ids[:2]!r}, k=3)['items'], r.recommend([], k=2)['items'],\n"
         f"      r.similar_items({run_data.item_ids[0]!r}, k=2)['items'])\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft', 'accelerate', 'datasets')\n"
-        "       or m in ('llmkd.teacher', 'llmkd.distill', 'llmkd.finetune', 'llmkd.losses', 'llmkd.data')]\n"
+        "       or m in ('llmkd.teacher', 'llmkd.distill', 'llmkd.teacher.finetune', 'llmkd.losses', 'llmkd.data')]\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -334,7 +334,7 @@ def test_the_sasrec_tower_is_sasrecs_shape():
     """SASRec's blocks as published: d -> d -> d feed-forward (not 4d), no MLP head after the last layer norm,
     Xavier-normal weights with zero biases, item vectors scaled by sqrt(d) (changing the scale changes the
     states). A pre-norm transformer block or a missing scale would fail it."""
-    from llmkd.sasrec import SASRecEncoder
+    from llmkd.student.sasrec import SASRecEncoder
 
     d, L, layers = 16, MAX_LEN, 2
     model = TwoTower(num_items=N_ITEMS, max_len=L, dim=d, pooling="sasrec", num_layers=layers, num_heads=1)
@@ -358,7 +358,7 @@ def test_attend_padding_is_sasrecs_attention_over_pads_to_max_len(lengths):
     """SASRec pads every history to max_len, lets each query attend to the (zeroed) pads and zeroes them again
     after each block. `attend_padding` folds the pads into one key: the same states at every real position,
     and the same whatever all-padding columns a batch carries (training trims them, serving too)."""
-    from llmkd.sasrec import SASRecEncoder
+    from llmkd.student.sasrec import SASRecEncoder
 
     torch.manual_seed(0)
     d, L, B = 16, MAX_LEN, len(lengths)

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from llmkd.config import TeacherConfig, load_config
 from llmkd.data import load_data
 from llmkd.teacher import build_teacher_cache
-from llmkd.teacher_shards import SHARD_PAUSE_ENV, bounds, shards_root, write_shard
+from llmkd.teacher.shards import SHARD_PAUSE_ENV, bounds, shards_root, write_shard
 
 KEYS = ("item_emb", "user_kd", "user_valid", "user_test", "user_pos", "pos_user", "pos_cut")
 

@@ -201,9 +201,9 @@ def benchmark(config: Path, output: Path, root: Path, sizes: list[Size], teacher
               stages: tuple[str, ...] = STAGES) -> dict:
     """Run `stages` (the first ones of STAGES; default all) at every size (see the module docstring);
     returns the results written to `output`. `teacher` is a model folder (the tiny random BERT is made
-    there if it is missing) or a packaged model name (`llmkd.models.PACKAGED`, e.g. minilm)."""
+    there if it is missing) or a packaged model name (`llmkd.teacher.models.PACKAGED`, e.g. minilm)."""
     from llmkd.config import load_config
-    from llmkd.models import PACKAGED
+    from llmkd.teacher.models import PACKAGED
 
     if tuple(stages) != STAGES[: len(stages)]:
         raise LlmkdError(f"stages {list(stages)}: expected the first stages of {list(STAGES)} (each needs the one before)")

@@ -31,8 +31,8 @@ from llmkd.data import RecData
 from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
 from llmkd.lineage import files_load
 from llmkd.locks import main_process_lock
-from llmkd.parallel import GatherWithGrad, average_gradients, negatives_per_process
 from llmkd.teacher import TextEncoder, item_prompts, model_fingerprint, resolve_model_path, user_prompt
+from llmkd.teacher.parallel import GatherWithGrad, average_gradients, negatives_per_process
 
 TARGET_MODULES = {
     "bert": (["query", "key", "value", "dense"], "layer"),

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llmkd.artifacts import LlmkdError, reading
 from llmkd.config import DEFAULT_INIT_STD, StudentConfig
-from llmkd.sasrec import LAYER_NORM_EPS, SASRecEncoder
+from llmkd.student.sasrec import LAYER_NORM_EPS, SASRecEncoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -138,7 +138,7 @@ def init_item_embedding(embedding: nn.Embedding, cfg: StudentConfig, teacher_vec
 
 
 class UserTower(nn.Module):
-    """Causal user states from history vectors: a small pre-norm transformer, SASRec's blocks (`llmkd.sasrec`)
+    """Causal user states from history vectors: a small pre-norm transformer, SASRec's blocks (`llmkd.student.sasrec`)
     or a recency-weighted mean; then a layer norm and (not SASRec) a residual MLP."""
 
     def __init__(self, dim: int, max_len: int, pooling: str = "transformer", num_layers: int = 2,

@@ -41,7 +41,7 @@ from llmkd.config import TeacherConfig
 from llmkd.data import RecData
 from llmkd.lineage import check_lineage, files_load, input_record
 from llmkd.locks import main_process_lock
-from llmkd.models import (  # noqa: F401 -- re-exported: callers import them from the teacher
+from llmkd.teacher.models import (  # noqa: F401 -- re-exported: callers import them from the teacher
     PACKAGED,
     cache_root,
     convert_gguf,
@@ -51,7 +51,7 @@ from llmkd.models import (  # noqa: F401 -- re-exported: callers import them fro
     packaged_path,
     resolve_model_path,
 )
-from llmkd.teacher_shards import Part, encode_parts, remove_shards
+from llmkd.teacher.shards import Part, encode_parts, remove_shards
 
 STATES = {
     "kd": "history = train[:-1]; its next item (the last train item) is the KD positive",
@@ -261,7 +261,7 @@ def build_teacher_cache(data: RecData, cfg: TeacherConfig, folder: str | Path, f
     """Encode items and users at every state (and KD positions). Reuse `folder` when its inputs (model and
     adapter contents, data, the settings outside `NOT_CACHED`) are unchanged, or copy a matching cache
     from `also` (e.g. the zero-shot cache when the adapter is not used). Under `accelerate launch` the
-    processes share the encoding (`llmkd.teacher_shards`); the main process holds the lock and writes."""
+    processes share the encoding (`llmkd.teacher.shards`); the main process holds the lock and writes."""
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
