@@ -72,8 +72,9 @@ def kd_table(name: str) -> Callable[[Path], str]:
     return write
 
 
-def kd_diagnostics(name: str) -> Callable[[Path], str]:
-    return lambda results: section(kd_report(results, name), "Diagnostics")
+def kd_section(name: str, title: str) -> Callable[[Path], str]:
+    """One section of a KD benchmark's report (`kd_markdown`): "Search on valid", "Diagnostics"."""
+    return lambda results: section(kd_report(results, name), title)
 
 
 def seeds_table(name: str, key: str | None = None) -> Callable[[Path], str]:
@@ -94,8 +95,9 @@ def from_json(name: str, writer: Callable[[dict], str]) -> Callable[[Path], str]
 
 
 def processes(results: Path) -> str:
-    """results/processes_cpu.md without its page title."""
-    return processes_markdown(load(results, "processes_cpu")).split("\n", 2)[2].strip()
+    """results/processes_cpu.md without its page title, its section title as a bold line."""
+    md = processes_markdown(load(results, "processes_cpu")).split("\n", 2)[2].strip()
+    return re.sub(r"^## (.+)$", r"**\1**", md, flags=re.M)
 
 
 def _ndcg(row: dict) -> str:
@@ -242,15 +244,16 @@ def lora_step(results: Path) -> str:
 TABLES: dict[str, Callable[[Path], str]] = {
     "headline": headline,
     "beauty-kd": kd_table("amazon_beauty_kd_benchmark"),
-    "beauty-kd-diagnostics": kd_diagnostics("amazon_beauty_kd_benchmark"),
+    "beauty-kd-diagnostics": kd_section("amazon_beauty_kd_benchmark", "Diagnostics"),
     "beauty-full-ce": seeds_table("amazon_beauty_full_ce_probe", "three_seeds"),
-    "beauty-full-ce-controls": seeds_table("amazon_beauty_full_ce_controls_seed0"),
+    "beauty-full-ce-controls": compare_table("amazon_beauty_full_ce_controls_seed0"),
     "beauty-sasrec-probe": compare_table("amazon_beauty_sasrec_probe"),
     "ml100k-demo-seeds": seeds_table("ml100k_demo_3seeds"),
     "ml100k-kd": kd_table("ml100k_kd_benchmark_transformer"),
-    "ml100k-kd-diagnostics": kd_diagnostics("ml100k_kd_benchmark_transformer"),
+    "ml100k-kd-search": kd_section("ml100k_kd_benchmark_transformer", "Search on valid"),
+    "ml100k-kd-diagnostics": kd_section("ml100k_kd_benchmark_transformer", "Diagnostics"),
     "ml100k-kd-xl": kd_table("ml100k_kd_benchmark_xl"),
-    "ml100k-kd-xl-diagnostics": kd_diagnostics("ml100k_kd_benchmark_xl"),
+    "ml100k-kd-xl-diagnostics": kd_section("ml100k_kd_benchmark_xl", "Diagnostics"),
     "ml100k-kd-mean": kd_table("ml100k_kd_benchmark_mean"),
     "online-cost": from_json("online_cost_cpu", online_markdown),
     "cold-start": from_json("ml100k_cold_start", cold_markdown),
