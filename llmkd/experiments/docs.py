@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from llmkd.experiments.coldstart import cold_markdown
 from llmkd.experiments.kd_benchmark import kd_markdown
@@ -27,7 +27,7 @@ from llmkd.experiments.scale import table as scale_table
 from llmkd.experiments.seeds import compare_markdown, seeds_markdown
 from llmkd.experiments.serving_cost import serving_cost_markdown
 
-MARKER = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+MARKER = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
 PAGES = ("README.md", "docs/*.md")
 
 
@@ -48,7 +48,7 @@ def _seeds(r: dict) -> list[int]:
 
 def section(md: str, title: str) -> str:
     """The body of the `## title` section of `md` (up to the next `## `)."""
-    parts = re.split(r"^## ", md, flags=re.M)
+    parts = re.split(r"^## ", md, flags=re.MULTILINE)
     for p in parts[1:]:
         head, _, body = p.partition("\n")
         if head.strip() == title or head.startswith(title):
@@ -97,7 +97,7 @@ def from_json(name: str, writer: Callable[[dict], str]) -> Callable[[Path], str]
 def processes(results: Path) -> str:
     """results/processes_cpu.md without its page title, its section title as a bold line."""
     md = processes_markdown(load(results, "processes_cpu")).split("\n", 2)[2].strip()
-    return re.sub(r"^## (.+)$", r"**\1**", md, flags=re.M)
+    return re.sub(r"^## (.+)$", r"**\1**", md, flags=re.MULTILINE)
 
 
 def _ndcg(row: dict) -> str:
@@ -122,7 +122,7 @@ def headline(results: Path) -> str:
     rows = ["| data | system | seeds | test NDCG@10 | paired difference vs the twin (95 % CI) | reproduce |",
             "|---|---|---|---|---|---|"]
     probe = load(results, "amazon_beauty_sasrec_probe")
-    twin, first = list(probe["rows"])[0], next(iter(probe["paired"]))
+    twin, first = next(iter(probe["rows"])), next(iter(probe["paired"]))
     lifted = first.rsplit(f" - {twin}", 1)[0]
     p = probe["paired"][first]["test"]
     seeds = _seed_label(probe["seeds"])
@@ -159,8 +159,8 @@ def headline(results: Path) -> str:
 
 def load_tests(results: Path) -> str:
     """The 32-client load tests side by side (each file's own table: `llmkd.serving.load_test.markdown`)."""
-    rows = ["| 32 clients, `POST /recommend`, k=10 | measured | requests | requests/s | p50 (ms) | p99 (ms) | max (ms) "
-            "| errors | server RSS before -> after (second-half growth), MiB | results |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| 32 clients, `POST /recommend`, k=10 | measured | requests | requests/s | p50 (ms) | p99 (ms) | max (ms) "
+            "| errors | server RSS before -> after (second-half growth), MiB | results |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for name, label in (("serving_load_cpu_workers2", "ml-100k, `--workers 2`"),
                         ("serving_load_cpu_beauty_workers2", "Beauty, `--workers 2`"),
                         ("serving_load_cpu", "ml-100k, 1 process (the default)"),
@@ -175,8 +175,8 @@ def load_tests(results: Path) -> str:
 
 def serving_memory(results: Path) -> str:
     r = load(results, "serving_memory_cpu")
-    rows = [f"| user tower over random micro-batches, {r['seconds']:.0f} s | RSS start -> end (MiB) | growth (MiB) | "
-            "users/s (median) |", "|---|---|---|---|"]
+    rows = [(f"| user tower over random micro-batches, {r['seconds']:.0f} s | RSS start -> end (MiB) | growth (MiB) | "
+            "users/s (median) |"), "|---|---|---|---|"]
     for name, s in r["settings"].items():
         rows.append(f"| {name.replace('_', ' ')} | {s['rss_mb_start']:.1f} -> {s['rss_mb_end']:.1f} | "
                     f"{s['growth_mb']:+.1f} | {s['users_per_s_median']:,.0f} |")
@@ -185,10 +185,10 @@ def serving_memory(results: Path) -> str:
 
 def ann(results: Path) -> str:
     """The fastest FAISS setting with recall@10 >= the target, per sweep (`scripts/ann_sweep.py`)."""
-    rows = ["| vectors | items | dim | flat (queries/s) | fastest with recall@10 >= target | recall@10 | queries/s | "
-            "× flat | results |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, label in (("ann_sweep_cpu", "clustered synthetic"), ("ann_sweep_cpu_student1m", "the 1 M-item student "
-                        "of the scale run"), ("ann_sweep_cpu_100k", "clustered synthetic")):
+    rows = [("| vectors | items | dim | flat (queries/s) | fastest with recall@10 >= target | recall@10 | queries/s | "
+            "× flat | results |"), "|---|---|---|---|---|---|---|---|---|"]
+    for name, label in (("ann_sweep_cpu", "clustered synthetic"), ("ann_sweep_cpu_student1m", ("the 1 M-item student "
+                        "of the scale run")), ("ann_sweep_cpu_100k", "clustered synthetic")):
         r = load(results, name)
         c = r["choice"]
         params = ", ".join(f"{k} {v}" for k, v in c["params"].items())
