@@ -65,10 +65,12 @@ def kd_report(results: Path, name: str) -> str:
 
 
 def kd_table(name: str) -> Callable[[Path], str]:
-    """Systems over seeds and their paired differences, then the targets, of a KD benchmark."""
+    """Systems over seeds and their paired differences, each system's overrides, then the targets, of a KD benchmark."""
     def write(results: Path) -> str:
         r = load(results, name)
-        return seeds_markdown(r["rows"], r["paired"], _seeds(r)) + "\n\nTargets:\n\n" + "\n".join(r["targets"])
+        settings = [f"- {v}: `{', '.join(dict.fromkeys(o))}`" for v, o in r["variants"].items()]
+        return (seeds_markdown(r["rows"], r["paired"], _seeds(r)) + "\n\nEach system's settings (chosen on valid):\n\n"
+                + "\n".join(settings) + "\n\nTargets:\n\n" + "\n".join(r["targets"]))
     return write
 
 
