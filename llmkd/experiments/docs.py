@@ -243,6 +243,20 @@ def lora_step(results: Path) -> str:
               f"({r['torch_threads']} torch thread)")
 
 
+def teachers(results: Path) -> str:
+    """The tuned ml-100k teachers, as the KD benchmarks and the 3-seed demo evaluated them (popularity beside)."""
+    rows = ["| teacher | valid NDCG@10 | test NDCG@10 | test Recall@10 | test Recall@50 | results |",
+            "|---|---|---|---|---|---|"]
+    for label, name, key in (("popularity (train counts)", "ml100k_kd_benchmark_transformer", "popularity"),
+                             ("MiniLM + LoRA, `configs/ml100k.yaml` (`make demo`)", "ml100k_demo_3seeds", "teacher"),
+                             ("MiniLM + LoRA, `configs/ml100k_lora_long.yaml`", "ml100k_kd_benchmark_transformer", "teacher"),
+                             ("MiniLM + LoRA, `configs/ml100k_lora_xl.yaml`", "ml100k_kd_benchmark_xl", "teacher")):
+        r = load(results, name)["rows"][key]
+        rows.append(f"| {label} | {r['valid']['ndcg@10']['mean']:.4f} | " + " | ".join(
+            f"{r['test'][k]['mean']:.4f}" for k in ("ndcg@10", "recall@10", "recall@50")) + f" | `results/{name}.json` |")
+    return "\n".join(rows)
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "headline": headline,
     "beauty-kd": kd_table("amazon_beauty_kd_benchmark"),
@@ -259,6 +273,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "ml100k-kd-mean": kd_table("ml100k_kd_benchmark_mean"),
     "online-cost": from_json("online_cost_cpu", online_markdown),
     "cold-start": from_json("ml100k_cold_start", cold_markdown),
+    "teachers-ml100k": teachers,
     "teacher-speed": teacher_speed,
     "lora-step": lora_step,
     "processes": processes,
