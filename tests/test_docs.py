@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from llmkd.experiments.docs import MARKER, TABLES, make_docs, pages, render, stale
+from llmkd.experiments.docs import MARKER, TABLES, kd_report, make_docs, pages, render, section, stale
 
 # Pages written on other branches at the same time (issue 24): a link to them may dangle until they land.
 PENDING = {"docs/architecture.md", "docs/serving.md"}
@@ -124,3 +124,12 @@ def test_every_docs_page_is_linked_from_the_readme():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for page in (REPO / "docs").glob("*.md"):
         assert f"(docs/{page.name})" in readme, page.name
+
+
+def test_the_kd_search_table_marks_the_chosen_point_from_the_json():
+    """`kd_markdown` bolds each family's chosen search point; written from the JSON the chosen run is an equal dict,
+    not the same object, and must still be marked."""
+    search = section(kd_report(REPO / "results", "ml100k_kd_benchmark_transformer"), "Search on valid")
+    bold = [line for line in search.splitlines() if "**" in line]
+    families = {line.split("|")[1].strip() for line in search.splitlines()[2:] if line.startswith("| ")}
+    assert len(bold) == len(families) > 0
