@@ -232,6 +232,16 @@ def micro(results: Path) -> str:
     return "\n".join(rows)
 
 
+def student_step(results: Path) -> str:
+    """Seconds per Beauty training step per `distill.length_groups` (`scripts/benchmark_student_step.py`)."""
+    r = load(results, "student_step_cpu")
+    rows = [(f"| `distill.length_groups` | seconds per step ({r['threads']} thread) | speed-up over 1 | user-tower tokens "
+            "per batch |"), "|---|---|---|---|"]
+    rows += [f"| {x['length_groups']} | {x['step_s']:.2f} | {x['speedup_over_1']:.2f}× | {x['tower_tokens_per_batch']:,.0f} |"
+             for x in r["settings"]]
+    return "\n".join(rows)
+
+
 def teacher_speed(results: Path) -> str:
     r = load(results, "teacher_throughput_cpu")
     t = r["texts_per_second"]
@@ -281,6 +291,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "online-cost": from_json("online_cost_cpu", online_markdown),
     "cold-start": from_json("ml100k_cold_start", cold_markdown),
     "teachers-ml100k": teachers,
+    "student-step": student_step,
     "teacher-speed": teacher_speed,
     "lora-step": lora_step,
     "processes": processes,
