@@ -1,4 +1,5 @@
 # llmkd: `make demo` runs the whole pipeline on MovieLens-100K; `make test` runs the test suite.
+# `make docs` rewrites the tables of README.md and docs/*.md from results/*.json.
 # Both create .venv and install everything on first use.
 
 PYTHON ?= python3
@@ -20,7 +21,7 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale \
+.PHONY: install install-gpt demo test docs seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale \
 	benchmark-scale-micro benchmark-scale-minilm benchmark-ann benchmark-student-step cold-start peer-beauty clean
 
 install: $(VENV)/.installed
@@ -52,7 +53,7 @@ demo: install
 # Which distillation works on this data: the no-teacher twin's settings, then every family and their combinations
 # with the twin's settings, searched on valid within TUNE_BUDGET seconds; writes $(OUT)/tune/recipe.yaml, which
 # `distill.py --recipe` reads. (`make demo` skips the twin stage: its 300 s go to the families, and the ml-100k
-# config's twin settings were chosen by measurement already, README "Results on MovieLens-100K".)
+# config's twin settings were chosen by measurement already, docs/benchmarks.md "Results on MovieLens-100K".)
 tune: install
 	$(RUN) scripts/prepare_data.py $(SET)
 	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(SET)
@@ -69,7 +70,7 @@ seeds: install
 	$(RUN) scripts/seeds.py $(SET) --seeds $(SEEDS) --recipe $(OUT)/tune/recipe.yaml
 
 # Every KD variant searched on valid, 3 seeds each, diagnostics, then the online cost of teacher vs the
-# best student; with the longer teacher recipe (README "Which distillation lifts the student").
+# best student; with the longer teacher recipe (docs/benchmarks.md "Which distillation lifts the student").
 KD_CONFIG ?= configs/ml100k_lora_long.yaml
 KD_SET = --config $(KD_CONFIG)
 benchmark-kd: install
@@ -109,7 +110,7 @@ benchmark-beauty: install
 	cp $(BEAUTY_OUT)/kd_benchmark/summary/results.md results/amazon_beauty_kd_benchmark.md
 	cp $(BEAUTY_OUT)/kd_benchmark/summary/seeds.png results/amazon_beauty_kd_benchmark.png
 
-# Peer run (PEERS.md, Amazon Beauty): RecTools' SASRec with cross-entropy over the whole catalog and the published
+# Peer run (docs/peers.md, Amazon Beauty): RecTools' SASRec with cross-entropy over the whole catalog and the published
 # SASRec-CE's settings, on llmkd's split (its own data folder, same split) and llmkd's evaluator, over SEEDS; the epoch
 # is chosen on valid NDCG@10. results/peers_beauty.json is rewritten after each seed and a rerun reuses finished seeds.
 # The `peers` extra goes in with --no-deps: RecTools' numpy<2 / pandas<3 pins would downgrade this environment.
@@ -132,7 +133,7 @@ cold-start: install
 	$(RUN) scripts/cold_start.py $(COLD_SET)
 	$(RUN) scripts/cold_start_bundle.py $(COLD_SET) --output runs/ml100k_cold/bundle  # the same through add-items
 
-# Serving cost (README "Serving"), after `make demo`: export the student as a bundle, then its Python API,
+# Serving cost (docs/serving-usage.md), after `make demo`: export the student as a bundle, then its Python API,
 # HTTP service and the teachers side by side (SmolLM2 where `make install-gpt` and its run exist, else
 # skipped with the reason), and a 32-client load test. Run on an otherwise idle machine.
 BUNDLE ?= $(OUT)/bundle
@@ -157,7 +158,7 @@ benchmark-serving: install
 	$(BIN)/llmkd export $(BEAUTY_SET) --student student_kd --output $(BEAUTY_OUT)/bundle  # after benchmark-beauty
 	$(BIN)/llmkd benchmark-serving $(BEAUTY_SET) --bundle $(BEAUTY_OUT)/bundle --output results/serving_cpu_beauty.json
 
-# Catalog-size micro-benchmarks (README "Scaling"): full vs sampled softmax, KD candidates, blocked evaluation,
+# Catalog-size micro-benchmarks (docs/scaling.md): full vs sampled softmax, KD candidates, blocked evaluation,
 # index build at 100k-1M items, each run in its own process. FRESH= (empty) resumes a killed run instead of
 # starting over. Run on an otherwise idle machine.
 FRESH ?= --fresh
@@ -169,7 +170,7 @@ benchmark-scale-micro: install
 	$(MICRO) eval --items 100000 1000000 --item-block 65536 1000000000 --out results/eval_blocked_cpu.json $(FRESH)
 	$(MICRO) index --items 100000 1000000 --index-type flat ivf hnsw --out results/index_build_cpu.json $(FRESH)
 
-# Cost growth (README "Scaling"): every stage as its own process at 10k / 100k / 1M items (users alike, 10
+# Cost growth (docs/scaling.md): every stage as its own process at 10k / 100k / 1M items (users alike, 10
 # interactions each) on the synthetic catalog with the tiny random BERT teacher: wall time and peak RSS per
 # stage, log-log slopes. Writes results/scale_cpu.{json,png,md} after each stage; rerun to resume after a kill
 # (finished stages are reused). Catalogs and artifacts go to $(SCALE_ROOT). Run on an otherwise idle machine.
@@ -181,14 +182,14 @@ benchmark-scale: install
 		--root $(SCALE_ROOT) --stage-timeout $(STAGE_TIMEOUT) --output results/scale_cpu.json
 
 # The real teacher's encoding cost on the same catalogs (MiniLM on 1 M texts is a GPU job: 10k and 100k
-# items here, extrapolated in README "Scaling"): data and teacher stages only.
+# items here, extrapolated in docs/scaling.md): data and teacher stages only.
 MINILM_SIZES ?= 10k:10k:100k 100k:100k:1m
 benchmark-scale-minilm: install
 	$(RUN) scripts/benchmark_scale.py --config configs/synthetic_scale.yaml --sizes $(MINILM_SIZES) \
 		--stages data teacher --teacher minilm --root $(SCALE_ROOT)_minilm --stage-timeout $(STAGE_TIMEOUT) \
 		--output results/scale_minilm_cpu.json
 
-# FAISS at 1 M items (README "Scaling"): recall@10 vs queries/s for every index type, with FAISS's inner product and
+# FAISS at 1 M items (docs/scaling.md): recall@10 vs queries/s for every index type, with FAISS's inner product and
 # with the L2 reduction, on clustered synthetic vectors and on the 1 M-item student of `make benchmark-scale`.
 SCALE_1M = $(SCALE_ROOT)/syn_1000000i_1000000u_10000000x_s0
 benchmark-ann: install
@@ -196,6 +197,10 @@ benchmark-ann: install
 		--out results/ann_sweep_cpu.json
 	$(RUN) scripts/ann_sweep.py --config $(SCALE_1M)/config.yaml --student student_kd --pq-m 16 --pq-refine 0 4 \
 		--build-threads 2 --out results/ann_sweep_cpu_student1m.json
+
+# The tables of README.md and docs/*.md, written from results/*.json (llmkd/experiments/docs.py); prose is left alone.
+docs: install
+	$(RUN) scripts/make_docs.py
 
 # Two pytest-xdist workers, one test file each at a time (a file's module fixtures are built once); TEST_JOBS=0
 # runs in one process.

@@ -97,7 +97,8 @@ class FinetuneConfig:
     lora_r: int = bounded(8, ge=1)
     lora_alpha: int = bounded(16, ge=1)
     lora_dropout: float = bounded(0.0, ge=0, lt=1)
-    """Dropout on LoRA inputs (0 by default: dropout ops made CPU steps 1.05-1.8x slower, README)."""
+    """Dropout on LoRA inputs (0 by default: dropout ops made CPU steps slower, results/teacher_lora_step_cpu.json,
+    docs/teachers.md)."""
     target_modules: list[str] | None = None
     """Module names to adapt; None picks the attention and MLP projections of known architectures."""
     top_layers: int = bounded(0, ge=0)
@@ -238,14 +239,14 @@ class DistillConfig:
     """Hard-label loss: 'full_softmax', 'sampled_softmax' (popularity-sampled negatives, logQ-corrected) or
     'auto': full softmax up to `sampled_above` items, sampled above (`hard_loss_for`)."""
     sampled_above: int = bounded(25_000, ge=0)
-    """With loss 'auto': more items than this train with sampled softmax (a full-softmax step cost 2x the
-    sampled one at 25k items, 6x at 50k: results/softmax_cost_cpu.json, README "Scaling")."""
+    """With loss 'auto': more items than this train with sampled softmax (above it a full-softmax step costs
+    several times the sampled one: results/softmax_cost_cpu.json, docs/scaling.md)."""
     num_negatives: int = bounded(256, ge=1)
     item_updates: str = "auto"
     """How the student's item table learns: 'dense' (AdamW over every row at every step), 'sparse' (a step
     looks up only the rows it reads, so only they get gradients and Adam updates: torch SparseAdam, lazy
     moments) or 'auto' (sparse where allowed on more than `sampled_above` items: at 1 M items a dense step
-    cost ~20x a sparse one, README "Scaling"). Sparse needs the sampled softmax, no item_align, no
+    cost ~20x a sparse one, docs/scaling.md). Sparse needs the sampled softmax, no item_align, no
     weight_decay, no id_dropout with content features, and one process (`Config.item_updates_for`)."""
     epochs: int = bounded(30, ge=1)
     patience: int = bounded(5, ge=1)
@@ -371,7 +372,7 @@ class IndexConfig:
     false = FAISS's inner-product metric. Which is better depends on the vectors, so `scripts/ann_sweep.py`
     measures both: the reduction wins where a few long (popular) items top most users' lists (the 1 M-item
     synthetic student: IVF recall@10 0.95 at nprobe 4 vs 0.55 at 256 by inner product) and loses where norms
-    are alike (the Beauty student: IVF nprobe 16 0.55 vs 0.92); HNSW differs less (README "Scaling")."""
+    are alike (the Beauty student: IVF nprobe 16 0.55 vs 0.92); HNSW differs less (docs/scaling.md)."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "index")

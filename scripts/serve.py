@@ -19,8 +19,8 @@ def main() -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="user tower on torch, or on ONNX Runtime (the bundle's user_tower.onnx: llmkd export-onnx)")
     p.add_argument("--workers", type=int, default=1,
-                   help="server processes, each with a copy of the bundle (2 on a 2-core machine: 1.6x requests/s, "
-                        "p99 15.3 vs 19.6 ms at 32 clients)")
+                   help="server processes, each with a copy of the bundle (2 on a 2-core machine: more requests/s and a "
+                        "lower p99 at 32 clients, results/serving_load_cpu_workers2.json)")
     args = p.parse_args()
     serve(args.bundle, args.host, args.port, args.log_level, args.backend, args.workers)
 

@@ -558,7 +558,7 @@ def test_policy_negative_timestamps_are_numbers():
 
 
 def test_policy_duplicate_rows_are_repeated_interactions():
-    """Repeated (user, item, timestamp) rows are kept, each one an interaction (README, "Your own data").
+    """Repeated (user, item, timestamp) rows are kept, each one an interaction (docs/your-data.md).
 
     So one item can be both a user's valid and test item. Evaluation masks the test history
     (train + valid), which then holds the test item too: it ranks below every unseen item.

@@ -208,7 +208,7 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
     for family, f in found.items():
         for r in f["runs"]:
             cells = [", ".join(f["fixed"] + r["overrides"]), f"{r['valid_ndcg@10']:.4f}", str(r["best_epoch"])]
-            if r is f["chosen"]:
+            if r == f["chosen"]:  # equal, not identical: the report is also written from its JSON (experiments.docs)
                 cells = [f"**{c}**" for c in cells]
             lines.append(f"| {family} | " + " | ".join(cells) + " |")
     lines += ["", f"## Test, chosen points, seeds {seeds}", "", report["markdown"], "",

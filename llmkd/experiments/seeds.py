@@ -121,10 +121,7 @@ def compare_folders(cfg: Config, systems: dict[str, list[Path]], output: Path,
     rows = aggregate_rows(per_user)
     base, *others = list(systems)
     paired = {f"{a} - {base}": paired_difference(per_user, a, base, seeds, cfg.eval.bootstrap) for a in others}
-    md = seeds_markdown(rows, paired, seeds)
-    md += "\n\nRuns (best epoch / epochs trained; 'stopped' = ended before early stopping did):\n\n" + "\n".join(
-        f"- {k}: {v['folder']}, best epoch {v['best_epoch']} of {v['epochs_run']}{'' if v['finished'] else ', stopped'}"
-        for k, v in runs.items())
+    md = compare_markdown({"seeds": seeds, "runs": runs, "rows": rows, "paired": paired})
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(output.with_suffix(".json"), {"seeds": seeds, "runs": runs, "rows": rows, "paired": paired,
                                              "references": references or {}})
@@ -209,6 +206,15 @@ def seeds_markdown(rows: dict, paired: dict, seeds: list[int]) -> str:
     for key, by in paired.items():
         lines.append(f"| {key} | " + " | ".join(interval_cell(by[s]) for s in SPLITS) + " |")
     return "\n".join(lines)
+
+
+def compare_markdown(r: dict) -> str:
+    """The report of `compare_folders` from its JSON (`seeds`, `runs`, `rows`, `paired`): the seeds table, then
+    each run's best epoch and whether it was stopped before early stopping ended it."""
+    return seeds_markdown(r["rows"], r["paired"], r["seeds"]) + (
+        "\n\nRuns (best epoch / epochs trained; 'stopped' = ended before early stopping did):\n\n" + "\n".join(
+            f"- {k}: {v['folder']}, best epoch {v['best_epoch']} of {v['epochs_run']}{'' if v['finished'] else ', stopped'}"
+            for k, v in r["runs"].items()))
 
 
 def plot_seeds(rows: dict, path: Path) -> None:

@@ -48,9 +48,9 @@ _onednn_saved = True
 def without_onednn() -> Iterator[None]:
     """Run the user tower with oneDNN off (`torch.backends.mkldnn.enabled`): on CPU, torch's GELU goes through a
     oneDNN kernel that is JIT-compiled and cached per input shape, and a server sees hundreds of (batch,
-    length) shapes: its memory grew for minutes (ml-100k, 2 workers: +116 MiB in 10 min, not settled), and a
+    length) shapes: its memory grew for minutes (ml-100k, 2 workers, not settled: results/serving_load_cpu_workers2_rss.json), and a
     new shape's first call pays the compile. Off, GELU is ATen's vectorised kernel: no cache, slower on large
-    tensors and faster on small ones; end to end within ~5 % (results/serving_memory_cpu.json, README). The flag is process-wide: overlapping calls (threads) share one
+    tensors and faster on small ones; end to end within a few per cent (results/serving_memory_cpu.json, docs/serving-usage.md). The flag is process-wide: overlapping calls (threads) share one
     save-and-restore, so it is back as it was when the last one leaves."""
     global _onednn_users, _onednn_saved
     with _onednn_lock:

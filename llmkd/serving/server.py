@@ -44,8 +44,9 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, log_lev
     """Load `bundle` (user tower on `backend`: torch or onnx) and serve it until interrupted. `workers` > 1
     runs that many server processes on the port (uvicorn's workers), each with its own copy of the bundle,
     its own micro-batcher and cores / workers torch threads: one process's event loop and model thread share
-    one interpreter lock, so a second process is what puts both cores to work (ml-100k, 32 clients for
-    600 s: p99 15.3 ms at 3,879 requests/s, memory flat; one process, 60 s: 19.6 ms at 2,469). Every file of
+    one interpreter lock, so a second process is what puts both cores to work (ml-100k, 32 clients: lower p99 and
+    more requests/s with 2 processes than 1, memory flat: results/serving_load_cpu_workers2.json against
+    results/serving_load_cpu.json). Every file of
     the bundle is first checked against its manifest, SHA-256 included (`llmkd.serving.manifest`)."""
     import uvicorn
 
