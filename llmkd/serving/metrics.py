@@ -3,7 +3,8 @@
     llmkd_http_requests_total{route, status}            requests answered (503 = refused by the bounded queue)
     llmkd_http_request_duration_seconds{route}          latency histogram, first byte in to last byte out
     llmkd_queue_depth                                   model calls waiting or running (summed over workers)
-    llmkd_bundle_info{version, pid}                     1 for the bundle each server process serves now
+    llmkd_bundle_info{version, pid}                     1 for the bundle each server process serves now (0 for
+                                                        one it served before, under --workers)
     llmkd_catalog_items{pid}                            items in that bundle
     llmkd_reloads_total{outcome}                        reloaded / unchanged / refused
 
@@ -55,9 +56,11 @@ class ServiceMetrics:
                                  ["route"], buckets=LATENCY_BUCKETS, registry=reg)
         self.queue = Gauge("llmkd_queue_depth", "model calls waiting or running", registry=reg,
                            multiprocess_mode="livesum")
-        self.bundle = Gauge("llmkd_bundle_info", "1 for the version of the bundle served", ["version", "pid"],
+        self.pid = [] if self.multiprocess else [str(os.getpid())]  # multiprocess mode adds `pid` itself
+        pid = ["pid"] if not self.multiprocess else []
+        self.bundle = Gauge("llmkd_bundle_info", "1 for the version of the bundle served", ["version", *pid],
                             registry=reg, multiprocess_mode="liveall")
-        self.items = Gauge("llmkd_catalog_items", "items in the served bundle's catalog", ["pid"], registry=reg,
+        self.items = Gauge("llmkd_catalog_items", "items in the served bundle's catalog", pid, registry=reg,
                            multiprocess_mode="liveall")
         self.reloads = Counter("llmkd_reloads", "bundle reloads, by outcome", ["outcome"], registry=reg)
         self.children: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -79,12 +82,15 @@ class ServiceMetrics:
 
     def serving(self, version: str | None, items: int) -> None:
         """Record the bundle now served (at start and after each swap)."""
-        pid = str(os.getpid())
-        if self.version is not None:
-            self.bundle.remove(self.version, pid)
+        if self.version is not None:  # 0 first: in multiprocess mode the file keeps the last value written
+            self.bundle.labels(self.version, *self.pid).set(0)
+            self.bundle.remove(self.version, *self.pid)
         self.version = version or "unknown"
-        self.bundle.labels(self.version, pid).set(1)
-        self.items.labels(pid).set(items)
+        self.bundle.labels(self.version, *self.pid).set(1)
+        if self.pid:
+            self.items.labels(*self.pid).set(items)
+        else:
+            self.items.set(items)
 
     def exposition(self) -> bytes:
         """The text format of every metric (of every worker, in multiprocess mode)."""
