@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from llmkd.serving.batching import MicroBatcher, Overloaded
 from llmkd.serving.metrics import CONTENT_TYPE, Instrumented, ServiceMetrics
-from llmkd.serving.ops import error_response, lifespan, overloaded, reload_route
+from llmkd.serving.ops import Admission, error_response, lifespan, overloaded, reload_route
 from llmkd.serving.recommender import BadRequest, Recommender, UnknownItems
 from llmkd.serving.reload import ModelSlot, load_verified
 from llmkd.serving.workers import ADMIN_TOKEN_ENV, ServiceOptions, worker_spec
@@ -214,6 +214,7 @@ def create_app(rec: Recommender, bundle: str | Path | None = None, backend: str 
     app.add_exception_handler(BadRequest, bad_request)
     app.add_exception_handler(Overloaded, lambda request, exc: overloaded())
     app.add_middleware(BodyLimit, max_body=opts.max_body)
+    app.add_middleware(Admission, slot=slot)  # before the body limit and the routing: refusals stay cheap
     if opts.metrics:
         app.add_middleware(Instrumented, metrics=metrics)  # outermost: every answer is counted, 413s too
 

@@ -35,11 +35,33 @@ def error_response(status: int, field: str, message: str) -> JSONResponse:
 
 
 OVERLOADED = b'{"error":"server: overloaded, the request queue is full; retry after a second","field":"server"}'
+OVERLOADED_START = {"type": "http.response.start", "status": 503, "headers": [
+    (b"content-type", b"application/json"), (b"content-length", str(len(OVERLOADED)).encode()),
+    (b"retry-after", RETRY_AFTER.encode())]}
+MODEL_ROUTES = ("/recommend", "/recommend/batch")
 
 
 def overloaded() -> Response:
     """503 with Retry-After: the bounded queue refused the request before any work."""
     return Response(OVERLOADED, status_code=503, media_type="application/json", headers={"Retry-After": RETRY_AFTER})
+
+
+class Admission:
+    """Pure ASGI middleware in front of the application: while the model queue is full, a request for a
+    model route (`/recommend`, `/recommend/batch`, `/items/.../similar`) is answered 503 + Retry-After from
+    two prepared messages, before its body is read or any routing is done, so a refusal costs a small part
+    of an answer (under a 4x overload the refusals, not the model, are most of the event loop's work)."""
+
+    def __init__(self, app, slot: ModelSlot) -> None:
+        self.app, self.slot = app, slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.slot.current.batcher.full and (
+                scope["path"] in MODEL_ROUTES or scope["path"].startswith("/items/")):
+            await send(OVERLOADED_START)
+            await send({"type": "http.response.body", "body": OVERLOADED})
+            return
+        await self.app(scope, receive, send)
 
 
 async def reload_route(request: Request, app: FastAPI) -> Response:

@@ -25,7 +25,7 @@ from typing import Any
 
 from llmkd.artifacts import LlmkdError, recover_if_needed
 from llmkd.serving.batching import MicroBatcher
-from llmkd.serving.manifest import MANIFEST, read_manifest
+from llmkd.serving.manifest import MANIFEST, check_files, read_manifest
 from llmkd.serving.recommender import Recommender
 
 ATTEMPTS = 3
@@ -122,9 +122,10 @@ class ModelSlot:
             folder = self.bundle.resolve()
             recover_if_needed(folder)  # an add-items killed in its swap is finished (or undone) first
             claimed = read_manifest(folder)["version"]
-            if claimed == old.version:
-                return self._done({**base, "status": "unchanged", "version": old.version}, t)
             self.loading = True
+            if claimed == old.version:  # nothing to load; a damaged copy on disk is still said (and refused)
+                await asyncio.get_running_loop().run_in_executor(None, check_files, folder, True)
+                return self._done({**base, "status": "unchanged", "version": old.version}, t)
             rec, folder = await asyncio.get_running_loop().run_in_executor(None, load_verified, self.bundle,
                                                                            self.backend)
         except (LlmkdError, OSError) as e:
