@@ -203,6 +203,7 @@ def create_app(rec: Recommender, bundle: str | Path | None = None, backend: str 
                      lambda r: MicroBatcher(r, opts.max_batch, opts.max_queue),
                      on_swap=lambda served: metrics.serving(served.version, served.rec.num_items))
     metrics.serving(rec.version, rec.num_items)
+    metrics.depth = lambda: slot.current.batcher.pending
     app = FastAPI(title="llmkd recommender", version=str(rec.config.get("format_version")),
                   description=f"Bundle of `{rec.config.get('student')}`: {rec.num_items} items.",
                   lifespan=lifespan)
@@ -242,7 +243,6 @@ def create_app(rec: Recommender, bundle: str | Path | None = None, backend: str 
     def prometheus() -> Response:
         if not opts.metrics:
             return error(404, "path", "metrics are off (llmkd serve --no-metrics)")
-        metrics.queue.set(slot.current.batcher.pending)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.post("/admin/reload")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -67,6 +68,9 @@ class ServiceMetrics:
         self.version: str | None = None
         self.inflight = self.answered = self.unanswered = 0
         self.counts: dict[tuple[str, int], int] = {}  # answered requests by (route, status), for the exit line
+        self.depth: Callable[[], int] = lambda: 0
+        """The queue depth now (set by the app); read at each scrape, and after each request under --workers
+        (a worker that is not scraped must still keep its share of the summed gauge current)."""
         """Plain counts of this process (what a drain reports at exit): requests in progress, answered (the
         whole response sent), ended without an answer (a client gone, a task cancelled past the drain timeout)."""
 
@@ -94,6 +98,7 @@ class ServiceMetrics:
 
     def exposition(self) -> bytes:
         """The text format of every metric (of every worker, in multiprocess mode)."""
+        self.queue.set(self.depth())
         if not self.multiprocess:
             return generate_latest(self.registry)
         from prometheus_client import multiprocess
@@ -133,5 +138,7 @@ class Instrumented:
             if done:
                 m.answered += 1
                 m.observe(route_of(scope["path"]), status, time.perf_counter() - t)
+                if m.multiprocess:
+                    m.queue.set(m.depth())
             else:
                 m.unanswered += 1
