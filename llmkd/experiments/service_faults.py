@@ -34,6 +34,8 @@ from llmkd.serving.load_test import LoadConfig, free_port, load_test, start_serv
 from llmkd.serving.manifest import write_manifest
 
 TOKEN_ENV = "LLMKD_ADMIN_TOKEN"
+START_S = 900.0
+"""Seconds a server may take to start (on a machine busy with other work, importing torch takes minutes)."""
 
 
 def call(base: str, path: str, token: str | None = None, post: bool = False) -> tuple[int, Any]:
@@ -147,7 +149,7 @@ def metrics_overhead(bundle: Path, seconds: float, rounds: int = 3) -> dict:
     try:
         for name, args in (("with_metrics", []), ("without_metrics", ["--no-metrics"])):
             port = free_port()
-            servers[name] = (start_server(bundle, port, args=args), f"http://127.0.0.1:{port}")
+            servers[name] = (start_server(bundle, port, START_S, args=args), f"http://127.0.0.1:{port}")
         runs: dict[str, list] = {name: [] for name in servers}
         for _ in range(rounds):
             for name, (proc, base) in servers.items():
@@ -165,7 +167,7 @@ def metrics_overhead(bundle: Path, seconds: float, rounds: int = 3) -> dict:
 
 def drain(bundle: Path, seconds: float, drain_timeout: float = 30.0) -> dict:
     port = free_port()
-    proc = start_server(bundle, port, args=["--drain-timeout", str(drain_timeout)])
+    proc = start_server(bundle, port, START_S, args=["--drain-timeout", str(drain_timeout)])
     base, out = f"http://127.0.0.1:{port}", {}
     load = threading.Thread(target=lambda: out.update(run(bundle, base, clients=32, duration_s=seconds, timeout_s=5)))
     load.start()
@@ -194,7 +196,7 @@ def measure_service_faults(bundle: str | Path, seconds: float = 6.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="llmkd-faults-") as tmp:
         b = versions(Path(bundle), Path(tmp))
         port = free_port()
-        proc = start_server(b["current"], port, env={TOKEN_ENV: token})
+        proc = start_server(b["current"], port, START_S, env={TOKEN_ENV: token})
         base = f"http://127.0.0.1:{port}"
         try:
             result = {"bundle": str(bundle), "bundle_items": call(base, "/health")[1]["items"],
