@@ -165,13 +165,17 @@ def metrics_overhead(bundle: Path, seconds: float, rounds: int = 3) -> dict:
             "p99_ratio_with_over_without": mean["with_metrics"]["p99_ms"] / mean["without_metrics"]["p99_ms"]}
 
 
-def drain(bundle: Path, seconds: float, drain_timeout: float = 30.0) -> dict:
+def drain(bundle: Path, max_requests: int = 2000, drain_timeout: float = 30.0) -> dict:
+    """SIGTERM once a tenth of `max_requests` (32 clients) are answered; the clients' later requests find
+    the port closed and end the run."""
     port = free_port()
     proc = start_server(bundle, port, START_S, args=["--drain-timeout", str(drain_timeout)])
     base, out = f"http://127.0.0.1:{port}", {}
-    load = threading.Thread(target=lambda: out.update(run(bundle, base, clients=32, duration_s=seconds, timeout_s=5)))
+    load = threading.Thread(target=lambda: out.update(run(bundle, base, clients=32, duration_s=600, timeout_s=60,
+                                                          max_requests=max_requests)))
     load.start()
-    time.sleep(seconds / 3)
+    while counter(call(base, "/metrics")[1], "/recommend", 200) < max_requests // 10:  # mid-load, however slow
+        time.sleep(0.05)
     t = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -206,5 +210,5 @@ def measure_service_faults(bundle: str | Path, seconds: float = 6.0) -> dict:
         finally:
             stop_server(proc)
         result["metrics_overhead"] = metrics_overhead(b["v1"], seconds / 3)
-        result["drain"] = drain(b["v1"], seconds)
+        result["drain"] = drain(b["v1"])
     return result
