@@ -21,8 +21,9 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test docs seeds tune benchmark-kd benchmark-beauty benchmark-serving benchmark-scale \
-	benchmark-scale-micro benchmark-scale-minilm benchmark-ann benchmark-student-step cold-start peer-beauty clean
+.PHONY: install install-gpt demo test docs seeds tune benchmark-kd benchmark-beauty benchmark-serving \
+	benchmark-service-faults benchmark-scale benchmark-scale-micro benchmark-scale-minilm benchmark-ann \
+	benchmark-student-step cold-start peer-beauty clean
 
 install: $(VENV)/.installed
 
@@ -157,6 +158,13 @@ benchmark-serving: install
 	$(RUN) scripts/benchmark_serving_memory.py $(BUNDLE) --seconds 300 --output results/serving_memory_cpu
 	$(BIN)/llmkd export $(BEAUTY_SET) --student student_kd --output $(BEAUTY_OUT)/bundle  # after benchmark-beauty
 	$(BIN)/llmkd benchmark-serving $(BEAUTY_SET) --bundle $(BEAUTY_OUT)/bundle --output results/serving_cpu_beauty.json
+
+# Reload under load, a corrupted bundle, 4x overload, the cost of /metrics, a SIGTERM drain: real `llmkd serve`
+# processes on loopback over a copy of the bundle (docs/serving.md). FAULT_NOTE goes into the JSON.
+FAULT_NOTE ?= idle machine
+benchmark-service-faults: install
+	test -d $(BUNDLE) || $(BIN)/llmkd export $(SET) --student student_kd --output $(BUNDLE)
+	$(RUN) scripts/benchmark_service_faults.py $(BUNDLE) --note "$(FAULT_NOTE)" --output results/serving_faults_cpu.json
 
 # Catalog-size micro-benchmarks (docs/scaling.md): full vs sampled softmax, KD candidates, blocked evaluation,
 # index build at 100k-1M items, each run in its own process. FRESH= (empty) resumes a killed run instead of

@@ -83,3 +83,30 @@ def test_a_merged_call_that_fails_is_answered_one_by_one(rec, monkeypatch):
     assert max(batcher.batches) > 1  # the merged call was tried (and failed)
     monkeypatch.undo()
     same(good, [rec.recommend(*r) for r in reqs])
+
+
+def test_past_max_queue_a_call_is_refused_at_once_and_the_accepted_ones_are_answered(rec):
+    """With 4 calls held, a fifth raises `Overloaded` before any work; the 4 still get their answers, and
+    once they are answered the queue takes calls again; `close` waits for what was accepted."""
+    from llmkd.serving.batching import MicroBatcher, Overloaded
+
+    batcher = MicroBatcher(rec, max_queue=4)
+    reqs = requests(rec, 5)
+
+    async def main():
+        held = [asyncio.ensure_future(batcher.recommend(*r)) for r in reqs[:4]]
+        await asyncio.sleep(0)  # each has taken its place in the queue
+        assert batcher.pending == 4 and batcher.full
+        with pytest.raises(Overloaded):
+            await batcher.recommend(*reqs[4])
+        got = await asyncio.gather(*held)
+        assert batcher.pending == 0 and not batcher.full
+        after = await batcher.recommend(*reqs[4])
+        late = asyncio.ensure_future(batcher.recommend(*reqs[0]))
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert late.done() and late.result()["items"] == got[0]["items"]
+        return got, after
+
+    got, after = asyncio.run(main())
+    same(got + [after], [rec.recommend(*r) for r in reqs])

@@ -6,6 +6,10 @@ while it computes, new requests queue; when it is free it takes everything queue
 single requests, grouped by their options) and answers it in one `recommend_batch` call per group. There
 is no timer: an idle server answers a lone request at once, a loaded one batches as deep as its queue.
 
+The queue is bounded: past `max_queue` model calls waiting or running, a new one raises `Overloaded` at
+once (the HTTP service answers 503 with Retry-After) instead of joining a queue that only grows: an
+accepted request then waits for at most the batch in progress and its own.
+
 Requests are checked before they queue (`Recommender.check_request`), so a bad one gets its own 4xx and
 never fails the batch it would have joined; should a merged call fail anyway, its requests are answered
 one by one, each with its own result or error.
@@ -20,17 +24,32 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from llmkd.serving.recommender import Recommender
+from llmkd.serving.workers import MAX_QUEUE
+
+
+class Overloaded(Exception):
+    """The queue is full: the request was refused before any work (HTTP 503 with Retry-After)."""
+
 
 class MicroBatcher:
     """One model worker for the service: `recommend` merges concurrent single requests, `call` runs
-    anything else (a batch request, similar items) in the same worker, one model call at a time."""
+    anything else (a batch request, similar items) in the same worker, one model call at a time; at most
+    `max_queue` calls are held at once (`pending`), past that a call raises `Overloaded`."""
 
-    def __init__(self, rec: Recommender, max_batch: int = 256) -> None:
-        self.rec, self.max_batch = rec, max_batch
+    def __init__(self, rec: Recommender, max_batch: int = 256, max_queue: int = MAX_QUEUE) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue: expected >= 1, got {max_queue}")
+        self.rec, self.max_batch, self.max_queue = rec, max_batch, max_queue
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="llmkd-model")
         self.batches: deque[int] = deque(maxlen=1000)  # sizes of the last 1,000 merged calls
+        self.pending = 0  # calls accepted and not yet answered
+
+    @property
+    def full(self) -> bool:
+        """Whether a new call would be refused now (`Overloaded`)."""
+        return self.pending >= self.max_queue
 
     def _start(self) -> asyncio.Queue:
         if self.queue is None:  # created in the server's event loop, on first use
@@ -49,9 +68,24 @@ class MicroBatcher:
         return await self._submit(("call", fn))
 
     async def _submit(self, job: tuple) -> Any:
+        if self.pending >= self.max_queue:
+            raise Overloaded(f"{self.pending} requests queued (the limit, --max-queue)")
         future = asyncio.get_running_loop().create_future()
-        await self._start().put((*job, future))
-        return await future
+        self.pending += 1
+        try:
+            self._start().put_nowait((*job, future))
+            return await future
+        finally:
+            self.pending -= 1
+
+    async def close(self) -> None:
+        """Answer every call accepted so far, then stop the worker and its thread (the batcher of a bundle
+        that was swapped out: requests that took it keep it until they are answered)."""
+        while self.pending:
+            await asyncio.sleep(0.005)
+        if self.worker is not None:
+            self.worker.cancel()
+        self.pool.shutdown(wait=False)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -3,20 +3,26 @@
     POST /recommend         {"history": [ids], "k": 10, "exclude": [ids] | null, "unknown": "error" | "drop"}
     POST /recommend/batch   {"histories": [[ids], ...], "k": 10, "exclude": [[ids] | null, ...] | null, ...}
     GET  /items/{id}/similar?k=10
-    GET  /health, GET /metadata
+    GET  /health (liveness), GET /ready (readiness), GET /metadata: each with the served bundle's version
+    GET  /metrics           Prometheus text format (`llmkd.serving.metrics`)
+    POST /admin/reload      load the bundle path again, verify, swap (`llmkd.serving.ops`; needs a token)
 
 Every bad request gets a 4xx whose body is {"error": "<field>: <what was expected>", "field": "<field>"}:
 malformed JSON, wrong types, unknown item ids (422; 404 for the path's item), k outside [1, catalog],
 histories over `max_history` items or batches over `max_batch` (422), bodies over `max_body` bytes (413).
 Every model call goes through one worker (`llmkd.serving.batching.MicroBatcher`): single requests that
 arrive while it is busy are answered together by one `recommend_batch`, and concurrent requests never
-run the model side by side on the same cores.
+run the model side by side on the same cores. Its queue is bounded (`max_queue` model calls waiting or
+running): past it a request gets 503 with Retry-After at once. The served bundle can be swapped while the
+server runs (`llmkd.serving.reload`): each request takes one model for its whole life.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Literal
 
@@ -27,14 +33,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from llmkd.serving.batching import MicroBatcher
+from llmkd.serving.batching import MicroBatcher, Overloaded
+from llmkd.serving.metrics import CONTENT_TYPE, Instrumented, ServiceMetrics
+from llmkd.serving.ops import Admission, error_response, lifespan, overloaded, reload_route
 from llmkd.serving.recommender import BadRequest, Recommender, UnknownItems
-from llmkd.serving.workers import worker_spec
+from llmkd.serving.reload import ModelSlot, load_verified
+from llmkd.serving.workers import ADMIN_TOKEN_ENV, ServiceOptions, worker_spec
 
 MAX_HISTORY = 10_000
 """Longest history (and exclude list) accepted: the user tower reads the last `max_len` items anyway."""
 MAX_BATCH = 1_024
-MAX_BODY = 8 * 1024 * 1024
 
 Ids = list[StrictStr]
 
@@ -66,10 +74,7 @@ class Recommendations(BaseModel):
     scores: list[float]
 
 
-def error(status: int, field: str, message: str) -> JSONResponse:
-    """The one error body: {"error": "field: message", "field": field}."""
-    return JSONResponse(status_code=status, content={"error": f"{field}: {message}", "field": field})
-
+error = error_response
 
 def field_name(loc: tuple) -> str:
     """A pydantic error location -> 'history[3]', 'k', 'body' (the 'body' / 'query' / 'path' prefix dropped)."""
@@ -144,19 +149,22 @@ class BodyLimit:
         return wrapped
 
 
-def json_response(content: dict) -> Response:
-    """`content` as compact JSON, without FastAPI's response-model validation."""
-    return Response(json.dumps(content, separators=(",", ":"), allow_nan=False).encode(), media_type="application/json")
+def json_response(content: dict, version: str | None = None) -> Response:
+    """`content` as compact JSON, without FastAPI's response-model validation; `version`: the bundle version
+    that answered, in the `x-bundle-version` header."""
+    return Response(json.dumps(content, separators=(",", ":"), allow_nan=False).encode(), media_type="application/json",
+                    headers=None if version is None else {"x-bundle-version": version})
 
 
 class RecommendEndpoint:
     """`POST /recommend` as a plain ASGI app, the hot path: the body is validated straight from its bytes
     (`model_validate_json`) and answered without FastAPI's per-request machinery (dependency solving, request
     and response wrapping: ~60 % of the event loop's time under a 32-client load). Errors are the same
-    responses the FastAPI route gives (the route stays registered behind it, for the OpenAPI docs)."""
+    responses the FastAPI route gives (the route stays registered behind it, for the OpenAPI docs). A full
+    queue is answered 503 before the body is parsed."""
 
-    def __init__(self, batcher: MicroBatcher) -> None:
-        self.batcher = batcher
+    def __init__(self, slot: ModelSlot) -> None:
+        self.slot = slot
 
     async def __call__(self, scope, receive, send) -> None:
         body, more = b"", True
@@ -166,72 +174,122 @@ class RecommendEndpoint:
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
+        served = self.slot.current  # one model for the whole request
+        batcher = served.batcher
+        if batcher.full:
+            await overloaded()(scope, receive, send)
+            return
         try:
             req = RecommendRequest.model_validate_json(body)
-            result = await self.batcher.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
-            response = json_response(result)
+            result = await batcher.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
+            response = json_response(result, served.version or "")
         except ValidationError as e:
             errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
             response = validation_error(None, RequestValidationError(errors))
         except BadRequest as e:
             response = bad_request(None, e)
+        except Overloaded:
+            response = overloaded()
         await response(scope, receive, send)
 
 
-def create_app(rec: Recommender, max_body: int = MAX_BODY, max_batch: int = 256) -> FastAPI:
-    """The FastAPI application over a loaded `Recommender`; up to `max_batch` single requests are merged."""
-    batcher = MicroBatcher(rec, max_batch)
+def create_app(rec: Recommender, bundle: str | Path | None = None, backend: str = "torch",
+               options: ServiceOptions | None = None, folder: Path | None = None) -> FastAPI:
+    """The FastAPI application over a loaded `Recommender`; `bundle` is the path reloads read again (None:
+    no reloads). See the module docstring for the routes."""
+    opts = options or ServiceOptions()
+    metrics = ServiceMetrics()
+    slot = ModelSlot(bundle or "", backend, rec, folder or Path(bundle or "."),
+                     lambda r: MicroBatcher(r, opts.max_batch, opts.max_queue),
+                     on_swap=lambda served: metrics.serving(served.version, served.rec.num_items))
+    metrics.serving(rec.version, rec.num_items)
+    metrics.depth = lambda: slot.current.batcher.pending
     app = FastAPI(title="llmkd recommender", version=str(rec.config.get("format_version")),
-                  description=f"Bundle of `{rec.config.get('student')}`: {rec.num_items} items.")
+                  description=f"Bundle of `{rec.config.get('student')}`: {rec.num_items} items.",
+                  lifespan=lifespan)
+    app.state.slot, app.state.metrics, app.state.options = slot, metrics, opts
+    app.state.reloadable = bundle is not None
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
-
     app.add_exception_handler(BadRequest, bad_request)
-    app.add_middleware(BodyLimit, max_body=max_body)
+    app.add_exception_handler(Overloaded, lambda request, exc: overloaded())
+    app.add_middleware(BodyLimit, max_body=opts.max_body)
+    app.add_middleware(Admission, slot=slot)  # before the body limit and the routing: refusals stay cheap
+    if opts.metrics:
+        app.add_middleware(Instrumented, metrics=metrics)  # outermost: every answer is counted, 413s too
+
+    def batcher() -> MicroBatcher:
+        return slot.current.batcher
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "items": rec.num_items, "version": rec.version}
+        """Liveness: the process answers; the bundle version it serves."""
+        cur = slot.current.rec
+        return {"status": "ok", "items": cur.num_items, "version": cur.version, "pid": os.getpid()}
+
+    @app.get("/ready")
+    def ready() -> dict:
+        """Readiness: a verified bundle is loaded and answering (a reload keeps the old one serving)."""
+        cur = slot.current.rec
+        return {"status": "ready", "items": cur.num_items, "version": cur.version, "pid": os.getpid(),
+                "reloading": slot.loading, "last_reload": slot.last}
 
     @app.get("/metadata")
     def metadata() -> dict:
-        return rec.metadata()
+        return slot.current.rec.metadata()
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        if not opts.metrics:
+            return error(404, "path", "metrics are off (llmkd serve --no-metrics)")
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request) -> Response:
+        """Load the bundle path again, verify it, swap it in (`Authorization: Bearer $LLMKD_ADMIN_TOKEN`)."""
+        return await reload_route(request, app)
 
     @app.post("/recommend", response_model=Recommendations)
     async def recommend(req: RecommendRequest) -> Response:  # documents the route; `RecommendEndpoint` answers it
-        result = await batcher.recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
+        result = await batcher().recommend(req.history, req.k, req.exclude, req.exclude_seen, req.unknown)
         return json_response(result)
 
-    app.router.routes.insert(0, Route("/recommend", RecommendEndpoint(batcher), methods=["POST"]))
+    app.router.routes.insert(0, Route("/recommend", RecommendEndpoint(slot), methods=["POST"]))
 
     @app.post("/recommend/batch", response_model=list[Recommendations])
     async def recommend_batch(req: BatchRequest) -> list[dict]:
-        return await batcher.call(lambda: rec.recommend_batch(req.histories, req.k, req.exclude, req.exclude_seen,
-                                                              req.unknown))
+        served = slot.current
+        return await served.batcher.call(lambda: served.rec.recommend_batch(req.histories, req.k, req.exclude,
+                                                                            req.exclude_seen, req.unknown))
 
     @app.get("/items/{item_id}/similar", response_model=Recommendations)
     async def similar(item_id: str, k: int = Query(10, description="how many items (1 .. catalog size)")) -> dict:
-        return await batcher.call(lambda: rec.similar_items(item_id, k))
+        served = slot.current
+        return await served.batcher.call(lambda: served.rec.similar_items(item_id, k))
 
     return app
 
 
-def frozen_app(bundle: str | Path, backend: str = "torch") -> FastAPI:
-    """`create_app` over the loaded bundle, then `gc.freeze()`: the bundle and libraries are permanent, and
-    without it every full collection walks them again (~100 ms each on the ml-100k bundle; under load those
-    pauses were the whole p99)."""
-    app = create_app(Recommender.from_pretrained(bundle, backend))
+def frozen_app(bundle: str | Path, backend: str = "torch", options: ServiceOptions | None = None) -> FastAPI:
+    """`create_app` over the bundle, loaded with every SHA-256 checked, then `gc.freeze()`: the bundle and
+    libraries are permanent, and without it every full collection walks them again (~100 ms each on the
+    ml-100k bundle; under load those pauses were the whole p99)."""
+    rec, folder = load_verified(bundle, backend)
+    app = create_app(rec, bundle, backend, options, folder)
     gc.collect()
     gc.freeze()
     return app
 
 
 def app_from_env() -> FastAPI:
-    """The app of one worker process of `llmkd.serving.server.serve(..., workers=N)`: bundle, backend and torch
-    threads from the environment (`llmkd.serving.workers`)."""
+    """The app of one worker process of `llmkd.serving.server.serve(..., workers=N)`: bundle, backend, torch
+    threads and service options from the environment (`llmkd.serving.workers`)."""
     import torch
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app's lifespan takes it: a reload, not an exit
     spec = worker_spec()
     torch.set_num_threads(spec["threads"])
-    return frozen_app(spec["bundle"], spec["backend"])
+    options = ServiceOptions(**spec["options"], admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
+                             supervisor_pid=spec["supervisor_pid"])
+    return frozen_app(spec["bundle"], spec["backend"], options)

@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,14 @@ class LoadConfig:
     k: int = 10
     timeout_s: float = 10.0
     seed: int = 0
+    rate: float | None = None
+    """Requests/s offered in all (open loop: request i is due at i / rate s, whatever came back); None:
+    each client sends its next request as soon as its last is answered (closed loop)."""
 
     def __post_init__(self) -> None:
         checks = {"clients": self.clients >= 1, "duration_s": self.duration_s > 0, "max_requests": self.max_requests >= 1,
-                  "warmup_s": self.warmup_s >= 0, "k": self.k >= 1, "timeout_s": self.timeout_s > 0}
+                  "warmup_s": self.warmup_s >= 0, "k": self.k >= 1, "timeout_s": self.timeout_s > 0,
+                  "rate": self.rate is None or self.rate > 0}
         for name, ok in checks.items():
             if not ok:
                 raise LlmkdError(f"{name}: expected {'>= 0' if name == 'warmup_s' else '> 0'}, got {getattr(self, name)}")
@@ -115,57 +120,78 @@ def child_pids(pid: int) -> list[int]:
 
 
 class Phase:
-    """Shared state of one phase: its deadline and request budget, what came back."""
+    """Shared state of one phase: its deadline and request budget, what came back. `versions` counts the
+    answers by the bundle version that gave them (the `x-bundle-version` header), `switches` the largest
+    number of version changes one client saw (requests of one client are sequential, so a server that
+    swaps models once shows each client at most one change)."""
 
-    def __init__(self, duration_s: float, max_requests: int) -> None:
-        self.deadline, self.budget = time.perf_counter() + duration_s, max_requests
+    def __init__(self, duration_s: float, max_requests: int, rate: float | None = None) -> None:
+        self.start = time.perf_counter()
+        self.deadline, self.budget, self.rate = self.start + duration_s, max_requests, rate
         self.sent, self.latencies, self.errors = 0, [], Counter()
+        self.rejected: list[float] = []  # latencies of 503 answers (the bounded queue's refusals)
+        self.versions: Counter = Counter()
+        self.switches = 0
 
-    def take(self) -> bool:
-        """Whether a client may send another request (time and budget left); counts it."""
+    def take(self) -> float | None:
+        """When a client may send another request (time and budget left; open loop: when it is due), else
+        None; counts it."""
         if self.sent >= self.budget or time.perf_counter() >= self.deadline:
-            return False
+            return None
+        due = self.start + self.sent / self.rate if self.rate else 0.0
         self.sent += 1
-        return True
+        return due
 
 
-async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, body: bytes) -> int:
-    """One keep-alive `POST /recommend`; returns the status once the whole response body is read."""
+async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
+               body: bytes) -> tuple[int, dict[bytes, bytes]]:
+    """One keep-alive `POST /recommend`; returns (status, header fields by lower-case name) once the whole
+    response body is read."""
     writer.write(head + str(len(body)).encode() + b"\r\n\r\n" + body)
     await writer.drain()
     header = await reader.readuntil(b"\r\n\r\n")
     lines = header.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
-    length = next((int(v) for k, _, v in (line.partition(b":") for line in lines[1:]) if k.lower() == b"content-length"),
-                  None)
-    if length is None:
+    fields = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    if b"content-length" not in fields:
         raise ValueError("response without content-length")
-    await reader.readexactly(length)
-    return status
+    await reader.readexactly(int(fields[b"content-length"]))
+    return status, fields
 
 
 async def client(host: str, port: int, bodies: list[bytes], start: int, phase: Phase, timeout_s: float) -> None:
     """Send requests until the phase ends, reconnecting after an error; record latencies (s) and errors."""
     head = (f"POST /recommend HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n"
             "content-length: ").encode()
-    conn, i = None, start
+    switches = 0
+    conn, i, last = None, start, None
     try:
-        while phase.take():
+        while (due := phase.take()) is not None:
             body = bodies[i % len(bodies)]
             i += 1
+            if due > (t := time.perf_counter()):
+                await asyncio.sleep(due - t)
             t = time.perf_counter()
             try:
                 if conn is None:
                     conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-                status = await asyncio.wait_for(post(*conn, head, body), timeout_s)
+                status, fields = await asyncio.wait_for(post(*conn, head, body), timeout_s)
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
                 phase.errors[type(e).__name__] += 1
                 conn = await close(conn)
                 continue
             if status == 200:
                 phase.latencies.append(time.perf_counter() - t)
+                version = fields.get(b"x-bundle-version", b"")
+                phase.versions[version.decode()] += 1
+                switches += last is not None and version != last
+                phase.switches, last = max(phase.switches, switches), version
             else:
                 phase.errors[f"HTTP {status}"] += 1
+                if status == 503:
+                    phase.rejected.append(time.perf_counter() - t)
+                    if b"retry-after" not in fields:
+                        phase.errors["HTTP 503 without Retry-After"] += 1
     finally:
         await close(conn)
 
@@ -184,7 +210,7 @@ async def run_phase(host: str, port: int, bodies: list[bytes], cfg: LoadConfig, 
     """`cfg.clients` clients for `duration_s` (or `max_requests`); returns (phase, elapsed s, peak RSS MiB,
     series): the series has one entry per window of `series_window(duration_s)` seconds (its end `t_s`,
     requests/s and p99 in it, the server's RSS at its end), so a leak or a slow stretch shows where it was."""
-    phase, peak = Phase(duration_s, max_requests), rss_mb(pid)
+    phase, peak = Phase(duration_s, max_requests, cfg.rate), rss_mb(pid)
     window, series, seen = series_window(duration_s), [], 0
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(client(host, port, bodies, c * 7919, phase, cfg.timeout_s)) for c in range(cfg.clients)]
@@ -212,9 +238,13 @@ def summary(phase: Phase, elapsed: float) -> dict[str, Any]:
     """Latency percentiles (ms), requests/s and errors of a measured phase."""
     lat = np.asarray(phase.latencies) * 1e3
     pct = {f"p{q}_ms": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 95, 99)}
+    rej = np.asarray(phase.rejected) * 1e3
     return {"requests": phase.sent, "ok": len(lat), "errors": sum(phase.errors.values()),
             "errors_by_kind": dict(phase.errors), "elapsed_s": elapsed, "requests_per_s": len(lat) / elapsed,
-            **pct, "mean_ms": float(lat.mean()) if len(lat) else None, "max_ms": float(lat.max()) if len(lat) else None}
+            "offered_per_s": phase.sent / elapsed, **pct, "mean_ms": float(lat.mean()) if len(lat) else None,
+            "max_ms": float(lat.max()) if len(lat) else None, "rejected_503": len(rej),
+            "rejected_p99_ms": float(np.percentile(rej, 99)) if len(rej) else None,
+            "versions": dict(phase.versions), "max_version_switches_per_client": phase.switches}
 
 
 def free_port() -> int:
@@ -223,12 +253,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, port: int, wait_s: float = 120.0, workers: int = 1) -> subprocess.Popen:
-    """`llmkd serve bundle --host 127.0.0.1 --port port --workers workers` in a child process, returned once
-    /health answers."""
+def start_server(bundle: Path, port: int, wait_s: float = 120.0, workers: int = 1, args: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`llmkd serve bundle --host 127.0.0.1 --port port --workers workers [args]` in a child process (its
+    environment: this one's with `env` on top), returned once /health answers."""
     cmd = [sys.executable, "-m", "llmkd", "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "--log-level", "warning", "--workers", str(workers), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     deadline = time.monotonic() + wait_s
     while True:
         try:
