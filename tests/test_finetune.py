@@ -61,7 +61,7 @@ class LoraWatch:
     def __init__(self, monkeypatch) -> None:
         import peft
 
-        from llmkd import finetune
+        from llmkd.teacher import finetune
 
         self.model, self.initial, self.at_eval = None, {}, []
         real_peft, real_ndcg = peft.get_peft_model, finetune.ndcg_at_10

@@ -51,8 +51,9 @@ def unsafe_loads(source: str, name: str = "<source>") -> list[str]:
 
 
 def test_sources_are_found():
-    names = {p.name for p in SOURCES}
-    assert {"data.py", "teacher.py", "student.py", "distill.py", "prepare_data.py", "build_index.py"} <= names
+    names = {str(p.relative_to(REPO)) for p in SOURCES}
+    assert {"llmkd/data.py", "llmkd/teacher/__init__.py", "llmkd/student/__init__.py", "llmkd/distill.py",
+            "scripts/prepare_data.py", "scripts/build_index.py"} <= names
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(REPO)) for p in SOURCES])
