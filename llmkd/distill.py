@@ -35,13 +35,12 @@ from llmkd.data import RecData, load_data
 from llmkd.evaluate import blocked_ranks, metrics_from_ranks
 from llmkd.index import build_index
 from llmkd.lineage import input_record
-from llmkd.losses.full_softmax import full_softmax_loss
 from llmkd.locks import main_process_lock
+from llmkd.losses.full_softmax import full_softmax_loss
 from llmkd.losses.neighbor_smoothing import item_neighbors, neighbor_smoothing_term
 from llmkd.student import TwoTower, content_init_vectors, init_item_embedding
 from llmkd.teacher import TeacherCache
 from llmkd.windows import get_dataloaders, trim_padding
-
 
 TEACHER_KEYS = ("item_emb", "user_pos", "pos_user", "pos_cut")
 """The teacher cache arrays training reads; the per-split user vectors are left on disk."""

@@ -109,6 +109,25 @@ def synthetic(tmp_path_factory) -> SyntheticFiles:
     return write_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
+@pytest.fixture
+def teacher_items(tmp_path, synthetic, monkeypatch):
+    """The synthetic data saved under tmp_path/data and a stand-in teacher cache under tmp_path/teacher that
+    holds only random item vectors (num_items, 12), for trainer tests of what reads the teacher's item vectors
+    (content_init, neighbor_smoothing); returns (data, item vectors)."""
+    from types import SimpleNamespace
+
+    from llmkd import distill
+    from llmkd.data import build_data, save_data
+
+    data = build_data(synthetic.data_config())
+    save_data(data, tmp_path / "data", synthetic.data_config())
+    item_emb = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32)
+    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data, keys=None: SimpleNamespace(item_emb=item_emb))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "meta.json").write_text("{}")  # the student records the cache's fingerprint
+    return data, item_emb
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(synthetic):
     """`RecData` built from the synthetic files (session-wide; treat as read-only)."""

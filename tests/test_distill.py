@@ -366,19 +366,13 @@ def test_trim_padding_keeps_every_real_state():
     torch.testing.assert_close(cut[real[:, 3:]], full[real])
 
 
-def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, synthetic, monkeypatch):
+def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, synthetic, monkeypatch, teacher_items):
     """student.content_init > 0: the trainer loads the teacher cache and starts the id embeddings from
     its item vectors (`init_from_content`, tested in test_student); 0 leaves the random init alone."""
     from llmkd import distill, student
     from llmkd.config import Config, DistillConfig, StudentConfig
-    from llmkd.data import build_data, save_data
 
-    data = build_data(synthetic.data_config())
-    save_data(data, tmp_path / "data", synthetic.data_config())
-    item_emb = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32)
-    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data, keys=None: SimpleNamespace(item_emb=item_emb))
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "meta.json").write_text("{}")  # the student records the cache's fingerprint
+    data, item_emb = teacher_items
     calls = []
     monkeypatch.setattr(student, "init_from_content", lambda emb, vectors, std, whiten: calls.append((emb.weight.shape, vectors, std, whiten)))
     for init, source, whiten in ((0.0, "teacher", False), (0.1, "teacher", False), (0.1, "shuffled", True),
@@ -592,20 +586,14 @@ def test_training_key_ignores_the_negatives_count_only_where_the_full_softmax_ru
     assert training_key(a, 12_101) == training_key(b, 12_101)  # full softmax: the count is never read
     assert training_key(a, 10 ** 6) != training_key(b, 10 ** 6)  # sampled: it is the run's setting
 
-def test_content_init_anchor_holds_the_id_rows_near_their_start(tmp_path, synthetic, monkeypatch):
+def test_content_init_anchor_holds_the_id_rows_near_their_start(tmp_path, synthetic, monkeypatch, teacher_items):
     """student.content_init_anchor: the trained id rows end far closer to their content start under a strong
     pull than with none (same seed, same data); it needs content_init and keeps the item table dense."""
     from llmkd import distill
     from llmkd.config import Config, DistillConfig, StudentConfig
-    from llmkd.data import build_data, save_data
     from llmkd.student import TwoTower, init_item_embedding
 
-    data = build_data(synthetic.data_config())
-    save_data(data, tmp_path / "data", synthetic.data_config())
-    item_emb = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32)
-    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data, keys=None: SimpleNamespace(item_emb=item_emb))
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "meta.json").write_text("{}")
+    data, item_emb = teacher_items
     drift = {}
     for pull in (0.0, 100.0):
         cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),

@@ -37,22 +37,15 @@ def test_the_term_turns_the_cross_entropy_into_the_smoothed_one():
     assert not torch.allclose(F.cross_entropy(logits, y), want, atol=1e-3)  # the smoothing changes the loss
 
 
-def test_the_trainer_smooths_toward_the_teachers_neighbours(tmp_path, synthetic, monkeypatch):
+def test_the_trainer_smooths_toward_the_teachers_neighbours(tmp_path, synthetic, monkeypatch, teacher_items):
     """distill.neighbor_smoothing: the weights move away from the twin's (same seed); the control source
     ('shuffled') smooths toward other neighbours, so its weights differ again; 0 reads no teacher."""
-    from types import SimpleNamespace
 
     from llmkd import distill
     from llmkd.config import Config, DistillConfig, StudentConfig
-    from llmkd.data import build_data, save_data
     from llmkd.student import TwoTower
 
-    data = build_data(synthetic.data_config())
-    save_data(data, tmp_path / "data", synthetic.data_config())
-    item_emb = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32)
-    monkeypatch.setattr(distill, "TeacherCache", lambda folder, data, keys=None: SimpleNamespace(item_emb=item_emb))
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "meta.json").write_text("{}")
+    _, item_emb = teacher_items
     calls, real = [], distill.item_neighbors
     monkeypatch.setattr(distill, "item_neighbors", lambda v, *a: calls.append(v) or real(v, *a))
     weights = {}

@@ -46,6 +46,6 @@ def test_the_script_writes_its_json(tmp_path, synthetic):
                                "distill": {"loss": "full_softmax", "batch_size": 16}}))
     out = tmp_path / "step.json"
     done = subprocess.run([sys.executable, "scripts/benchmark_student_step.py", "--config", str(cfg), "--groups", "1",
-                           "2", "--batches", "1", "--reps", "1", "--output", str(out)], capture_output=True, text=True)
+                           "2", "--batches", "1", "--reps", "1", "--output", str(out)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert [s["length_groups"] for s in json.loads(out.read_text())["settings"]] == [1, 2]
