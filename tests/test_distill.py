@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llmkd.artifacts import LlmkdError
-from llmkd.distill import KDTargets, hard_loss
+from llmkd.distill import hard_loss
+from llmkd.kd_targets import KDTargets
 from llmkd.teacher import kd_cuts
 from llmkd.windows import WindowDataset
 
