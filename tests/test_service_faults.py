@@ -129,6 +129,7 @@ def run_load(bundle: Path, base: str, **cfg) -> dict:
 def bundles(served_run, tmp_path_factory):
     """v1 (exported), v2 (v1 + 3 added items), corrupt (v2 with one byte of the index flipped, same size),
     and `current` -> v1."""
+    from llmkd.experiments.service_faults import flip_byte
     from llmkd.serving.bundle import INDEX, export_bundle
 
     root = tmp_path_factory.mktemp("faults")
@@ -138,9 +139,7 @@ def bundles(served_run, tmp_path_factory):
     add_items(v2, ["new-a", "new-b", "new-c"])
     corrupt = root / "corrupt"
     shutil.copytree(v2, corrupt)
-    data = bytearray((corrupt / INDEX).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (corrupt / INDEX).write_bytes(bytes(data))
+    flip_byte(corrupt / INDEX)
     current = root / "current"
     current.symlink_to(v1)
     return {"v1": v1, "v2": v2, "corrupt": corrupt, "current": current, "root": root}

@@ -74,12 +74,18 @@ def versions(bundle: Path, root: Path) -> dict[str, Path]:
         f.write("\n- Re-released for the reload benchmark.\n")
     write_manifest(v2)
     shutil.copytree(v2, bad)
-    data = bytearray((bad / INDEX).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (bad / INDEX).write_bytes(bytes(data))
+    flip_byte(bad / INDEX)
     current = root / "current"
     current.symlink_to(v1)
     return {"v1": v1, "v2": v2, "corrupt": bad, "current": current}
+
+
+def flip_byte(path: Path) -> None:
+    """Corrupt `path` in place as a bad disk or a truncated copy would, without changing its size: the
+    byte in the middle inverted (only the manifest's SHA-256 can tell)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def run(link: Path, base: str, pid: int | None = None, **cfg: Any) -> dict:
