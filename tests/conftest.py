@@ -12,8 +12,11 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
 import traceback
+import urllib.error
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +257,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_server(proc: subprocess.Popen, answers: Callable[[], bool], timeout_s: float) -> None:
+    """Poll `answers()` (e.g. GET /health is 200) until true; fail with the server's stderr if `proc` dies or
+    `timeout_s` passes first. A refused or reset connection counts as not yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if answers():
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
 
 
 def run_in_process(script: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

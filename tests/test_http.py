@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, wait_for_server
 
 
 def call(base: str, path: str, body: object = None, raw: bytes | None = None, method: str | None = None,
@@ -33,17 +32,7 @@ def call(base: str, path: str, body: object = None, raw: bytes | None = None, me
 
 def wait_until_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
     """Poll GET /health until it answers 200; fail with the server's stderr if it dies or times out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if call(base, "/health")[0] == 200:
-                return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.2)
+    wait_for_server(proc, lambda: call(base, "/health")[0] == 200, timeout_s)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, wait_for_server
 
 TOKEN = "test-token-0123456789"
 ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
@@ -51,17 +51,8 @@ def start(bundle: Path, *args: str, token: str | None = TOKEN) -> tuple[subproce
                              "warning", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # a busy machine takes minutes to import torch
-    while True:
-        try:
-            if call(base, "/ready")[0] == 200:
-                return proc, base
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.2)
+    wait_for_server(proc, lambda: call(base, "/ready")[0] == 200, 600)  # a busy machine takes minutes to import torch
+    return proc, base
 
 
 def stop(proc: subprocess.Popen) -> str:
