@@ -331,6 +331,16 @@ def test_overload_is_answered_503_at_once_while_accepted_requests_keep_their_lat
     assert r["server_rss_mb"]["growth"] is None or r["server_rss_mb"]["growth"] < 50
 
 
+def test_the_overload_floor_is_a_server_that_answers_everything_503_with_retry_after(bundles):
+    """The benchmark's floor control (`overload_floor`): every request it was sent comes back 503 with
+    Retry-After (a missing header or any other answer is an error of the load test), and its p99 is measured."""
+    from llmkd.experiments.service_faults import overload_floor
+
+    r = overload_floor(bundles["current"], rate=200, seconds=1.0, clients=8)
+    assert r["answered_503"] >= 100 and r["other_errors"] == {}, r
+    assert 0 < r["p99_ms"] < 30_000
+
+
 def test_sigterm_during_load_answers_everything_accepted_and_exits_0(bundles):
     """SIGTERM once 100 requests of a 32-client run are answered: the server stops accepting, answers what it
     accepted, exits 0 within its drain timeout; every /recommend it answered reached the client and none

@@ -5,7 +5,9 @@
 - corrupt_bundle: a bundle with one flipped byte (same size) refused at start and at reload, the old one
   still answering;
 - overload: p99 of one client alone (unloaded), the closed-loop rate of 32 clients (sustainable), then 4x
-  that rate offered open loop: 503s, p99 of the accepted requests, the server's memory over the run;
+  that rate offered open loop: 503s, p99 of the accepted requests, the server's memory over the run; and the
+  floor: the same open-loop load on a uvicorn app that does nothing but answer 503 (`refuse_all`), i.e. the
+  latency the HTTP stack and the clients alone reach at that rate on this machine;
 - metrics_overhead: the same load on a server with and without request counting, alternated;
 - drain: SIGTERM during a 32-client run: exit status and time, requests answered by the server vs received.
 
@@ -32,6 +34,7 @@ from typing import Any
 from llmkd.serving.bundle import INDEX
 from llmkd.serving.load_test import LoadConfig, free_port, load_test, start_server, stop_server
 from llmkd.serving.manifest import write_manifest
+from llmkd.serving.ops import OVERLOADED, OVERLOADED_START
 
 TOKEN_ENV = "LLMKD_ADMIN_TOKEN"
 START_S = 900.0
@@ -149,6 +152,40 @@ def overload(b: dict[str, Path], base: str, pid: int, seconds: float, factor: fl
             "series": [{k: e[k] for k in ("t_s", "requests_per_s", "p99_ms", "rss_mb")} for e in series]}
 
 
+def with_floor(result: dict, bundle: Path, seconds: float) -> dict:
+    """The overload phase's result with its floor (`overload_floor` at the same offered rate) beside it."""
+    floor = overload_floor(bundle, result["target_per_s"], seconds * 3)
+    return {**result, "floor": floor, "accepted_p99_over_floor": result["accepted_p99_ms"] / floor["p99_ms"]}
+
+
+async def refuse_all(scope, receive, send) -> None:
+    """The overload floor's server (uvicorn, --lifespan off): every request answered 503 + Retry-After from
+    the service's own two prepared messages, nothing else."""
+    if scope["type"] == "http":
+        await send(OVERLOADED_START)
+        await send({"type": "http.response.body", "body": OVERLOADED})
+
+
+def overload_floor(bundle: Path, rate: float, seconds: float, clients: int = 512) -> dict:
+    """p50 / p99 of the 503s of `refuse_all` under the overload phase's open-loop load."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", f"{__name__}:refuse_all", "--port", str(port),
+                             "--log-level", "warning", "--lifespan", "off"], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(int(START_S / 0.2)):
+            try:
+                call(f"http://127.0.0.1:{port}", "/")
+                break
+            except OSError:
+                time.sleep(0.2)
+        r = load_test(bundle, LoadConfig(clients=clients, duration_s=seconds, warmup_s=0, timeout_s=30, rate=rate),
+                      url=f"http://127.0.0.1:{port}", server_pid=proc.pid)
+    finally:
+        stop_server(proc)
+    return {"offered_per_s": r["offered_per_s"], "answered_503": r["rejected_503"],
+            "p99_ms": r["rejected_p99_ms"], "other_errors": {k: v for k, v in r["errors_by_kind"].items() if k != "HTTP 503"}}
+
+
 def metrics_overhead(bundle: Path, seconds: float, rounds: int = 3) -> dict:
     """32 clients on two servers, with and without counting, alternated `rounds` times."""
     servers = {}
@@ -215,6 +252,7 @@ def measure_service_faults(bundle: str | Path, seconds: float = 6.0) -> dict:
                       "overload": overload(b, base, proc.pid, seconds / 2)}
         finally:
             stop_server(proc)
+        result["overload"] = with_floor(result["overload"], b["v1"], seconds / 2)
         result["metrics_overhead"] = metrics_overhead(b["v1"], seconds / 3)
         result["drain"] = drain(b["v1"])
     return result
