@@ -23,7 +23,7 @@ SET = --config $(CONFIG) --set out_dir=$(OUT)
 
 .PHONY: install install-gpt demo test docs seeds tune benchmark-kd benchmark-beauty benchmark-serving \
 	benchmark-service-faults benchmark-scale benchmark-scale-micro benchmark-scale-minilm benchmark-ann \
-	benchmark-student-step cold-start peer-beauty clean
+	benchmark-student-step benchmark-stage-efficiency cold-start peer-beauty clean
 
 install: $(VENV)/.installed
 
@@ -91,6 +91,10 @@ BEAUTY_FAMILIES ?= content_features content_init user_align item_align listwise_
 	margin_mse pairwise_hinge infonce
 # One training step of the Beauty student per distill.length_groups value, side by side in one process
 # (after `make benchmark-beauty` or any Beauty run has prepared the data): results/student_step_cpu.json.
+benchmark-stage-efficiency: install
+	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
+	$(RUN) scripts/benchmark_stage_efficiency.py $(BEAUTY_SET) --output results/stage_efficiency_cpu.json
+
 benchmark-student-step: install
 	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
 	$(RUN) scripts/benchmark_student_step.py $(BEAUTY_SET) --groups 1 2 4 8 --output results/student_step_cpu.json

@@ -62,6 +62,13 @@ def hard_loss(states: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, c
     return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
 
 
+def popularity_log_q(data: RecData) -> torch.Tensor:
+    """(N,) log of each item's share of the training interactions (+1 each): the sampled softmax's negative
+    distribution and its logQ correction."""
+    counts = torch.as_tensor(data.item_counts(), dtype=torch.float32) + 1
+    return (counts / counts.sum()).log()
+
+
 class TeacherHeads(nn.Module):
     """Training-only linear heads reading the student's user states and item vectors into the teacher's
     space, for `distill.user_align` and `distill.item_align`; not part of the exported student."""
@@ -201,8 +208,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                                 dc.neighbor_k, dc.kd_index_for(data.num_items), dc.kd_nprobe).to(device)
                  if dc.neighbor_smoothing else None)
     kd_loss = dc.make_kd_loss()
-    counts = torch.as_tensor(data.item_counts(), dtype=torch.float32, device=device) + 1
-    log_q = (counts / counts.sum()).log()
+    log_q = popularity_log_q(data).to(device)
 
     state = {"epoch": 0, "step": 0, "loss_sum": 0.0, "best_ndcg": -1.0, "best_epoch": -1, "bad_epochs": 0,
              "history": [], **run_record(cfg, data.fingerprint)}

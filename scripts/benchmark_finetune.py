@@ -19,8 +19,9 @@ import torch
 
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
-from llmkd.teacher import TextEncoder, item_prompts, user_prompt
-from llmkd.teacher.finetune import Featurizer, contrastive_loss, lora_config, train_pairs
+from llmkd.experiments.stage_efficiency import lora_batch
+from llmkd.teacher import TextEncoder
+from llmkd.teacher.finetune import Featurizer, contrastive_loss, lora_config
 
 
 def main() -> None:
@@ -38,15 +39,7 @@ def main() -> None:
     top = fc.top_layers or 2
     enc.model = get_peft_model(enc.model.float(), lora_config(enc.model.config, fc.__class__(top_layers=top)))
     rng = np.random.default_rng(0)
-    pairs = train_pairs(data)
-    batches = []
-    for _ in range(args.repeats):
-        rows = pairs[rng.integers(0, len(pairs), fc.batch_size)]
-        items = np.concatenate([[data.train[u][t] for u, t in rows],
-                                rng.choice(data.num_items, fc.catalog_negatives, replace=False)])
-        hist = enc.tokenize([user_prompt(data.item_texts, data.train[u][:t], tc) for u, t in rows], tc.max_history_tokens)
-        batches.append((hist, enc.tokenize(item_prompts([data.item_texts[i] for i in items], tc), tc.max_item_tokens),
-                        items, len(rows)))
+    batches = [lora_batch(data, enc, cfg, rng) for _ in range(args.repeats)]
     whole, cached = Featurizer(enc, 0), Featurizer(enc, n_layers - top)
     t0 = time.perf_counter()
     prepared = [(cached.prepare(h), cached.prepare(i)) for h, i, _, _ in batches]

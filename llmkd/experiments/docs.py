@@ -242,6 +242,17 @@ def student_step(results: Path) -> str:
     return "\n".join(rows)
 
 
+def stage_efficiency(results: Path) -> str:
+    """Matrix FLOPs and fraction of the measured peak per heavy stage (`scripts/benchmark_stage_efficiency.py`)."""
+    r = load(results, "stage_efficiency_cpu")
+    rows = ["| stage | unit | seconds per unit | GFLOP per unit | GFLOP/s | fraction of peak | seconds per stage (est.) |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| {name} | {x['unit']} | {x['unit_s']:.2f} | {x['unit_gflop']:.1f} | {x['gflops']:.1f} | "
+             f"{x['fraction_of_peak']:.2f} | {x['stage_s']:,.0f} |" for name, x in r["stages"].items()]
+    return "\n".join(rows) + (f"\n\nPeak: {r['peak_gflops']:.0f} GFLOP/s (fp32 matrix products, {r['threads']} threads); "
+                              f"furthest from its bound: {r['furthest_from_bound']}")
+
+
 def teacher_speed(results: Path) -> str:
     r = load(results, "teacher_throughput_cpu")
     t = r["texts_per_second"]
@@ -292,6 +303,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "cold-start": from_json("ml100k_cold_start", cold_markdown),
     "teachers-ml100k": teachers,
     "student-step": student_step,
+    "stage-efficiency": stage_efficiency,
     "teacher-speed": teacher_speed,
     "lora-step": lora_step,
     "processes": processes,
