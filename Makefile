@@ -9,6 +9,7 @@ CONFIG ?= configs/ml100k.yaml
 SEEDS ?= 0 1 2
 # The demo's recipe search: seconds of student training it may spend (on 2 cores ~2 runs of ~2 min).
 TUNE_BUDGET ?= 300
+TUNE_FLAGS ?=  # e.g. --prune: stop candidates that fall behind early (llmkd/pruning.py)
 JOBS ?= 1
 # torch 2.13.0 is pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build on Linux.
 TORCH ?= torch==2.13.0
@@ -59,7 +60,7 @@ tune: install
 	$(RUN) scripts/prepare_data.py $(SET)
 	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
-	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET) --jobs $(JOBS)
+	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET) --jobs $(JOBS) $(TUNE_FLAGS)
 
 # Students without the teacher and with the recipe chosen on valid (make tune), over several seeds
 # (reuses $(OUT)/data, $(OUT)/teacher and the search's runs).

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -167,15 +168,19 @@ def make_accelerator(cfg: Config, project_dir: Path) -> Accelerator:
     )
 
 
-def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders) -> dict:
+def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders,
+          on_epoch: Callable[[int, float], bool] | None = None) -> dict:
     """Train one student (KD when alpha > 0) and export the best valid epoch to `out_dir/<name>`, holding
-    the student's lock: it covers `checkpoints/<name>/` too, which another run would delete or resume."""
+    the student's lock: it covers `checkpoints/<name>/` too, which another run would delete or resume.
+    `on_epoch(epoch, valid NDCG@10)` is called after each epoch (a resumed run's earlier epochs first); when it
+    returns True the run stops there, pruned (`llmkd.pruning`): its best epoch is exported as usual, with
+    `pruned_at_epoch` in meta.json, and a later run that resumes it without `on_epoch` goes on."""
     accelerator = make_accelerator(cfg, Path(cfg.out_dir) / "checkpoints" / cfg.distill.name)
     with main_process_lock(accelerator, Path(cfg.out_dir) / cfg.distill.name):
-        return _train(cfg, accelerator, resume, get_loaders)
+        return _train(cfg, accelerator, resume, get_loaders, on_epoch)
 
 
-def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> dict:
+def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders, on_epoch=None) -> dict:
     """`train`, under the lock."""
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints" / cfg.distill.name
@@ -216,7 +221,10 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                if resume else None)
     if resumed is not None:
         state = resumed
+        state.pop("pruned_at", None)  # a pruned run resumed goes on, unless its epochs prune it again below
         accelerator.print(f"resumed from {ckpt_dir}: epoch {state['epoch'] + 1}, {state['step']} batches done")
+        if on_epoch is not None:
+            state["pruned_at"] = next((r["epoch"] for r in state["history"] if on_epoch(r["epoch"], r["ndcg@10"])), None)
     elif accelerator.is_main_process and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     accelerator.wait_for_everyone()
@@ -225,7 +233,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
                                                    "lr": dc.lr, "seed": dc.seed, "dim": cfg.student.dim})
     with StageTimer() as timer:
         for epoch in range(state["epoch"], dc.epochs):
-            if state["bad_epochs"] >= dc.patience:
+            if state["bad_epochs"] >= dc.patience or state.get("pruned_at"):
                 break
             train_dl.set_epoch(epoch)
             model.train()
@@ -268,6 +276,9 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
             if dc.log_with:
                 accelerator.log({k if k in ("train_loss",) else f"valid/{k}": v for k, v in row.items()
                                  if k not in ("epoch", "seconds")}, step=epoch + 1)
+            if on_epoch is not None and on_epoch(epoch + 1, row["ndcg@10"]):
+                state["pruned_at"] = epoch + 1
+                accelerator.print(f"{dc.name}: pruned after epoch {epoch + 1} (llmkd.pruning)")
             save_checkpoint(accelerator, ckpt_dir, state)
     if dc.log_with:
         accelerator.end_training()
@@ -275,7 +286,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders) -> 
         raise LlmkdError(f"distill.name {dc.name}: every epoch diverged (non-finite valid scores), nothing exported; "
                          "try a lower distill.lr")
     result = {"best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best_ndcg"],
-              "epochs_run": state["epoch"], "history": state["history"]}
+              "epochs_run": state["epoch"], "pruned_at_epoch": state.get("pruned_at"), "history": state["history"]}
     if accelerator.is_main_process:
         net = TwoTower.from_pretrained(ckpt_dir / "best")
         meta = new_meta("student", cfg.to_dict(), data.fingerprint, **result,

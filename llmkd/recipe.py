@@ -15,7 +15,8 @@ Search order (so a short budget spends itself where it pays most):
   last: the combinations, built from each family's best point so far.
 A run starts only while `elapsed + (mean fresh run time) <= budget`; finished runs are reused (keyed on
 their training inputs, `llmkd.reuse`; students already in out_dir, like `student_no_kd`, count too), an
-interrupted run resumes from its checkpoint.
+interrupted run resumes from its checkpoint. With `pruning` (`llmkd.pruning`, `scripts/tune.py --prune`)
+a candidate that falls behind the ones before it at a rung of epochs is stopped there and never chosen.
 
 Writes `<out_dir>/<folder>/`: recipe.yaml (the chosen overrides as a config fragment that
 `scripts/distill.py --recipe` reads), report.json, report.md and search.png. Runs land in
@@ -42,6 +43,7 @@ from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
 from llmkd.distill import train
 from llmkd.locks import locked
+from llmkd.pruning import Pruning, train_pruned
 from llmkd.reuse import reuse
 
 NO_TEACHER = "no_teacher"
@@ -129,10 +131,10 @@ def twin_candidates(points: dict[str, list[str]]) -> list[Candidate]:
 
 
 def best_by_family(cands: list[Candidate]) -> dict[str, Candidate]:
-    """The finished candidate with the highest valid NDCG@10 in each family."""
+    """The finished candidate (run to its early stop, not pruned) with the highest valid NDCG@10 in each family."""
     best: dict[str, Candidate] = {}
     for c in cands:
-        v = c.record.get("valid_ndcg@10")
+        v = None if c.record.get("pruned_at_epoch") else c.record.get("valid_ndcg@10")
         if v is not None and (c.family not in best or v > best[c.family].record["valid_ndcg@10"]):
             best[c.family] = c
     return best
@@ -187,14 +189,15 @@ def valid_gain(cfg: Config, data, folder: Path, base: Path) -> dict[str, float]:
 @locked(lambda a: Path(a["cfg"].out_dir) / a["folder"])
 def run_search(cfg: Config, families: dict | None = None, budget_s: float | None = None, jobs: int = 1,
                seed: int | None = None, folder: str = "tune", train_fn=None, gain_fn=valid_gain,
-               twins: dict[str, list[str]] | None = None) -> dict:
+               twins: dict[str, list[str]] | None = None, pruning: Pruning | None = None) -> dict:
     """Search the candidates on valid within `budget_s` seconds (None = no limit); write the report and
     `recipe.yaml` to `<out_dir>/<folder>/`. First the twin's points (`twins`, default `twin_points(cfg)`;
     {'': []} = the configured twin only), then every family with the best twin's settings, then the
-    combinations. `train_fn(cfgs, jobs)` trains students (default `train_many` with resume); tests can swap it."""
+    combinations. `train_fn(cfgs, jobs)` trains students (default `train_many` with resume and `pruning`);
+    tests can swap it."""
     if train_fn is None:
         def train_fn(cfgs: list[Config], jobs: int) -> None:
-            train_many(cfgs, jobs, resume=True)
+            train_many(cfgs, jobs, resume=True, pruning=pruning)
 
     families = FAMILIES if families is None else families
     seed = cfg.distill.seed if seed is None else seed
@@ -208,6 +211,8 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
 
     def record(c: Candidate, vcfg: Config, status: str, **extra) -> None:
         meta = json.loads((out / vcfg.distill.name / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("pruned_at_epoch"):
+            status, extra = f"pruned at epoch {meta['pruned_at_epoch']}", {**extra, "pruned_at_epoch": meta["pruned_at_epoch"]}
         c.record.update(status=status, **extra, folder=vcfg.distill.name, best_epoch=meta["best_epoch"])
         c.record["valid_ndcg@10"] = meta["best_valid_ndcg@10"]
         best = max(x.record.get("valid_ndcg@10", -1.0) for x in cands)
@@ -219,7 +224,7 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
         pending = []
         for c in todo:
             vcfg = candidate_config(cfg, c, seed, folder)
-            if reuse(vcfg, data.fingerprint, finished, data.num_items):
+            if reuse(vcfg, data.fingerprint, finished, data.num_items, pruned_ok=pruning is not None):
                 record(c, vcfg, "reused")
             else:
                 pending.append((c, vcfg))
@@ -248,13 +253,15 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
     run_all(combos)
     bar.close()
     cands += combos
-    finished = [c for c in cands if "valid_ndcg@10" in c.record]
+    finished = [c for c in cands if "valid_ndcg@10" in c.record and not c.record.get("pruned_at_epoch")]
     if not finished:
         raise LlmkdError(f"recipe search: no run finished within the budget of {budget_s} s; raise --budget")
     chosen, why = evidence(max(finished, key=lambda c: c.record["valid_ndcg@10"]),  # first on ties
                            twin if "valid_ndcg@10" in twin.record else None,
                            lambda c, base: gain_fn(cfg, data, out / c.record["folder"], out / base.record["folder"]))
     report = {"seed": seed, "budget_s": budget_s, "elapsed_s": round(time.monotonic() - start, 1),
+              "pruning": None if pruning is None else {"min_epochs": pruning.min_epochs,
+                                                       "reduction_factor": pruning.reduction_factor},
               "data_fingerprint": data.fingerprint, "chosen": chosen.name, "chosen_overrides": chosen.overrides,
               "twin": twin.name, "twin_overrides": twin.overrides,
               "why": why,
@@ -320,7 +327,8 @@ def plot_search(cands: list[Candidate], base: float | None, path: Path) -> None:
     done = [c for c in cands if "valid_ndcg@10" in c.record]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(done) + 1.5))
     ax.barh(range(len(done)), [c.record["valid_ndcg@10"] for c in done], alpha=0.7)
-    ax.set_yticks(range(len(done)), [c.name for c in done], fontsize=7)
+    ax.set_yticks(range(len(done)), [c.name + (" (pruned)" if c.record.get("pruned_at_epoch") else "") for c in done],
+                  fontsize=7)
     if base is not None:
         ax.axvline(base, color="k", ls="--", lw=1, label="no teacher (the chosen twin)")
         ax.legend(loc="lower right")
@@ -332,19 +340,24 @@ def plot_search(cands: list[Candidate], base: float | None, path: Path) -> None:
     plt.close(fig)
 
 
-def _train_quietly(cfg: Config, threads: int, resume: bool) -> None:
-    torch.set_num_threads(threads)
-    train(cfg, resume=resume)
+def train_one(cfg: Config, resume: bool, pruning: Pruning | None, threads: int | None = None) -> None:
+    """One student: `distill.train`, or a trial of the pruned study (`llmkd.pruning.train_pruned`)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if pruning is None:
+        train(cfg, resume=resume)
+    else:
+        train_pruned(cfg, pruning, resume=resume)
 
 
-def train_many(cfgs: list[Config], jobs: int = 1, resume: bool = False) -> None:
+def train_many(cfgs: list[Config], jobs: int = 1, resume: bool = False, pruning: Pruning | None = None) -> None:
     """Train students, `jobs` at a time in worker processes that share the CPU cores between them;
     with `resume`, a run killed earlier continues from its last checkpoint."""
     if jobs <= 1 or len(cfgs) <= 1:
         for cfg in cfgs:
-            train(cfg, resume=resume)
+            train_one(cfg, resume, pruning)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(_train_quietly, cfg, threads, resume) for cfg in cfgs]):
+        for future in as_completed([pool.submit(train_one, cfg, resume, pruning, threads) for cfg in cfgs]):
             future.result()

@@ -49,10 +49,12 @@ def training_key(cfg: Config, num_items: int | None = None, epochs: bool = True)
     return key
 
 
-def reusable(folder: Path, cfg: Config, data_fingerprint: str, num_items: int | None = None) -> bool:
+def reusable(folder: Path, cfg: Config, data_fingerprint: str, num_items: int | None = None,
+             pruned_ok: bool = False) -> bool:
     """A finished student in `folder` trained with the same training key on this data (and, if it learns
     from a teacher, from the same teacher cache) can stand for a run of `cfg`, if its files load. Config
-    fields added since it was trained take their defaults."""
+    fields added since it was trained take their defaults. A run a pruned search stopped early
+    (`pruned_at_epoch` in its meta.json) stands only for a run of a pruned search (`pruned_ok`)."""
     if not (folder / "meta.json").is_file() or not (folder / "model.safetensors").is_file() or not files_load(folder):
         return False
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
@@ -61,7 +63,8 @@ def reusable(folder: Path, cfg: Config, data_fingerprint: str, num_items: int | 
     except LlmkdError:
         return False
     if (training_key(then, num_items, epochs=False) != training_key(cfg, num_items, epochs=False)
-            or meta.get("data_fingerprint") != data_fingerprint or not same_epochs(then, cfg, meta)):
+            or meta.get("data_fingerprint") != data_fingerprint or not same_epochs(then, cfg, meta)
+            or (meta.get("pruned_at_epoch") and not pruned_ok)):
         return False
     if cfg.uses_teacher:
         teacher = Path(cfg.out_dir) / cfg.distill.teacher
@@ -82,14 +85,15 @@ def runs_in(folders: list[Path]) -> list[Path]:
     return sorted(run for folder in folders for run in Path(folder).glob("*") if run.is_dir())
 
 
-def reuse(cfg: Config, data_fingerprint: str, also: list[Path] = (), num_items: int | None = None) -> bool:
+def reuse(cfg: Config, data_fingerprint: str, also: list[Path] = (), num_items: int | None = None,
+          pruned_ok: bool = False) -> bool:
     """True if a finished student for `cfg` is in place: its own folder is reusable, or a reusable one
     among `also` (e.g. the same settings' run from a hyper-parameter search) was copied there."""
     folder = Path(cfg.out_dir) / cfg.distill.name
-    if reusable(folder, cfg, data_fingerprint, num_items):
+    if reusable(folder, cfg, data_fingerprint, num_items, pruned_ok):
         return True
     for other in also:
-        if reusable(other, cfg, data_fingerprint, num_items):
+        if reusable(other, cfg, data_fingerprint, num_items, pruned_ok):
             with atomic_dir(folder) as tmp:
                 shutil.copytree(other, tmp, dirs_exist_ok=True)
             return True

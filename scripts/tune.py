@@ -1,18 +1,23 @@
 """Recipe search: which distillation works on this dataset, chosen on valid within a wall-clock budget.
 
     python scripts/tune.py --config configs/amazon_beauty.yaml --budget 3600 --jobs 2
+    python scripts/tune.py --config configs/amazon_beauty.yaml --prune      # stop losing candidates early (ASHA)
     python scripts/tune.py --config configs/ml100k.yaml --families content_features user_align --budget 600
     accelerate launch scripts/distill.py --config configs/ml100k.yaml --recipe runs/ml100k/tune/recipe.yaml
 
 Needs <out_dir>/data and the teacher cache (scripts/prepare_data.py, scripts/build_teacher.py). Writes
 <out_dir>/tune/recipe.yaml (the chosen overrides), report.md, report.json and search.png; runs land in
-<out_dir>/tune/runs/ and are reused on a rerun (an interrupted run resumes from its checkpoint).
+<out_dir>/tune/runs/ and are reused on a rerun (an interrupted run resumes from its checkpoint). With --prune,
+a candidate that falls behind the candidates before it at 5, 15, 45, ... epochs is stopped there and never
+chosen (llmkd.pruning: Optuna's successive halving; the study in <out_dir>/tune/pruning.journal).
 """
 
 import copy
+from pathlib import Path
 
 from llmkd.artifacts import LlmkdError
 from llmkd.cli import config_from, parser, run
+from llmkd.pruning import Pruning
 from llmkd.recipe import FAMILIES, run_search
 
 
@@ -25,6 +30,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the search runs (default: distill.seed)")
     p.add_argument("--configured-twin", action="store_true",
                    help="skip the twin stage: the no-teacher student at the configured settings only (llmkd.recipe.twin_points)")
+    p.add_argument("--prune", action="store_true", help="stop candidates that fall behind early (llmkd.pruning)")
+    p.add_argument("--prune-min-epochs", type=int, default=Pruning.min_epochs,
+                   help="with --prune: the first rung, in epochs (rungs at this x factor^k)")
+    p.add_argument("--prune-factor", type=int, default=Pruning.reduction_factor,
+                   help="with --prune: each rung keeps the top 1/factor")
     args = p.parse_args()
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:
@@ -35,7 +45,10 @@ def main() -> None:
         raise LlmkdError(f"--jobs: expected >= 1, got {args.jobs}")
     cfg = config_from(args)
     families = {f: copy.deepcopy(FAMILIES[f]) for f in args.families}
-    report = run_search(cfg, families, args.budget, args.jobs, args.seed, twins={"": []} if args.configured_twin else None)
+    pruning = (Pruning(str(Path(cfg.out_dir) / "tune" / "pruning.journal"), args.prune_min_epochs, args.prune_factor)
+               if args.prune else None)
+    report = run_search(cfg, families, args.budget, args.jobs, args.seed,
+                        twins={"": []} if args.configured_twin else None, pruning=pruning)
     best = next(c for c in report["candidates"] if c["name"] == report["chosen"])
     print(f"chosen on valid: {report['chosen']} (valid ndcg@10 {best['valid_ndcg@10']:.4f}) in {report['elapsed_s']:.0f} s "
           f"-> {cfg.out_dir}/tune/recipe.yaml ({report['why']})")

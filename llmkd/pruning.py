@@ -1,0 +1,83 @@
+"""Stopping the recipe search's losing candidates early: Optuna's asynchronous successive halving (ASHA).
+
+Every candidate of a pruned search is one trial of an Optuna study kept in a journal file beside the
+search's runs (`<out_dir>/<folder>/pruning.journal`), which the worker processes of `--jobs N` share.
+After each epoch the training loop reports the candidate's valid NDCG@10 (`distill.train(on_epoch=...)`);
+at the rungs `min_epochs` x `reduction_factor`^k epochs the pruner stops a candidate whose value is not in
+the top 1 / `reduction_factor` of the values the candidates that reached that rung before it had there.
+So the first candidate (the configured twin) always trains to its early stop, and a later one goes on
+only while it keeps up with the best so far. A stopped candidate exports its best epoch as usual, marked
+`pruned_at_epoch` in meta.json; the search never chooses it, and a run without pruning resumes it from
+its checkpoint instead of taking it as finished (`llmkd.reuse`).
+
+Optuna rather than a scheduler of our own: it is the field's well-kept implementation of ASHA (Li et al.,
+2020), and its journal storage is safe across processes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmkd.artifacts import LlmkdError
+from llmkd.config import Config
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Where the study lives and how it prunes (picklable: it travels to the worker processes)."""
+
+    journal: str
+    """The study's journal file (created on first use)."""
+    min_epochs: int = 5
+    """The first rung: no candidate is stopped before this many epochs."""
+    reduction_factor: int = 3
+    """Rungs at min_epochs x reduction_factor^k epochs; each keeps the top 1 / reduction_factor."""
+    study: str = "recipe-search"
+
+    def __post_init__(self) -> None:
+        if self.min_epochs < 1 or self.reduction_factor < 2:
+            raise LlmkdError(f"pruning: expected min_epochs >= 1 and reduction_factor >= 2, got "
+                             f"{self.min_epochs} and {self.reduction_factor}")
+
+    def open(self):
+        """The study (created in the journal if it is not there yet)."""
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        Path(self.journal).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.create_study(
+            study_name=self.study, direction="maximize", load_if_exists=True,
+            storage=JournalStorage(JournalFileBackend(self.journal)),
+            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=self.min_epochs,
+                                                          reduction_factor=self.reduction_factor))
+
+
+def train_pruned(cfg: Config, pruning: Pruning, resume: bool = False) -> dict:
+    """`distill.train` as one trial of the pruned study: each epoch reported, stopped when the pruner says
+    so; the trial is told its best valid NDCG@10, or that it was pruned (or failed)."""
+    from optuna.trial import TrialState
+
+    from llmkd.distill import train
+
+    study = pruning.open()
+    trial = study.ask()
+    trial.set_user_attr("run", cfg.distill.name)
+
+    def on_epoch(epoch: int, ndcg: float) -> bool:
+        trial.report(ndcg if math.isfinite(ndcg) else float("nan"), epoch)  # a diverged epoch: pruned
+        return trial.should_prune()
+
+    try:
+        result = train(cfg, resume=resume, on_epoch=on_epoch)
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    if result["pruned_at_epoch"]:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, result["best_valid_ndcg@10"])
+    return result
