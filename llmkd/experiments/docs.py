@@ -141,6 +141,16 @@ def headline(results: Path) -> str:
                 f"**{_ndcg(probe['rows'][lifted])}** | {_interval(p)} | "
                 f"`{TEACHER_ITEMS}`, then `llmkd distill --config {BEAUTY} --set distill.teacher=teacher_items "
                 "--set student.content_init=0.1 --set distill.name=content_init` |")
+    wide = load(results, "amazon_beauty_d128_probe")
+    twin128, ci128 = list(wide["rows"])[:2]
+    p = wide["paired"][f"{ci128} - {twin128}"]["test"]
+    rows.append(f"| Amazon Beauty | {twin128} (no teacher; 1.75 M parameters) | {_seed_label(wide['seeds'])} | "
+                f"{_ndcg(wide['rows'][twin128])} | | `llmkd distill --config {BEAUTY} --set student.dim=128 "
+                "--set distill.name=twin_d128` |")
+    rows.append(f"| Amazon Beauty | {ci128} (the same, ids from the teacher's item vectors) | "
+                f"{_seed_label(wide['seeds'])} | **{_ndcg(wide['rows'][ci128])}** | {_interval(p)} (vs the 128-d twin) | "
+                f"`llmkd distill --config {BEAUTY} --set student.dim=128 --set distill.teacher=teacher_items "
+                "--set student.content_init=0.1 --set distill.name=content_init_d128` |")
     for peer, value in load(results, "amazon_beauty_full_ce_probe")["published"].items():
         rows.append(f"| Amazon Beauty | *published:* {peer} | | {value:.4f} | | "
                     "[docs/peers.md](docs/peers.md#amazon-beauty-2014-5-core-published-numbers) |")
@@ -292,6 +302,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "beauty-full-ce": seeds_table("amazon_beauty_full_ce_probe", "three_seeds"),
     "beauty-full-ce-controls": compare_table("amazon_beauty_full_ce_controls_seed0"),
     "beauty-sasrec-probe": compare_table("amazon_beauty_sasrec_probe"),
+    "beauty-d128-probe": compare_table("amazon_beauty_d128_probe"),
     "ml100k-demo-seeds": seeds_table("ml100k_demo_3seeds"),
     "ml100k-kd": kd_table("ml100k_kd_benchmark_transformer"),
     "ml100k-kd-search": kd_section("ml100k_kd_benchmark_transformer", "Search on valid"),
