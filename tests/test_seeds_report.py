@@ -83,3 +83,32 @@ def test_compare_folders_reads_exported_and_checkpoint_students_alike(tmp_path, 
     assert curve["values"] == [h["ndcg@10"] for h in meta["history"]]
     assert json.loads((tmp_path / "cmp.json").read_text())["references"] == reference
     assert (tmp_path / "cmp_curves.png").stat().st_size > 1000
+
+
+def test_a_run_that_improves_while_it_is_compared_is_refused(tmp_path, synthetic, monkeypatch):
+    """A checkpoint's best/ read while its run still trains: if the run records a better epoch before the
+    comparison is done (best/ may then hold either epoch), the comparison stops with an error naming the
+    folder instead of labelling one epoch's scores with another's number."""
+    from llmkd.artifacts import LlmkdError
+    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.data import build_data, save_data
+    from llmkd.distill import train
+    from llmkd.experiments import seeds
+
+    cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
+                 student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),
+                 distill=DistillConfig(name="run", alpha=0.0, epochs=2, batch_size=64))
+    save_data(build_data(cfg.data), tmp_path / "data", cfg.data)
+    train(cfg)
+    state = tmp_path / "checkpoints" / "run" / "last" / "train_state.json"
+    real = seeds.evaluate_scores
+
+    def meanwhile(*args, **kwargs):  # the training process finds a better epoch during the evaluation
+        st = json.loads(state.read_text())
+        st["best_epoch"] += 1
+        state.write_text(json.dumps(st))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seeds, "evaluate_scores", meanwhile)
+    with pytest.raises(LlmkdError, match="checkpoints/run/best.*better epoch while"):
+        seeds.compare_folders(cfg, {"best": [tmp_path / "checkpoints" / "run" / "best"]}, tmp_path / "cmp")

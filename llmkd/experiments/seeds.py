@@ -112,12 +112,16 @@ def compare_folders(cfg: Config, systems: dict[str, list[Path]], output: Path,
         per_user[name] = {}
         for seed, folder in zip(seeds, folders):
             folder = Path(folder)
+            progress = run_progress(folder)  # before the weights: a run still training may write a new best/
             model = (load_student(folder, data, Path(cfg.out_dir)) if (folder / "meta.json").is_file()
                      else TwoTower.from_pretrained(folder))  # a checkpoint's best/: the weights alone
             fn = student_scorer(model, data)
             per_user[name][seed] = {s: evaluate_scores(data, s, fn, cfg.eval.ks, cfg.eval.batch_size, name=str(folder))
                                     for s in SPLITS}
-            runs[f"{name} seed {seed}"] = run_progress(folder)
+            if run_progress(folder)["best_epoch"] != progress["best_epoch"]:
+                raise LlmkdError(f"{folder}: its run found a better epoch while it was being compared (it is still "
+                                 "training, and best/ may hold either epoch); compare again, or once it has finished")
+            runs[f"{name} seed {seed}"] = progress
     rows = aggregate_rows(per_user)
     base, *others = list(systems)
     paired = {f"{a} - {base}": paired_difference(per_user, a, base, seeds, cfg.eval.bootstrap) for a in others}
