@@ -177,6 +177,8 @@ def overload_floor(bundle: Path, rate: float, seconds: float, clients: int = 512
                 call(f"http://127.0.0.1:{port}", "/")
                 break
             except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the floor's uvicorn exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
                 time.sleep(0.2)
         r = load_test(bundle, LoadConfig(clients=clients, duration_s=seconds, warmup_s=0, timeout_s=30, rate=rate),
                       url=f"http://127.0.0.1:{port}", server_pid=proc.pid)
