@@ -322,7 +322,7 @@ class DistillConfig:
 
     def make_kd_loss(self):
         """The configured KD loss module (`llmkd.losses.build_kd_loss`)."""
-        from llmkd.losses import build_kd_loss
+        from llmkd.losses import build_kd_loss  # here, not at the top: serving reads configs, never the losses
 
         args = {"temperature": self.temperature, **self.kd_args} if self.kd_loss == "listwise_kl" else self.kd_args
         try:
