@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from llmkd.artifacts import LlmkdError, reading
-from llmkd.config import TeacherConfig
+from llmkd.infra.artifacts import LlmkdError, reading
+from llmkd.infra.config import TeacherConfig
 from llmkd.serving.bundle import TEACHER, append_items, require_item_text
 from llmkd.student import TwoTower
 

@@ -23,7 +23,6 @@ import faiss
 import numpy as np
 from faiss.contrib.evaluation import knn_intersection_measure
 
-from llmkd.config import IndexConfig
 from llmkd.index import (
     empty_index,
     factory_string,
@@ -34,6 +33,7 @@ from llmkd.index import (
     set_search_parameters,
     uses_l2,
 )
+from llmkd.infra.config import IndexConfig
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512)

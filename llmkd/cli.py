@@ -7,10 +7,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import Config, load_config
-from llmkd.locks import WAIT_ENV
-from llmkd.paths import folder_or_nothing
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import Config, load_config
+from llmkd.infra.locks import WAIT_ENV
+from llmkd.infra.paths import folder_or_nothing
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def config_from(args: argparse.Namespace) -> Config:
     """The config the arguments describe; `--wait-lock` goes to the environment, where every process of
-    the run (workers, `accelerate launch` ranks) reads it (`llmkd.locks`)."""
+    the run (workers, `accelerate launch` ranks) reads it (`llmkd.infra.locks`)."""
     if getattr(args, "wait_lock", None) is not None:
         os.environ[WAIT_ENV] = args.wait_lock
     cfg = load_config(args.config, args.overrides, args.recipe)

@@ -31,8 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError
 from llmkd.cli import ERROR_FILE_ENV
+from llmkd.infra.artifacts import LlmkdError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

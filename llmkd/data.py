@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from safetensors.numpy import load_file, save_file
 
-from llmkd.artifacts import (
+from llmkd.infra.artifacts import (
     LlmkdError,
     StageTimer,
     atomic_dir,
@@ -43,7 +43,7 @@ from llmkd.artifacts import (
     reading,
     write_json,
 )
-from llmkd.config import DataConfig
+from llmkd.infra.config import DataConfig
 from llmkd.tables import (  # noqa: F401  (re-exported: the data stage's public names)
     FORMATS,
     INTERACTION_COLUMNS,

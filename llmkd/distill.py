@@ -28,14 +28,14 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, write_json
-from llmkd.checkpoints import load_checkpoint, run_record, same_run, save_checkpoint, teacher_fingerprint
-from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import blocked_ranks, metrics_from_ranks
+from llmkd.infra.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, write_json
+from llmkd.infra.checkpoints import load_checkpoint, run_record, same_run, save_checkpoint, teacher_fingerprint
+from llmkd.infra.config import Config
+from llmkd.infra.lineage import input_record
+from llmkd.infra.locks import main_process_lock
 from llmkd.kd_targets import KDTargets
-from llmkd.lineage import input_record
-from llmkd.locks import main_process_lock
 from llmkd.losses.full_softmax import full_softmax_loss
 from llmkd.losses.neighbor_smoothing import item_neighbors, neighbor_smoothing_term
 from llmkd.student import TwoTower, content_init_vectors, init_item_embedding

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import LlmkdError
 from llmkd.data import RecData
+from llmkd.infra.artifacts import LlmkdError
 
 ScoreFn = Callable[[np.ndarray, str], torch.Tensor]
 """(users (B,) int64, split) -> scores (B, n_items) float32 over the whole catalog."""

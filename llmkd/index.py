@@ -20,9 +20,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, reading, write_json
-from llmkd.config import IndexConfig
-from llmkd.lineage import input_record
+from llmkd.infra.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, reading, write_json
+from llmkd.infra.config import IndexConfig
+from llmkd.infra.lineage import input_record
 
 
 def ivf_nlist(n: int, cfg: IndexConfig) -> int:
@@ -241,7 +241,7 @@ def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 def save_index(index: faiss.Index, item_ids: list[str], folder: str | Path, cfg: IndexConfig,
                data_fingerprint: str, student: str, timer: StageTimer | None = None) -> None:
     """Write `index/` atomically; `student` names the student folder beside it (in out_dir), whose
-    fingerprint is recorded when it is there (`llmkd.lineage`)."""
+    fingerprint is recorded when it is there (`llmkd.infra.lineage`)."""
     source = Path(folder).parent / student
     inputs = {"student": input_record(Path(folder).parent, source)} if (source / "meta.json").is_file() else {}
     with atomic_dir(folder) as tmp:

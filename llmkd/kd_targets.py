@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkd.config import IndexConfig
-from llmkd.errors import LlmkdError
 from llmkd.index import build_index
+from llmkd.infra.config import IndexConfig
+from llmkd.infra.errors import LlmkdError
 from llmkd.teacher import TeacherCache
 
 

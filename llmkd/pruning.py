@@ -8,7 +8,7 @@ the top 1 / `reduction_factor` of the values the candidates that reached that ru
 So the first candidate (the configured twin) always trains to its early stop, and a later one goes on
 only while it keeps up with the best so far. A stopped candidate exports its best epoch as usual, marked
 `pruned_at_epoch` in meta.json; the search never chooses it, and a run without pruning resumes it from
-its checkpoint instead of taking it as finished (`llmkd.reuse`).
+its checkpoint instead of taking it as finished (`llmkd.infra.reuse`).
 
 Optuna rather than a scheduler of our own: it is the field's well-kept implementation of ASHA (Li et al.,
 2020), and its journal storage is safe across processes.
@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import Config
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import Config
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ Search order (so a short budget spends itself where it pays most):
   round 1, 2, ...: the remaining grid points, breadth-first over families;
   last: the combinations, built from each family's best point so far.
 A run starts only while `elapsed + (mean fresh run time) <= budget`; finished runs are reused (keyed on
-their training inputs, `llmkd.reuse`; students already in out_dir, like `student_no_kd`, count too), an
+their training inputs, `llmkd.infra.reuse`; students already in out_dir, like `student_no_kd`, count too), an
 interrupted run resumes from its checkpoint. With `pruning` (`llmkd.pruning`, `scripts/tune.py --prune`)
 a candidate that falls behind the ones before it at a rung of epochs is stopped there and never chosen.
 
@@ -38,13 +38,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import LlmkdError, atomic_dir, write_json
-from llmkd.config import Config, apply_overrides, from_dict
 from llmkd.data import load_data
 from llmkd.distill import train
-from llmkd.locks import locked
+from llmkd.infra.artifacts import LlmkdError, atomic_dir, write_json
+from llmkd.infra.config import Config, apply_overrides, from_dict
+from llmkd.infra.locks import locked
+from llmkd.infra.reuse import reuse
 from llmkd.pruning import Pruning, train_pruned
-from llmkd.reuse import reuse
 
 NO_TEACHER = "no_teacher"
 # The twin without a teacher: no KD term, no alignment head, no teacher item features, whatever the base

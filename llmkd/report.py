@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
-from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import (
     PROTOCOL,
@@ -32,8 +30,10 @@ from llmkd.evaluate import (
     summarize,
 )
 from llmkd.index import load_index, search
-from llmkd.lineage import check_lineage, input_record
-from llmkd.locks import locked
+from llmkd.infra.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
+from llmkd.infra.config import Config
+from llmkd.infra.lineage import check_lineage, input_record
+from llmkd.infra.locks import locked
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 
@@ -50,7 +50,7 @@ def table_metrics(ks: list[int]) -> list[str]:
 
 def load_student(folder: Path, data: RecData, out_dir: Path | None = None) -> TwoTower:
     """A student made from `data` whose teacher cache (if any) is the one in `out_dir` (default: the
-    student folder's parent) as it was when the student was trained (`llmkd.lineage`)."""
+    student folder's parent) as it was when the student was trained (`llmkd.infra.lineage`)."""
     read_meta(folder, "student")
     check_lineage(folder, Path(out_dir) if out_dir is not None else Path(folder).parent, data.fingerprint)
     return TwoTower.from_pretrained(folder)

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 CONSONANTS = list("bcdfghjklmnprstvz") + ["ch", "sh", "th"]
 VOWELS = list("aeiou") + ["ai", "ou"]

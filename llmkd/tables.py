@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llmkd.artifacts import LlmkdError
-from llmkd.paths import readable_file
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.paths import readable_file
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ML100K_ITEM_COLUMNS = {"movie_title": "title", "release_year": "year", "class": "genres"}

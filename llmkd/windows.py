@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import Config
 from llmkd.data import RecData
 from llmkd.evaluate import sample_users
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import Config
 from llmkd.student import first_real_column
 
 

@@ -12,7 +12,7 @@ import os
 
 from llmkd.add_items import add_items
 from llmkd.cli import run
-from llmkd.locks import WAIT_ENV
+from llmkd.infra.locks import WAIT_ENV
 
 
 def main() -> None:

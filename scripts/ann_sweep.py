@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from llmkd.artifacts import LlmkdError
 from llmkd.cli import run
+from llmkd.infra.artifacts import LlmkdError
 
 
 def arguments() -> argparse.Namespace:
@@ -64,7 +64,7 @@ def vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
         return x[: args.synthetic], x[args.synthetic :]
     if args.config is not None:
         from llmkd.ann import student_vectors
-        from llmkd.config import load_config
+        from llmkd.infra.config import load_config
 
         return student_vectors(load_config(args.config, args.overrides).out_dir, args.student, args.queries, args.seed)
     xb = np.load(args.xb).astype(np.float32)

@@ -13,9 +13,9 @@ import copy
 
 import yaml
 
-from llmkd.artifacts import LlmkdError
 from llmkd.cli import config_from, parser, run
 from llmkd.experiments.kd_benchmark import FAMILIES, run_kd_benchmark
+from llmkd.infra.artifacts import LlmkdError
 
 
 def main() -> None:

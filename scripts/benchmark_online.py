@@ -9,9 +9,9 @@ parameter counts; the systems alternate, medians over --repeats.
 
 from pathlib import Path
 
-from llmkd.artifacts import write_json
 from llmkd.cli import config_from, parser, run
 from llmkd.experiments.online import measure_online_cost, online_markdown
+from llmkd.infra.artifacts import write_json
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from llmkd.artifacts import write_json
 from llmkd.cli import run
 from llmkd.experiments.service_faults import measure_service_faults
+from llmkd.infra.artifacts import write_json
 
 
 def main() -> None:

@@ -11,10 +11,10 @@ the reason in the JSON when it is not installed or not built; --teacher-set over
 
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError, write_json
 from llmkd.cli import config_from, parser, run
-from llmkd.config import load_config
 from llmkd.experiments.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
+from llmkd.infra.artifacts import LlmkdError, write_json
+from llmkd.infra.config import load_config
 
 
 def extra_bundles(pairs: list[str]) -> dict[str, str]:

@@ -10,10 +10,10 @@ Run it on an otherwise idle machine: the seconds are what the fractions are made
 import json
 from pathlib import Path
 
-from llmkd.artifacts import write_json
 from llmkd.cli import config_from, parser, run
 from llmkd.experiments.scale_micro import environment
 from llmkd.experiments.stage_efficiency import plot, stage_efficiency
+from llmkd.infra.artifacts import write_json
 
 
 def main() -> None:

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from llmkd.artifacts import StageTimer
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.index import build_index, save_index
-from llmkd.locks import artifact_lock
+from llmkd.infra.artifacts import StageTimer
+from llmkd.infra.locks import artifact_lock
 from llmkd.report import load_student
 
 

@@ -10,9 +10,9 @@ each seed's difference).
 import json
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError, reading
 from llmkd.cli import config_from, parser, run
 from llmkd.experiments.seeds import compare_folders
+from llmkd.infra.artifacts import LlmkdError, reading
 
 
 def main() -> None:

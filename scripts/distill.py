@@ -18,7 +18,7 @@ from pathlib import Path
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.distill import train
-from llmkd.reuse import reuse, runs_in
+from llmkd.infra.reuse import reuse, runs_in
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from llmkd.artifacts import write_json
 from llmkd.cli import run
+from llmkd.infra.artifacts import write_json
 from llmkd.serving.load_test import LoadConfig, load_test, markdown
 
 

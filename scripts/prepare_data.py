@@ -3,10 +3,10 @@
 import sys
 from pathlib import Path
 
-from llmkd.artifacts import StageTimer
 from llmkd.cli import config_from, parser, run
 from llmkd.data import build_data, no_eval_users, save_data, split_checksums
-from llmkd.locks import artifact_lock
+from llmkd.infra.artifacts import StageTimer
+from llmkd.infra.locks import artifact_lock
 
 
 def main() -> None:

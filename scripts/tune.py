@@ -15,8 +15,8 @@ chosen (llmkd.pruning: Optuna's successive halving; the study in <out_dir>/tune/
 import copy
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError
 from llmkd.cli import config_from, parser, run
+from llmkd.infra.artifacts import LlmkdError
 from llmkd.pruning import Pruning
 from llmkd.recipe import FAMILIES, run_search
 

@@ -61,7 +61,7 @@ class SyntheticFiles:
     items_df: pd.DataFrame
 
     def data_config(self, **kw):
-        from llmkd.config import DataConfig
+        from llmkd.infra.config import DataConfig
 
         kw.setdefault("text_template", TEXT_TEMPLATE)
         return DataConfig(source="files", interactions=str(self.interactions), items=str(self.items), **kw)
@@ -235,8 +235,8 @@ def served_run(tmp_path_factory, synthetic, tiny_bert):
     no KD, 2 epochs) trained in-process: the smallest run a serving bundle and add-items can be made from.
     Returns (cfg, out_dir)."""
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig, IndexConfig, StudentConfig, TeacherConfig
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, DistillConfig, IndexConfig, StudentConfig, TeacherConfig
     from llmkd.teacher import build_teacher_cache
 
     out = tmp_path_factory.mktemp("served_run")

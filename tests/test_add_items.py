@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 
 @pytest.fixture(params=["flat"])
@@ -22,7 +22,7 @@ def bundle(served_run, tmp_path, request):
     """A fresh bundle of the text student per test; index.type = the param (indirect parametrisation)."""
     import dataclasses
 
-    from llmkd.config import IndexConfig
+    from llmkd.infra.config import IndexConfig
     from llmkd.serving.bundle import export_bundle
 
     cfg = dataclasses.replace(served_run[0], index=IndexConfig(type=request.param))
@@ -141,7 +141,7 @@ def test_a_changed_teacher_base_model_is_refused(bundle, cold):
 
 def test_a_student_without_text_vectors_refuses_saying_why(served_run, cold, tmp_path):
     """Through the script: one line, exit 2, the reason (no item-text vectors), the bundle unchanged."""
-    from llmkd.artifacts import new_meta, write_json
+    from llmkd.infra.artifacts import new_meta, write_json
     from llmkd.serving.bundle import export_bundle
     from llmkd.student import TwoTower
 
@@ -221,7 +221,7 @@ def test_concurrent_additions_do_not_lose_one_another(bundle, tmp_path, monkeypa
 
     dim = json.loads((bundle / "teacher/teacher.json").read_text())["dim"]
     signal = tmp_path / "held"
-    code = ("import time\nfrom pathlib import Path\nimport numpy as np\nfrom llmkd.locks import artifact_lock\n"
+    code = ("import time\nfrom pathlib import Path\nimport numpy as np\nfrom llmkd.infra.locks import artifact_lock\n"
             "from llmkd.serving.bundle import append_items\n"
             f"with artifact_lock({str(bundle)!r}):\n    Path({str(signal)!r}).write_text('1')\n    time.sleep(2)\n"
             f"    append_items({str(bundle)!r}, ['other'], np.zeros((1, {dim}), dtype=np.float32))\n")
@@ -254,8 +254,8 @@ def test_an_l2_reduction_bundle_takes_new_items_and_rebuilds_for_longer_ones(ser
 
     import faiss
 
-    from llmkd.config import IndexConfig
     from llmkd.index import MipsIndex, faiss_index, read_index
+    from llmkd.infra.config import IndexConfig
     from llmkd.serving import Recommender
     from llmkd.serving.bundle import INDEX, append_items, export_bundle
     from llmkd.student import TwoTower

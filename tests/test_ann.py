@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from llmkd.ann import clustered_vectors, default_grid, exact_knn, pick, recall_at_k, recipe_fragment, sweep
-from llmkd.artifacts import LlmkdError
-from llmkd.config import IndexConfig, load_config
 from llmkd.index import MipsIndex, NormAboveMax, build_id_index, build_index, ivf_nlist, search
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import IndexConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 D, NB, NQ, K = 16, 3000, 60, 10

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from llmkd.artifacts import SWAP_PAUSE_ENV, LlmkdError, atomic_dir, read_meta, write_json
+from llmkd.infra.artifacts import SWAP_PAUSE_ENV, LlmkdError, atomic_dir, read_meta, write_json
 
 
 def _siblings(folder):

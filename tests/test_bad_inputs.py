@@ -104,10 +104,10 @@ class Pipeline:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_bert) -> Pipeline:
     """data -> teacher -> distill (1 epoch, dim 8) -> index on the `ok_*` files, one title 600 kB long."""
-    from llmkd.config import Config, from_dict
     from llmkd.data import build_data, save_data
     from llmkd.distill import train
     from llmkd.index import build_index, save_index
+    from llmkd.infra.config import Config, from_dict
     from llmkd.report import load_student
     from llmkd.teacher import build_teacher_cache
 
@@ -262,8 +262,8 @@ def no_eval_users_case(script: str, output: str) -> Case:
     """Data where no user has 3 interactions (prepared in-process: that stage only warns): every later
     stage stops with one line instead of crashing on an empty valid or test split."""
     def setup(tmp: Path, _: Pipeline | None) -> tuple[Path, list[str]]:
-        from llmkd.config import Config, from_dict
         from llmkd.data import build_data, save_data
+        from llmkd.infra.config import Config, from_dict
 
         raw = base_config(tmp / "run", interactions=BAD / "inter_no_eval_users.csv")
         cfg = from_dict(Config, raw)
@@ -532,8 +532,8 @@ def test_bad_input(case: Case, results):
 
 def prepare(interactions: Path):
     """`RecData` of `interactions` + ok_items.csv (in-process: the data stage's library call)."""
-    from llmkd.config import DataConfig
     from llmkd.data import build_data
+    from llmkd.infra.config import DataConfig
 
     return build_data(DataConfig(source="files", interactions=str(interactions), items=str(OK_ITEMS),
                                  text_template=TEMPLATE))
@@ -648,7 +648,7 @@ def test_policy_iso_timestamps_are_accepted_in_every_format(fmt, tmp_path):
 
 def test_policy_numbers_and_dates_do_not_mix():
     """A file whose first timestamp is a number expects numbers in every row (and dates likewise)."""
-    from llmkd.artifacts import LlmkdError
+    from llmkd.infra.artifacts import LlmkdError
 
     with pytest.raises(LlmkdError, match="row 2: field 'timestamp' is '2021-03-04T10:00:00'; expected a number"):
         prepare(BAD / "inter_text_timestamp.csv")

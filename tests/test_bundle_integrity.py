@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port
 from test_commands import run  # `llmkd ...` in a subprocess, this checkout's code
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 CHANGES = {  # how a file is damaged -> (the file, what the error says differs)
     "truncate": ("item_ids.json", "size differs from manifest.json"),

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from llmkd.artifacts import LlmkdError, write_json
-from llmkd.config import Config, apply_overrides, load_config
+from llmkd.infra.artifacts import LlmkdError, write_json
+from llmkd.infra.config import Config, apply_overrides, load_config
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -250,7 +250,7 @@ def test_a_value_outside_the_declared_range_names_the_field(name):
 
 
 def test_ranges_hold_when_a_section_is_built_in_code():
-    from llmkd.config import DistillConfig, StudentConfig
+    from llmkd.infra.config import DistillConfig, StudentConfig
 
     with pytest.raises(LlmkdError, match=r"distill\.batch_size: expected >= 1, got 0"):
         DistillConfig(batch_size=0)

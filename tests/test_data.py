@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from conftest import TEXT_TEMPLATE, write_synthetic
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import DataConfig
 from llmkd.data import build_data, load_data, save_data, split_checksums
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import DataConfig
 
 
 def reference_split(inter: pd.DataFrame) -> dict[str, tuple[list[str], str | None, str | None]]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmkd.artifacts import LlmkdError
 from llmkd.distill import hard_loss
+from llmkd.infra.artifacts import LlmkdError
 from llmkd.kd_targets import KDTargets
 from llmkd.teacher import kd_cuts
 from llmkd.windows import WindowDataset
@@ -206,8 +206,8 @@ def test_a_diverged_epoch_is_never_chosen_as_best(synthetic_data):
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from llmkd.config import StudentConfig
     from llmkd.distill import end_epoch, validate
+    from llmkd.infra.config import StudentConfig
     from llmkd.student import TwoTower
 
     data = synthetic_data
@@ -233,8 +233,8 @@ def test_training_that_diverges_at_every_epoch_exports_nothing(tmp_path, synthet
     """NaN weights from the start: each epoch is reported as diverged, none becomes the best, and the
     run ends with a one-line error instead of exporting a NaN student."""
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
     from llmkd.student import TwoTower
 
     cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
@@ -253,8 +253,8 @@ def test_patience_stops_training_and_the_best_epoch_not_the_last_is_exported(tmp
     """Valid NDCG@10 scripted as 0.1, 0.3, 0.2, 0.25, (0.9 never reached): with patience 2 the run stops after
     epoch 4 of 6, and the exported weights are epoch 2's, not epoch 4's (they differ: training went on)."""
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
     from llmkd.student import TwoTower
 
     cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
@@ -371,7 +371,7 @@ def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, syn
     """student.content_init > 0: the trainer loads the teacher cache and starts the id embeddings from
     its item vectors (`init_from_content`, tested in test_student); 0 leaves the random init alone."""
     from llmkd import distill, student
-    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
 
     data, item_emb = teacher_items
     calls = []
@@ -397,7 +397,7 @@ def test_the_trainer_initialises_ids_from_the_teacher_item_vectors(tmp_path, syn
 def test_auto_loss_is_full_softmax_up_to_the_threshold_and_named_losses_stay():
     from conftest import REPO
 
-    from llmkd.config import DistillConfig, load_config
+    from llmkd.infra.config import DistillConfig, load_config
 
     dc = DistillConfig()
     assert dc.loss == "auto" and dc.hard_loss_for(1682) == "full_softmax"  # ml-100k keeps the full softmax
@@ -427,8 +427,8 @@ def test_the_trainer_resolves_auto_by_the_catalog_size(tmp_path, synthetic, monk
     import json
 
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
 
     cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
                  student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),
@@ -540,7 +540,7 @@ def test_a_sparse_step_updates_only_the_rows_it_read_and_equals_the_dense_step()
 
 
 def test_item_updates_resolve_by_catalog_and_name_what_blocks_sparse():
-    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
 
     def cfg(**kw):
         student = StudentConfig(**kw.pop("student", {}))
@@ -570,8 +570,8 @@ def test_item_updates_resolve_by_catalog_and_name_what_blocks_sparse():
 def test_training_key_counts_item_updates_as_resolved():
     """A run recorded before the setting existed (it reads back as 'auto') is the same run as 'dense'
     where auto means dense, and a different run from 'sparse'."""
-    from llmkd.config import Config, DistillConfig
-    from llmkd.reuse import training_key
+    from llmkd.infra.config import Config, DistillConfig
+    from llmkd.infra.reuse import training_key
 
     auto, dense, sparse = (Config(distill=DistillConfig(loss="sampled_softmax", item_updates=m))
                            for m in ("auto", "dense", "sparse"))
@@ -580,8 +580,8 @@ def test_training_key_counts_item_updates_as_resolved():
 
 
 def test_training_key_ignores_the_negatives_count_only_where_the_full_softmax_runs():
-    from llmkd.config import Config, DistillConfig
-    from llmkd.reuse import training_key
+    from llmkd.infra.config import Config, DistillConfig
+    from llmkd.infra.reuse import training_key
 
     a, b = (Config(distill=DistillConfig(loss="auto", num_negatives=n)) for n in (256, 1024))
     assert training_key(a, 12_101) == training_key(b, 12_101)  # full softmax: the count is never read
@@ -591,7 +591,7 @@ def test_content_init_anchor_holds_the_id_rows_near_their_start(tmp_path, synthe
     """student.content_init_anchor: the trained id rows end far closer to their content start under a strong
     pull than with none (same seed, same data); it needs content_init and keeps the item table dense."""
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
     from llmkd.student import TwoTower, init_item_embedding
 
     data, item_emb = teacher_items
@@ -618,9 +618,9 @@ def test_the_trainer_runs_the_user_tower_in_length_groups_and_reuse_ignores_the_
     """distill.length_groups reaches the model's forward (a speed setting: the reuse key leaves it out, so a
     run trained with another count stands for this one; a different learning rate does not)."""
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
-    from llmkd.reuse import training_key
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
+    from llmkd.infra.reuse import training_key
     from llmkd.student import TwoTower
 
     data = build_data(synthetic.data_config())
@@ -653,8 +653,8 @@ def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic, capsys, mo
     from safetensors.torch import load_file
 
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
 
     def cfg(name, epochs):
         return Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
@@ -700,7 +700,7 @@ def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic, capsys, mo
 
 
 def test_valid_users_samples_the_same_users_for_every_run(synthetic_data):
-    from llmkd.config import Config, DistillConfig
+    from llmkd.infra.config import Config, DistillConfig
     from llmkd.windows import get_dataloaders
 
     def users(**kw):

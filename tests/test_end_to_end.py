@@ -316,8 +316,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pipeline):
 @pytest.fixture(scope="module")
 def no_kd_twin(pipeline) -> Path:
     """A 1-epoch student without KD, dropout off and drop_last, as the KD-loss runs below."""
-    from llmkd.config import load_config
     from llmkd.distill import train
+    from llmkd.infra.config import load_config
 
     train(load_config(pipeline["cfg"], ["distill.alpha=0", "distill.epochs=1", "student.dropout=0.0",
                                         "distill.drop_last=true", "distill.name=loss_twin_no_kd"]))
@@ -327,8 +327,8 @@ def no_kd_twin(pipeline) -> Path:
 @pytest.mark.parametrize("loss", ["ranking_distillation", "relaxed_ranking", "margin_mse", "pairwise_hinge", "infonce"])
 def test_every_kd_loss_trains_a_student(pipeline, loss, no_kd_twin):
     """Each KD loss of the family plugs into the training loop by name and changes what is learned."""
-    from llmkd.config import load_config
     from llmkd.distill import train
+    from llmkd.infra.config import load_config
 
     common = [f"distill.kd_loss={loss}", "distill.epochs=1", "student.dropout=0.0", "distill.drop_last=true"]
     kd = train(load_config(pipeline["cfg"], [*common, f"distill.name=loss_{loss}", "distill.alpha=5.0"]))
@@ -345,9 +345,9 @@ def test_every_kd_loss_trains_a_student(pipeline, loss, no_kd_twin):
 def test_distill_reads_the_configured_teacher_folder(pipeline):
     import shutil
 
-    from llmkd.artifacts import LlmkdError
-    from llmkd.config import load_config
     from llmkd.distill import train
+    from llmkd.infra.artifacts import LlmkdError
+    from llmkd.infra.config import load_config
 
     out = pipeline["out"]
     with pytest.raises(LlmkdError, match="other_teacher.*not a teacher artifact"):
@@ -360,8 +360,8 @@ def test_distill_reads_the_configured_teacher_folder(pipeline):
 
 
 def test_seeds_report_and_reuse_of_the_no_teacher_twin(pipeline):
-    from llmkd.config import load_config
     from llmkd.experiments.seeds import run_seeds
+    from llmkd.infra.config import load_config
 
     out = pipeline["out"]
     cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]"])
@@ -393,8 +393,8 @@ def test_alignment_terms_train_and_are_not_exported(pipeline):
     change training; their heads are training-only, so the exported student has the no-KD layout."""
     from safetensors import safe_open
 
-    from llmkd.config import load_config
     from llmkd.distill import train
+    from llmkd.infra.config import load_config
 
     out = pipeline["out"]
     common = ["distill.alpha=0", "distill.epochs=1", "student.dropout=0.0", "distill.drop_last=true"]
@@ -412,8 +412,8 @@ def test_alignment_terms_train_and_are_not_exported(pipeline):
 def test_kd_benchmark_search_seeds_targets_and_diagnostics(pipeline):
     """Search on valid picks the best grid point; its run is reused for that seed; the report has the
     teacher and popularity rows, the target checks and the diagnostics."""
-    from llmkd.config import load_config
     from llmkd.experiments.kd_benchmark import HEADROOM_WEIGHTS, run_kd_benchmark, teacher_headroom
+    from llmkd.infra.config import load_config
 
     out = pipeline["out"]
     cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]"])
@@ -472,8 +472,8 @@ def test_kd_benchmark_twin_stage_controls_and_lift_verdicts(pipeline):
     """The benchmark's twin is the valid best of the twin stage and its settings train every variant; the
     content_init recipe gets its shuffled and random controls; a verdict says 'lift' exactly when every
     paired test interval (vs the twin and both controls) is above 0, and each comparison has its per-seed values."""
-    from llmkd.config import load_config
     from llmkd.experiments.kd_benchmark import run_kd_benchmark
+    from llmkd.infra.config import load_config
 
     out = pipeline["out"]
     cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]",
@@ -511,8 +511,8 @@ def result_markdown(base):
 def test_online_cost_benchmark(pipeline, tiny_bert):
     from transformers import AutoModel
 
-    from llmkd.config import load_config
     from llmkd.experiments.online import measure_online_cost
+    from llmkd.infra.config import load_config
     from llmkd.student import TwoTower
 
     cfg = load_config(pipeline["cfg"])
@@ -567,7 +567,7 @@ def test_cold_start_items(tmp_path_factory, synthetic, tiny_bert):
     cfg.write_text(yaml.safe_dump(raw))
     in_process("prepare_data.py", cfg, home=home)
     in_process("build_teacher.py", cfg, home=home)
-    from llmkd.config import load_config
+    from llmkd.infra.config import load_config
 
     in_process("distill.py", cfg, home=home)
     proc = in_process("cold_start.py", cfg, home=home)
@@ -608,8 +608,8 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
     # itself: a zero interval, so no teacher): the best is kept only when its per-user valid gain over no
     # teacher is beyond noise, and that gain is the difference of the numbers training recorded; the search
     # asks the rule (and records its answer) exactly when the best is not the twin
-    from llmkd.config import load_config
     from llmkd.data import load_data
+    from llmkd.infra.config import load_config
     from llmkd.recipe import valid_gain
 
     gain = valid_gain(load_config(cfg), load_data(out / "data"), out / best["folder"], out / base["folder"])
@@ -654,8 +654,8 @@ def test_length_buckets_train_deterministically_on_one_and_two_processes(pipelin
 def test_resume_does_not_restore_a_checkpoint_of_other_settings(pipeline, capsys):
     """--resume after the settings (or the teacher cache) changed trains afresh instead of continuing
     weights made for something else; more epochs is still a resume."""
-    from llmkd.config import load_config
     from llmkd.distill import train
+    from llmkd.infra.config import load_config
 
     name = ["distill.name=student_rekey", "distill.epochs=1"]
     train(load_config(pipeline["cfg"], [*name, "distill.alpha=0.5"]))
@@ -669,8 +669,8 @@ def test_resume_does_not_restore_a_checkpoint_of_other_settings(pipeline, capsys
 def test_resume_survives_a_config_field_added_since_the_checkpoint(pipeline, capsys, monkeypatch):
     """A checkpoint written before a config field existed (here: written by a Config.to_dict that lacks
     student.content_init) still resumes when the new field is left at its default."""
-    from llmkd.config import Config, load_config
     from llmkd.distill import train
+    from llmkd.infra.config import Config, load_config
 
     name = ["distill.name=student_newfield", "distill.alpha=0.5"]
     full = Config.to_dict

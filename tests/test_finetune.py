@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import Config, DistillConfig, FinetuneConfig, TeacherConfig
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import Config, DistillConfig, FinetuneConfig, TeacherConfig
 from llmkd.teacher import TeacherCache, TextEncoder, build_teacher_cache, resolve_model_path
 from llmkd.teacher.finetune import contrastive_loss, finetune_teacher, lora_config
 

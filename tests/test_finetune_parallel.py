@@ -16,8 +16,8 @@ import yaml
 from conftest import REPO, free_port
 from safetensors.numpy import load_file
 
-from llmkd.config import Config, from_dict
 from llmkd.data import build_data, save_data
+from llmkd.infra.config import Config, from_dict
 from llmkd.teacher.finetune import contrastive_loss, finetune_teacher
 from llmkd.teacher.parallel import negatives_per_process
 

@@ -9,8 +9,6 @@ import faiss
 import numpy as np
 import pytest
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import IndexConfig
 from llmkd.index import (
     MipsIndex,
     NormAboveMax,
@@ -21,6 +19,8 @@ from llmkd.index import (
     save_index,
     search,
 )
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import IndexConfig
 
 D, NB, NQ, K = 16, 2000, 100, 10
 

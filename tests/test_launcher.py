@@ -82,8 +82,8 @@ def test_unknown_stage_and_help(tmp_path):
 
 def test_a_tiny_run_trains_through_the_launcher(tmp_path):
     """The success path: `llmkd distill` on a tiny data set (no teacher, 1 epoch) writes the student."""
-    from llmkd.config import Config, from_dict
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, from_dict
 
     raw = {"out_dir": str(tmp_path / "run"),
            "data": {"source": "files", "interactions": str(BAD / "ok_interactions.csv"),

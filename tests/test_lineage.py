@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 from conftest import TEXT_TEMPLATE
 
-from llmkd.artifacts import LlmkdError
-from llmkd.lineage import check_lineage, fingerprint
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.lineage import check_lineage, fingerprint
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, synthetic, tiny_bert):
     """data -> teacher -> student_kd (1 epoch) -> index on the synthetic data; (cfg, data)."""
-    from llmkd.config import Config, from_dict
     from llmkd.data import build_data, save_data
     from llmkd.distill import train
     from llmkd.index import build_index, save_index
+    from llmkd.infra.config import Config, from_dict
     from llmkd.report import load_student
     from llmkd.teacher import build_teacher_cache
 
@@ -106,7 +106,7 @@ def test_a_truncated_teacher_cache_is_rebuilt_not_reused(run, tmp_path):
 
 @pytest.mark.parametrize("broken", ["model.safetensors", "config.json", "meta.json"])
 def test_a_student_whose_files_do_not_load_is_not_reused(run, tmp_path, broken):
-    from llmkd.reuse import reusable
+    from llmkd.infra.reuse import reusable
 
     cfg, data = run
     out = copy_run(run, tmp_path)
@@ -118,7 +118,7 @@ def test_a_student_whose_files_do_not_load_is_not_reused(run, tmp_path, broken):
 
 
 def test_a_truncated_adapter_is_tuned_again_not_reused(tmp_path, synthetic_data, tiny_bert):
-    from llmkd.config import Config, FinetuneConfig, TeacherConfig
+    from llmkd.infra.config import Config, FinetuneConfig, TeacherConfig
     from llmkd.teacher.finetune import finetune_teacher
 
     cfg = Config(out_dir=str(tmp_path), teacher=TeacherConfig(model=str(tiny_bert), batch_size=8, max_history_items=5,
@@ -135,7 +135,7 @@ def test_a_student_from_before_loss_auto_is_reused_where_auto_resolves_to_its_lo
     """Students trained before `distill.loss: auto` record 'full_softmax' (then the default) and no
     `sampled_above` / `kd_index`; on a small catalog 'auto' trains exactly that, so they are reused, and
     a run that asks for the sampled softmax is not."""
-    from llmkd.reuse import reusable
+    from llmkd.infra.reuse import reusable
 
     cfg, data = run
     out = copy_run(run, tmp_path)
@@ -154,8 +154,8 @@ def test_a_student_from_before_loss_auto_is_reused_where_auto_resolves_to_its_lo
 
 
 def test_a_checkpoint_from_before_loss_auto_resumes_where_auto_resolves_to_its_loss(run):
-    """The same rule for a half-trained run's checkpoint (`llmkd.checkpoints.same_run`)."""
-    from llmkd.checkpoints import run_record, same_run
+    """The same rule for a half-trained run's checkpoint (`llmkd.infra.checkpoints.same_run`)."""
+    from llmkd.infra.checkpoints import run_record, same_run
 
     cfg, data = run
     old = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, loss="full_softmax"))
@@ -175,7 +175,7 @@ def test_a_checkpoint_from_before_loss_auto_resumes_where_auto_resolves_to_its_l
     (10, 10, 20, False),  # it hit its cap: a larger cap would train on
 ])
 def test_a_run_that_stopped_early_stands_for_a_larger_epoch_cap(run, tmp_path, cap, run_epochs, asked, reused):
-    from llmkd.reuse import reusable
+    from llmkd.infra.reuse import reusable
 
     cfg, data = run
     out = copy_run(run, tmp_path)

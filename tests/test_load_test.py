@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 
 @pytest.fixture(scope="module")

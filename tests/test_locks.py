@@ -20,13 +20,13 @@ import pytest
 import yaml
 from conftest import REPO, TEXT_TEMPLATE
 
-from llmkd.artifacts import LlmkdError, atomic_dir, read_meta, write_json
-from llmkd.locks import WAIT_ENV, artifact_lock, lock_path
+from llmkd.infra.artifacts import LlmkdError, atomic_dir, read_meta, write_json
+from llmkd.infra.locks import WAIT_ENV, artifact_lock, lock_path
 
 HOLD = """
 import contextlib, sys, time
 from pathlib import Path
-from llmkd.locks import artifact_lock
+from llmkd.infra.locks import artifact_lock
 with contextlib.ExitStack() as stack:
     for folder in sys.argv[3:]:
         stack.enter_context(artifact_lock(folder))
@@ -136,9 +136,9 @@ def test_the_lock_is_reentrant_and_leaves_no_file(tmp_path):
 @pytest.fixture(scope="module")
 def run_cfg(tmp_path_factory, synthetic, tiny_bert):
     """A finished tiny run (data, teacher, student_kd) and its config."""
-    from llmkd.config import Config, from_dict
     from llmkd.data import build_data, save_data
     from llmkd.distill import train
+    from llmkd.infra.config import Config, from_dict
     from llmkd.teacher import build_teacher_cache
 
     root = tmp_path_factory.mktemp("locks_run")

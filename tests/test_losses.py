@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 from llmkd.losses import (
     KD_LOSSES,
     InfoNCELoss,

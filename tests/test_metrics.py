@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from llmkd.artifacts import LlmkdError
 from llmkd.data import RecData
 from llmkd.evaluate import (
     MISS_RANK,
@@ -22,6 +21,7 @@ from llmkd.evaluate import (
     repeated_targets,
     target_ranks,
 )
+from llmkd.infra.artifacts import LlmkdError
 
 KS = (1, 3, 5, 10)
 

@@ -42,7 +42,7 @@ def test_the_trainer_smooths_toward_the_teachers_neighbours(tmp_path, synthetic,
     ('shuffled') smooths toward other neighbours, so its weights differ again; 0 reads no teacher."""
 
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
     from llmkd.student import TwoTower
 
     _, item_emb = teacher_items

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from llmkd.artifacts import LlmkdError
 from llmkd.data import RecData, save_data
 from llmkd.evaluate import evaluate_scores, summarize
 from llmkd.experiments.peers import (
@@ -28,6 +27,7 @@ from llmkd.experiments.peers import (
     per_user_path,
     run_peers,
 )
+from llmkd.infra.artifacts import LlmkdError
 
 TINY = PeerSettings(dim=8, heads=1, batch_size=16, max_len=5, epochs=1, eval_every=1, patience=1, eval_batch_size=8)
 

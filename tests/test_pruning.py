@@ -12,7 +12,7 @@ from test_recipe import run_dir  # noqa: F401 - the recipe tests' fixture (out_d
 
 
 def tiny(tmp_path: Path, synthetic, name: str, epochs: int):
-    from llmkd.config import Config, DistillConfig, StudentConfig
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
 
     return Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
                   student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),
@@ -22,7 +22,7 @@ def tiny(tmp_path: Path, synthetic, name: str, epochs: int):
 def test_a_run_told_to_stop_is_exported_as_pruned_never_reused_as_finished_and_resumes(tmp_path, synthetic):
     from llmkd import distill
     from llmkd.data import build_data, load_data, save_data
-    from llmkd.reuse import reusable
+    from llmkd.infra.reuse import reusable
 
     cfg = tiny(tmp_path, synthetic, "run", epochs=4)
     save_data(build_data(cfg.data), tmp_path / "data", cfg.data)
@@ -54,7 +54,7 @@ def test_successive_halving_stops_the_candidate_that_falls_behind(tmp_path, monk
     from optuna.trial import TrialState
 
     from llmkd import distill
-    from llmkd.config import Config, DistillConfig
+    from llmkd.infra.config import Config, DistillConfig
     from llmkd.pruning import Pruning, train_pruned
 
     curves = {"first": [0.10, 0.20, 0.25, 0.30, 0.31, 0.32], "behind": [0.01, 0.02, 0.03, 0.40, 0.5, 0.6],
@@ -89,7 +89,7 @@ def test_the_search_never_chooses_a_pruned_candidate(run_dir):
     chosen, even with the highest valid NDCG@10; the finished best is."""
     from test_recipe import CLEAR_GAIN, CONFIGURED_TWIN, FAMILIES_SMALL, FakeTrainer, fake_score
 
-    from llmkd.config import load_config
+    from llmkd.infra.config import load_config
     from llmkd.pruning import Pruning
     from llmkd.recipe import run_search
 

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from safetensors.numpy import save_file
 
-from llmkd.artifacts import LlmkdError, write_json
-from llmkd.config import Config, DataConfig, load_config
+from llmkd.infra.artifacts import LlmkdError, write_json
+from llmkd.infra.config import Config, DataConfig, load_config
 from llmkd.data import save_data
-from llmkd.checkpoints import teacher_fingerprint
+from llmkd.infra.checkpoints import teacher_fingerprint
 from llmkd.recipe import FAMILIES, NO_TEACHER, best_by_family, combinations, first_candidates, run_search
 
 CONFIGURED_TWIN = {"": []}  # the twin stage as it was: the configured no-teacher student only

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from llmkd.config import Config, DistillConfig, EvalConfig, TeacherConfig
 from llmkd.data import build_data, save_data
 from llmkd.evaluate import evaluate_scores, summarize
+from llmkd.infra.config import Config, DistillConfig, EvalConfig, TeacherConfig
 from llmkd.report import run_evaluation
 from llmkd.teacher import TeacherCache, build_teacher_cache
 

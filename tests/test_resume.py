@@ -90,7 +90,7 @@ def test_a_kill_during_the_checkpoint_swap_leaves_a_saveable_folder(tmp_path):
     import torch
     from accelerate import Accelerator
 
-    from llmkd.checkpoints import load_checkpoint, save_checkpoint
+    from llmkd.infra.checkpoints import load_checkpoint, save_checkpoint
 
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(torch.nn.Linear(2, 2))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 from llmkd.experiments import scale
 from llmkd.experiments.scale import DRIVERS, STAGES, Size, measure, slopes
 

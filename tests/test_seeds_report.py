@@ -54,10 +54,10 @@ def test_the_plot_keeps_a_bar_height_per_system_whatever_the_names(tmp_path, mon
 def test_compare_folders_reads_exported_and_checkpoint_students_alike(tmp_path, synthetic):
     """The same two runs given as exported folders and as their checkpoints' best/: identical rows, a paired
     difference of exactly 0 at each seed, and each run's progress (finished or not) reported."""
-    from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
     from llmkd.distill import train
     from llmkd.experiments.seeds import compare_folders
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
 
     cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
                  student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0))
@@ -89,11 +89,11 @@ def test_a_run_that_improves_while_it_is_compared_is_refused(tmp_path, synthetic
     """A checkpoint's best/ read while its run still trains: if the run records a better epoch before the
     comparison is done (best/ may then hold either epoch), the comparison stops with an error naming the
     folder instead of labelling one epoch's scores with another's number."""
-    from llmkd.artifacts import LlmkdError
-    from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
     from llmkd.distill import train
     from llmkd.experiments import seeds
+    from llmkd.infra.artifacts import LlmkdError
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
 
     cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),
                  student=StudentConfig(dim=8, num_layers=1, num_heads=1, dropout=0.0),

@@ -269,7 +269,7 @@ def test_a_reload_in_the_middle_of_an_addition_never_sees_half_of_it(server, on_
     shutil.rmtree(v4, ignore_errors=True)
     shutil.copytree(on_v1["v1"], v4)
     point(on_v1["current"], v4)
-    from llmkd.artifacts import SWAP_PAUSE_ENV
+    from llmkd.infra.artifacts import SWAP_PAUSE_ENV
 
     flag = tmp_path / "paused"
     code = ("import sys; sys.path.insert(0, sys.argv[2]); from test_service_faults import add_items; "

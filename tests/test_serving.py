@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_approximate_index_bundles(served_run, rec, run_data, tmp_path, kind):
 
     import faiss
 
-    from llmkd.config import IndexConfig
+    from llmkd.infra.config import IndexConfig
     from llmkd.serving import Recommender
     from llmkd.serving.bundle import export_bundle
 
@@ -214,7 +214,7 @@ def test_loading_and_recommending_import_no_teacher_code(bundle, run_data):
 
 def test_id_student_and_user_id_student(served_run, tmp_path, run_data):
     """An id-only student exports (no teacher/ folder); a student with user-id embeddings is refused."""
-    from llmkd.artifacts import new_meta, write_json
+    from llmkd.infra.artifacts import new_meta, write_json
     from llmkd.serving import Recommender
     from llmkd.serving.bundle import export_bundle
     from llmkd.student import TwoTower

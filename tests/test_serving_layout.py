@@ -11,8 +11,9 @@ from pathlib import Path
 from conftest import REPO
 
 SERVING = REPO / "llmkd" / "serving"
-ALLOWED_LLMKD = {"llmkd", "llmkd.artifacts", "llmkd.errors", "llmkd.config", "llmkd.config_schema", "llmkd.locks",
-                 "llmkd.lineage", "llmkd.paths", "llmkd.data", "llmkd.student", "llmkd.student.sasrec", "llmkd.index"}
+ALLOWED_LLMKD = {"llmkd", "llmkd.infra.artifacts", "llmkd.infra.errors", "llmkd.infra.config",
+                 "llmkd.infra.config_schema", "llmkd.infra.locks", "llmkd.infra.lineage", "llmkd.infra.paths",
+                 "llmkd.data", "llmkd.student", "llmkd.student.sasrec", "llmkd.index"}
 FORBIDDEN_PACKAGES = {"transformers", "peft", "accelerate", "datasets", "tokenizers", "sentence_transformers"}
 
 

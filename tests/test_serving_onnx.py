@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ def test_measure_counts_a_matrix_products_flops_and_its_fraction_of_the_peak():
 
 
 def test_every_stage_is_measured_on_the_configs_data(tmp_path, synthetic, tiny_bert):
-    from llmkd.config import Config, DistillConfig, FinetuneConfig, StudentConfig, TeacherConfig
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, DistillConfig, FinetuneConfig, StudentConfig, TeacherConfig
 
     save_data(build_data(synthetic.data_config()), tmp_path / "data", synthetic.data_config())
     cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),

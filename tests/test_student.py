@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import StudentConfig
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import StudentConfig
 from llmkd.student import TwoTower
 
 N_ITEMS, MAX_LEN, N_USERS = 25, 8, 6

@@ -21,8 +21,8 @@ def test_tower_tokens_counts_each_groups_width_times_its_rows():
 
 
 def test_the_benchmark_times_every_setting_on_the_configs_data(tmp_path, synthetic):
-    from llmkd.config import Config, DistillConfig, StudentConfig
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, DistillConfig, StudentConfig
 
     save_data(build_data(synthetic.data_config()), tmp_path / "data", synthetic.data_config())
     cfg = Config(out_dir=str(tmp_path), data=synthetic.data_config(max_history=8),

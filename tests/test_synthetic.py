@@ -12,9 +12,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import load_config
 from llmkd.data import build_data
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import load_config
 from llmkd.synthetic import SyntheticSpec, write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import torch
 from conftest import write_synthetic
 from transformers import AutoModel, AutoTokenizer
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import TeacherConfig
 from llmkd.data import build_data
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import TeacherConfig
 from llmkd.teacher import (
     TeacherCache,
     TextEncoder,

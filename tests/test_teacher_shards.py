@@ -16,8 +16,8 @@ import yaml
 from conftest import REPO, free_port
 from safetensors.numpy import load_file
 
-from llmkd.config import TeacherConfig, load_config
 from llmkd.data import load_data
+from llmkd.infra.config import TeacherConfig, load_config
 from llmkd.teacher import build_teacher_cache
 from llmkd.teacher.shards import SHARD_PAUSE_ENV, bounds, shards_root, write_shard
 
@@ -53,8 +53,8 @@ def test_small_shards_give_the_vectors_of_one_shard(tmp_path, tiny_bert, synthet
 
 def _run_dir(tmp_path, synthetic, tiny_bert, shard_size: int = 7) -> str:
     """A prepared tiny run (data) and its config file; returns the config path."""
-    from llmkd.config import Config, from_dict
     from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, from_dict
 
     raw = {"out_dir": str(tmp_path / "run"),
            "data": {"source": "files", "interactions": str(synthetic.interactions), "items": str(synthetic.items),

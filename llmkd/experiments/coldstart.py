@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from llmkd.add_items import add_item_texts, student_item_vectors, teacher_item_vectors
-from llmkd.artifacts import LlmkdError, atomic_dir, write_json
-from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.index import build_index, search
-from llmkd.locks import locked
+from llmkd.infra.artifacts import LlmkdError, atomic_dir, write_json
+from llmkd.infra.config import Config
+from llmkd.infra.locks import locked
 from llmkd.report import load_student
 from llmkd.teacher import TeacherCache, TextEncoder, adapter_path, user_prompt
 

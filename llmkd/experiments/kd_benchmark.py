@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkd.artifacts import atomic_dir, write_json
+from llmkd.infra.artifacts import atomic_dir, write_json
 from llmkd.experiments.seeds import paired_difference, run_seeds, seeds_markdown, variant_config
-from llmkd.config import Config, load_config
+from llmkd.infra.config import Config, load_config
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap
-from llmkd.locks import locked
+from llmkd.infra.locks import locked
 from llmkd.recipe import FAMILIES, run_search
 from llmkd.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache

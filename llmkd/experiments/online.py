@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.index import build_index, search
+from llmkd.infra.config import Config
 from llmkd.report import load_student
 from llmkd.teacher import TeacherCache, TextEncoder, adapter_path, user_prompt
 

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmkd.artifacts import LlmkdError
 from llmkd.data import RecData, load_data
 from llmkd.evaluate import PROTOCOL, evaluate_scores, summarize
+from llmkd.infra.artifacts import LlmkdError
 
 LIBRARY = "rectools"
 SYSTEM = "SASRec, softmax cross-entropy over the whole catalog (RecTools SASRecModel, loss='softmax')"

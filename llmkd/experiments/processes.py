@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError, write_json
+from llmkd.infra.artifacts import LlmkdError, write_json
 
 STAGES = ("teacher", "finetune", "distill")
 
@@ -194,8 +194,8 @@ def human(seconds: float) -> str:
 def run_benchmark(args, cluster: Cluster, workload: Workload) -> dict:
     """Measure every stage at every process count (reusing finished measurements in `<output>.json`),
     write `<output>.json` and `.md` after each, and return the result."""
-    from llmkd.config import load_config
     from llmkd.data import load_data
+    from llmkd.infra.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     out = Path(cfg.out_dir)

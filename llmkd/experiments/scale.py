@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 STAGES = ("data", "teacher", "distill", "index", "eval")
 DRIVERS = {"data": "interactions", "teacher": "items", "distill": "interactions", "index": "items",
@@ -202,7 +202,7 @@ def benchmark(config: Path, output: Path, root: Path, sizes: list[Size], teacher
     """Run `stages` (the first ones of STAGES; default all) at every size (see the module docstring);
     returns the results written to `output`. `teacher` is a model folder (the tiny random BERT is made
     there if it is missing) or a packaged model name (`llmkd.teacher.models.PACKAGED`, e.g. minilm)."""
-    from llmkd.config import load_config
+    from llmkd.infra.config import load_config
     from llmkd.teacher.models import PACKAGED
 
     if tuple(stages) != STAGES[: len(stages)]:

@@ -67,8 +67,8 @@ def softmax_cost(n_items: int, loss: str, steps: int = 3, batch: int = 64, max_l
     `item_updates` 'sparse': the item rows looked up per step, SparseAdam on them (`distill.item_updates`)."""
     import torch
 
-    from llmkd.config import StudentConfig
     from llmkd.distill import hard_loss, make_optimizers
+    from llmkd.infra.config import StudentConfig
     from llmkd.student import TwoTower
 
     torch.manual_seed(seed)
@@ -132,7 +132,7 @@ def kd_cost(n_items: int, n_rows: int, teacher_dim: int = 384, kd_index: str = "
     import torch
 
     from llmkd.ann import clustered_vectors
-    from llmkd.config import DistillConfig
+    from llmkd.infra.config import DistillConfig
     from llmkd.kd_targets import KDTargets
 
     train = [h for h in random_histories(n_rows, n_items, mean_history, seed)]
@@ -188,8 +188,8 @@ def index_cost(n_items: int, index_type: str = "flat", dim: int = 64, seed: int 
     """Seconds and memory of the index stage's work: a student's item vectors -> `build_index`."""
     import torch
 
-    from llmkd.config import IndexConfig, StudentConfig
     from llmkd.index import build_index
+    from llmkd.infra.config import IndexConfig, StudentConfig
     from llmkd.student import TwoTower
 
     torch.manual_seed(seed)

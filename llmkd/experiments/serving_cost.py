@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config import Config
 from llmkd.data import RecData, load_data
 from llmkd.experiments.online import teacher_recommender, time_calls
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config import Config
 from llmkd.serving import Recommender
 from llmkd.serving.load_test import LoadConfig, free_port, rss_mb, run_phase, start_server, stop_server, summary
 

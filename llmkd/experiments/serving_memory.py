@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkd.artifacts import LlmkdError, write_json
+from llmkd.infra.artifacts import LlmkdError, write_json
 
 SETTINGS = ("onednn_off", "onednn_on")
 """`onednn_off`: the Recommender as shipped; `onednn_on`: torch's default (the per-shape kernel cache)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 from llmkd.losses.infonce import InfoNCELoss
 from llmkd.losses.listwise_kl import ListwiseKLLoss
 from llmkd.losses.margin_mse import MarginMSELoss

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmkd.config import IndexConfig
 from llmkd.index import build_index, search
+from llmkd.infra.config import IndexConfig
 
 
 def item_neighbors(vectors: np.ndarray, k: int, index_type: str = "flat", nprobe: int = 32,

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkd.artifacts import LlmkdError, atomic_dir, new_meta, read_meta, reading, recover_if_needed, write_json
-from llmkd.config import Config, IndexConfig
 from llmkd.index import NormAboveMax, build_id_index, read_index, write_index
-from llmkd.lineage import check_lineage
-from llmkd.locks import locked
+from llmkd.infra.artifacts import LlmkdError, atomic_dir, new_meta, read_meta, reading, recover_if_needed, write_json
+from llmkd.infra.config import Config, IndexConfig
+from llmkd.infra.lineage import check_lineage
+from llmkd.infra.locks import locked
 from llmkd.serving.manifest import check_files, write_manifest
 from llmkd.student import TwoTower
 
@@ -65,7 +65,7 @@ def serving_versions() -> dict[str, str]:
 
 def load_run_student(out: Path, student: str, fingerprint: str) -> tuple[TwoTower, dict]:
     """The student folder `out/student` and its meta, refused when made from other data or from a teacher
-    cache rebuilt since (`llmkd.lineage`)."""
+    cache rebuilt since (`llmkd.infra.lineage`)."""
     folder = out / student
     meta = read_meta(folder, "student")
     check_lineage(folder, out, fingerprint)

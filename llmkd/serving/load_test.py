@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 BODIES = 1024

@@ -14,7 +14,7 @@ hashes every file: `llmkd verify BUNDLE` and the start of `llmkd serve`. Any dif
 LlmkdError naming the file and what differs (missing, size, sha256, not listed). A bundle without a
 manifest (exported before bundles carried one) is refused: re-export it.
 
-Imports nothing beyond the standard library and `llmkd.artifacts`, so `llmkd serve`'s supervisor and
+Imports nothing beyond the standard library and `llmkd.infra.artifacts`, so `llmkd serve`'s supervisor and
 `llmkd verify` check a bundle without loading torch.
 """
 
@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmkd.artifacts import LlmkdError, write_json
+from llmkd.infra.artifacts import LlmkdError, write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "llmkd-bundle-manifest"

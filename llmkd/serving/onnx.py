@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 from llmkd.serving.bundle import ONNX_FILE, STUDENT
 from llmkd.serving.manifest import MANIFEST, add_to_manifest
 from llmkd.student import TwoTower

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from llmkd.artifacts import notice
+from llmkd.infra.artifacts import notice
 from llmkd.serving.metrics import ServiceMetrics
 from llmkd.serving.reload import ModelSlot
 from llmkd.serving.workers import ADMIN_TOKEN_ENV, ServiceOptions

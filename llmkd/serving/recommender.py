@@ -22,8 +22,8 @@ import faiss
 import numpy as np
 import torch
 
-from llmkd.artifacts import LlmkdError, reading
 from llmkd.index import MipsIndex, read_index
+from llmkd.infra.artifacts import LlmkdError, reading
 from llmkd.serving.bundle import INDEX, ITEM_IDS, POPULARITY, STUDENT, read_bundle
 from llmkd.student import TwoTower, first_real_column
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmkd.artifacts import LlmkdError, recover_if_needed
+from llmkd.infra.artifacts import LlmkdError, recover_if_needed
 from llmkd.serving.batching import MicroBatcher
 from llmkd.serving.manifest import MANIFEST, check_files, read_manifest
 from llmkd.serving.recommender import Recommender

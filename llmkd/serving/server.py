@@ -16,14 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError, notice, recover_if_needed
+from llmkd.infra.artifacts import LlmkdError, notice, recover_if_needed
 from llmkd.serving.manifest import check_files
 from llmkd.serving.metrics import MULTIPROC_ENV
 from llmkd.serving.workers import ADMIN_TOKEN_ENV, ServiceOptions, set_worker_spec
 
 CHECK = """
 import sys
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 from llmkd.serving.recommender import Recommender
 try:
     Recommender.from_pretrained(sys.argv[1], sys.argv[2])

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError
+from llmkd.infra.artifacts import LlmkdError
 
 WORKER_ENV = "LLMKD_SERVE"
 """How `serve` hands the bundle to worker processes (uvicorn imports `http.app_from_env` in each)."""

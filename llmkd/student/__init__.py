@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llmkd.artifacts import LlmkdError, reading
-from llmkd.config import DEFAULT_INIT_STD, StudentConfig
+from llmkd.infra.artifacts import LlmkdError, reading
+from llmkd.infra.config import DEFAULT_INIT_STD, StudentConfig
 from llmkd.student.sasrec import LAYER_NORM_EPS, SASRecEncoder
 
 CONFIG_NAME = "config.json"

@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import (
+from llmkd.data import RecData
+from llmkd.infra.artifacts import (
     LlmkdError,
     StageTimer,
     atomic_dir,
@@ -37,10 +38,9 @@ from llmkd.artifacts import (
     reading,
     write_json,
 )
-from llmkd.config import TeacherConfig
-from llmkd.data import RecData
-from llmkd.lineage import check_lineage, files_load, input_record
-from llmkd.locks import main_process_lock
+from llmkd.infra.config import TeacherConfig
+from llmkd.infra.lineage import check_lineage, files_load, input_record
+from llmkd.infra.locks import main_process_lock
 from llmkd.teacher.models import (  # noqa: F401 -- re-exported: callers import them from the teacher
     PACKAGED,
     cache_root,

@@ -25,12 +25,12 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from llmkd.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
-from llmkd.config import Config
 from llmkd.data import RecData
 from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
-from llmkd.lineage import files_load
-from llmkd.locks import main_process_lock
+from llmkd.infra.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
+from llmkd.infra.config import Config
+from llmkd.infra.lineage import files_load
+from llmkd.infra.locks import main_process_lock
 from llmkd.teacher import TextEncoder, item_prompts, model_fingerprint, resolve_model_path, user_prompt
 from llmkd.teacher.parallel import GatherWithGrad, average_gradients, negatives_per_process
 

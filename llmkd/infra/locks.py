@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from llmkd.errors import LlmkdError, notice
+from llmkd.infra.errors import LlmkdError, notice
 
 WAIT_ENV = "LLMKD_WAIT_LOCK"
 """Seconds a run waits for a locked artifact before giving up ('inf': as long as it takes; unset: 0)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmkd.errors import LlmkdError
+from llmkd.infra.errors import LlmkdError
 
 
 def readable_file(path: str | Path, what: str = "file", missing_hint: str = "") -> Path:

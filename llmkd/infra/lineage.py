@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmkd.artifacts import META_FILE, LlmkdError
+from llmkd.infra.artifacts import META_FILE, LlmkdError
 
 REBUILD = {
     "data": "python scripts/prepare_data.py --config <config>",
@@ -39,7 +39,7 @@ def fingerprint(folder: str | Path) -> str:
 
 def teacher_fingerprint(folder: str | Path) -> str:
     """The `fingerprint` of a teacher cache, as a student records it (`teacher_fingerprint` in its meta.json)
-    and as checkpoints (`llmkd.checkpoints`) and reuse (`llmkd.reuse`) compare it."""
+    and as checkpoints (`llmkd.infra.checkpoints`) and reuse (`llmkd.infra.reuse`) compare it."""
     return fingerprint(folder)
 
 

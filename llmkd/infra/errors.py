@@ -1,6 +1,6 @@
 """The bottom of the package: the user-facing error and the one-line notice every other module may raise or print.
 
-It imports nothing from `llmkd`, so any module can use it; `llmkd.artifacts` re-exports both names, which is
+It imports nothing from `llmkd`, so any module can use it; `llmkd.infra.artifacts` re-exports both names, which is
 where the rest of the code imports them from.
 """
 

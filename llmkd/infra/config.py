@@ -13,8 +13,15 @@ from typing import Any
 
 import yaml
 
-from llmkd.artifacts import LlmkdError
-from llmkd.config_schema import DuplicateKeyError, bounded, check_bounds, from_dict, read_yaml_mapping, strict_load
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.config_schema import (
+    DuplicateKeyError,
+    bounded,
+    check_bounds,
+    from_dict,
+    read_yaml_mapping,
+    strict_load,
+)
 
 
 @dataclass

@@ -11,9 +11,9 @@ import json
 import shutil
 from pathlib import Path
 
-from llmkd.artifacts import LlmkdError, atomic_dir
-from llmkd.config import Config, from_dict
-from llmkd.lineage import files_load, teacher_fingerprint
+from llmkd.infra.artifacts import LlmkdError, atomic_dir
+from llmkd.infra.config import Config, from_dict
+from llmkd.infra.lineage import files_load, teacher_fingerprint
 
 TEACHER_ONLY = ("teacher", "temperature", "teacher_scale", "kd_top_k", "kd_loss", "kd_args", "neighbor_smoothing",
                 "neighbor_k")

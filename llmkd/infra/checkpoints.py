@@ -2,7 +2,8 @@
 
 A killed run resumes from `checkpoints/<name>/last` only when the checkpoint was made by the same run
 (`same_run`): same training settings but for `RESUMABLE_CHANGES`, same data, same teacher cache.
-`teacher_fingerprint` is defined in `llmkd.lineage` (below this module and `llmkd.reuse`) and re-exported here.
+`teacher_fingerprint` is defined in `llmkd.infra.lineage` (below this module and `llmkd.infra.reuse`) and
+re-exported here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from llmkd.artifacts import LlmkdError, reading, write_json
-from llmkd.config import Config, from_dict
-from llmkd.lineage import teacher_fingerprint
-from llmkd.reuse import training_key
+from llmkd.infra.artifacts import LlmkdError, reading, write_json
+from llmkd.infra.config import Config, from_dict
+from llmkd.infra.lineage import teacher_fingerprint
+from llmkd.infra.reuse import training_key
 
 
 def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, state: dict) -> None:
@@ -62,7 +63,7 @@ RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_every", "log_with", "eval
 
 
 def run_identity(cfg: Config, data_fingerprint: str, num_items: int | None = None) -> dict:
-    """What a checkpoint must match to be resumed: the training key (`llmkd.reuse`) but for
+    """What a checkpoint must match to be resumed: the training key (`llmkd.infra.reuse`) but for
     `RESUMABLE_CHANGES`, the data and the teacher cache."""
     training = training_key(cfg, num_items)
     training["distill"] = {k: v for k, v in training["distill"].items() if k not in RESUMABLE_CHANGES}
@@ -79,7 +80,7 @@ def run_record(cfg: Config, data_fingerprint: str) -> dict:
 
 def same_run(state: dict, cfg: Config, data_fingerprint: str, num_items: int | None = None) -> bool:
     """Whether a checkpoint's train state belongs to this run. Its stored config is read back through
-    `from_dict`, so config fields added since it was written take their defaults (as `llmkd.reuse` does):
+    `from_dict`, so config fields added since it was written take their defaults (as `llmkd.infra.reuse` does):
     a new setting left at its default does not throw a half-trained run away. Checkpoints written before
     the config was stored carry a hash of `run_identity` instead."""
     if "run_config" not in state:

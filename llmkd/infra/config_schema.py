@@ -1,6 +1,6 @@
 """How a YAML file becomes a validated config dataclass: strict YAML, type checks, declared ranges.
 
-`llmkd.config` declares the sections; this module knows nothing about them. Unknown keys, repeated
+`llmkd.infra.config` declares the sections; this module knows nothing about them. Unknown keys, repeated
 keys, wrong types and values outside a field's declared range are errors naming the key
 (`distill.epochs`), never ignored.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from llmkd.artifacts import LlmkdError
-from llmkd.paths import readable_file
+from llmkd.infra.artifacts import LlmkdError
+from llmkd.infra.paths import readable_file
 
 
 class DuplicateKeyError(yaml.YAMLError):

@@ -9,7 +9,7 @@ A run killed inside `atomic_dir` leaves hidden siblings (`.NAME.tmp-PID`, `.NAME
 the swap's two renames, no artifact at all; the next run that writes or reads the artifact repairs
 that (`recover`) and says what it did in one line.
 
-`LlmkdError` and `notice` are defined in `llmkd.errors`, below `llmkd.locks`, and re-exported here.
+`LlmkdError` and `notice` are defined in `llmkd.infra.errors`, below `llmkd.infra.locks`, and re-exported here.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmkd.errors import LlmkdError, notice
-from llmkd.locks import artifact_lock, lock_path
-from llmkd.paths import folder_or_nothing
+from llmkd.infra.errors import LlmkdError, notice
+from llmkd.infra.locks import artifact_lock, lock_path
+from llmkd.infra.paths import folder_or_nothing
 
 META_FILE = "meta.json"
 
@@ -117,7 +117,7 @@ def check_replaceable(final: str | Path) -> Path:
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success replace `final` with it, on error delete it.
 
-    Holds `final`'s lock throughout (`llmkd.locks`; a stage that took it already keeps it) and first
+    Holds `final`'s lock throughout (`llmkd.infra.locks`; a stage that took it already keeps it) and first
     repairs what a killed run left there (`recover`). A file or a link at `final` is refused before
     anything is written (`check_replaceable`)."""
     final = check_replaceable(final)
