@@ -1,5 +1,5 @@
 """Write a synthetic catalog whose item text carries real signal (topics, drifting users, power-law
-popularity; `llmkd.synthetic`) as bring-your-own-data Parquet files plus a config for the data stage:
+popularity; `llmkd.data.synthetic`) as bring-your-own-data Parquet files plus a config for the data stage:
 
     python scripts/make_synthetic.py --items 100000 --users 100000 --interactions 1000000 --seed 0 --out data/syn100k
     python scripts/prepare_data.py --config data/syn100k/config.yaml
@@ -23,7 +23,7 @@ def main() -> None:
     p.add_argument("--zipf", type=float, default=1.0, help="popularity exponent: rank r has weight r^-zipf")
     p.add_argument("--chunk-rows", type=int, default=1_000_000, help="rows generated and written at a time")
     args = p.parse_args()
-    from llmkd.synthetic import SyntheticSpec, write_synthetic
+    from llmkd.data.synthetic import SyntheticSpec, write_synthetic
 
     spec = SyntheticSpec(args.items, args.users, args.interactions, args.seed, topics=args.topics,
                          zipf=args.zipf, chunk_rows=args.chunk_rows)

@@ -158,7 +158,7 @@ def test_shipped_file_configs_build_their_data(path, monkeypatch, tmp_path):
         pytest.skip(f"{path.name}: benchmark data outside the repository is not on this machine ({outside[0]})")
     generated = [f for f in files if f.is_relative_to(REPO / "runs")]
     if generated:
-        from llmkd.synthetic import SyntheticSpec, write_synthetic
+        from llmkd.data.synthetic import SyntheticSpec, write_synthetic
 
         assert path.name == "synthetic_scale.yaml", f"{path.name}: which script makes {generated[0]}?"
         folders = {f.parent for f in generated}

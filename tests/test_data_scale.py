@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from llmkd.data import Ragged, RecData, _python_key, id_order, load_data, save_data, split_checksums
+from llmkd.data.tables import id_codes, render_texts
 from llmkd.infra.artifacts import LlmkdError
 from llmkd.infra.config import DataConfig
-from llmkd.tables import id_codes, render_texts
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

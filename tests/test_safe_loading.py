@@ -52,7 +52,7 @@ def unsafe_loads(source: str, name: str = "<source>") -> list[str]:
 
 def test_sources_are_found():
     names = {str(p.relative_to(REPO)) for p in SOURCES}
-    assert {"llmkd/data.py", "llmkd/teacher/__init__.py", "llmkd/student/__init__.py", "llmkd/distill.py",
+    assert {"llmkd/data/__init__.py", "llmkd/teacher/__init__.py", "llmkd/student/__init__.py", "llmkd/distill.py",
             "scripts/prepare_data.py", "scripts/build_index.py"} <= names
 
 

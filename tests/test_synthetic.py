@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmkd.data import build_data
+from llmkd.data.synthetic import SyntheticSpec, write_synthetic
 from llmkd.infra.artifacts import LlmkdError
 from llmkd.infra.config import load_config
-from llmkd.synthetic import SyntheticSpec, write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"items": 3000, "users": 400, "interactions": 12_000, "topics": 30}

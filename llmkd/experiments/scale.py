@@ -1,6 +1,6 @@
 """Cost growth of every stage (issue 14): wall time and peak memory from 10 k to 1 M items.
 
-For each size (items, users, interactions) the synthetic catalog (`llmkd.synthetic`) is generated once
+For each size (items, users, interactions) the synthetic catalog (`llmkd.data.synthetic`) is generated once
 (reused while its spec matches), then every stage runs as its own process through its real script:
 prepare_data, build_teacher (--force), distill (a fixed number of epochs), build_index, evaluate. A stage's
 wall seconds and peak resident memory (the largest of its process and every descendant it waited for,
@@ -178,7 +178,7 @@ def run_entry(results: dict, size: Size) -> dict:
 
 def synthetic_folder(root: Path, size: Size, seed: int) -> Path:
     """The synthetic catalog of `size` under `root`, generated unless one with the same spec is there."""
-    from llmkd.synthetic import SyntheticSpec, write_synthetic
+    from llmkd.data.synthetic import SyntheticSpec, write_synthetic
 
     folder = root / f"syn_{size.name}_s{seed}"
     spec = SyntheticSpec(size.items, size.users, size.interactions, seed)
@@ -298,7 +298,7 @@ def table(results: dict) -> str:
 
 def syllable_vocab() -> list[str]:
     """WordPiece vocabulary that spells every synthetic word: the generator's syllables, word-initial and '##'."""
-    from llmkd.synthetic import CONSONANTS, VOWELS
+    from llmkd.data.synthetic import CONSONANTS, VOWELS
 
     syllables = [c + v for c in CONSONANTS for v in VOWELS]
     letters = sorted({ch for s in syllables for ch in s})

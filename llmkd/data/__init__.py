@@ -1,5 +1,5 @@
 """Interactions + item text: the leave-last-out split and the `data/` artifact (files are read by
-`llmkd.tables`).
+`llmkd.data.tables`).
 
 Split (docs/protocol.md): per user, interactions sorted by timestamp with ties kept in file order; last ->
 test, second last -> valid, the rest -> train. Users with fewer than 3 interactions go to train only.
@@ -33,6 +33,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from safetensors.numpy import load_file, save_file
 
+from llmkd.data.tables import (  # noqa: F401  (re-exported: the data stage's public names)
+    FORMATS,
+    INTERACTION_COLUMNS,
+    ML100K_ITEM_COLUMNS,
+    as_seconds,
+    load_interactions,
+    load_items,
+    ml100k_dir,
+    read_table,
+    render_texts,
+)
 from llmkd.infra.artifacts import (
     LlmkdError,
     StageTimer,
@@ -44,17 +55,6 @@ from llmkd.infra.artifacts import (
     write_json,
 )
 from llmkd.infra.config import DataConfig
-from llmkd.tables import (  # noqa: F401  (re-exported: the data stage's public names)
-    FORMATS,
-    INTERACTION_COLUMNS,
-    ML100K_ITEM_COLUMNS,
-    as_seconds,
-    load_interactions,
-    load_items,
-    ml100k_dir,
-    read_table,
-    render_texts,
-)
 
 ML100K_TEMPLATE = "{title} ({year}). Genres: {genres}"
 WRITE_ROWS = 100_000
