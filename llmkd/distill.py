@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import blocked_ranks, metrics_from_ranks
+from llmkd.evaluation.metrics import blocked_ranks, metrics_from_ranks
 from llmkd.infra.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, write_json
 from llmkd.infra.checkpoints import load_checkpoint, run_record, same_run, save_checkpoint, teacher_fingerprint
 from llmkd.infra.config import Config

@@ -3,7 +3,7 @@
 `index.type` 'flat' (exact), 'hnsw', 'ivf' or 'ivfpq', each built from a `faiss.index_factory` string
 (`factory_string`) with its search knobs set through `faiss.ParameterSpace`, so they also reach an index
 inside the serving bundle's `IndexIDMap`. With `index.ip_to_l2` the approximate types search by L2 over
-extended vectors (`MipsIndex`). `scripts/ann_sweep.py` (`llmkd.ann`) measures both and chooses among them.
+extended vectors (`MipsIndex`). `scripts/ann_sweep.py` (`llmkd.evaluation.ann`) measures both and chooses among them.
 
 Artifact `index/`: faiss.index (+ faiss.index.json for a `MipsIndex`), item_ids.json (FAISS row ->
 original item id), meta.json. Read and write indexes with `read_index` / `write_index`.

@@ -178,8 +178,8 @@ def recipe_fragment(overrides: list[str]) -> dict:
 def valid_gain(cfg: Config, data, folder: Path, base: Path) -> dict[str, float]:
     """Per-user valid NDCG@10 of the student in `folder` minus the no-teacher student's in `base`: the mean
     and its 95 % paired-bootstrap interval over valid users."""
-    from llmkd.evaluate import evaluate_scores, paired_bootstrap
-    from llmkd.report import load_student, student_scorer
+    from llmkd.evaluation.metrics import evaluate_scores, paired_bootstrap
+    from llmkd.evaluation.report import load_student, student_scorer
 
     per_user = [evaluate_scores(data, "valid", student_scorer(load_student(f, data, Path(cfg.out_dir)), data),
                                 ks=(10,), name=str(f))["ndcg@10"] for f in (folder, base)]

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llmkd.data import RecData
-from llmkd.evaluate import sample_users
+from llmkd.evaluation.metrics import sample_users
 from llmkd.infra.artifacts import LlmkdError
 from llmkd.infra.config import Config
 from llmkd.student import first_real_column

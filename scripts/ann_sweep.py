@@ -24,7 +24,8 @@ from llmkd.infra.artifacts import LlmkdError
 def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--synthetic", type=int, metavar="N", help="N clustered random item vectors (llmkd.ann)")
+    src.add_argument("--synthetic", type=int, metavar="N",
+                     help="N clustered random item vectors (llmkd.evaluation.ann)")
     src.add_argument("--xb", help="item vectors, (n, d) float32 .npy")
     src.add_argument("--config", help="a run's config: its student's item vectors, valid users' vectors as queries")
     p.add_argument("--student", default="student_kd", help="with --config: student folder under out_dir")
@@ -56,14 +57,14 @@ def arguments() -> argparse.Namespace:
 def vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """(xb, xq) float32 from the files, or synthetic clustered points (queries drawn from the same
     clusters but not in the catalog)."""
-    from llmkd.ann import clustered_vectors
+    from llmkd.evaluation.ann import clustered_vectors
 
     if args.synthetic is not None:
         clusters = args.clusters or max(1, args.synthetic // 100)
         x = clustered_vectors(args.synthetic + args.queries, args.dim, clusters, args.seed, args.spread)
         return x[: args.synthetic], x[args.synthetic :]
     if args.config is not None:
-        from llmkd.ann import student_vectors
+        from llmkd.evaluation.ann import student_vectors
         from llmkd.infra.config import load_config
 
         return student_vectors(load_config(args.config, args.overrides).out_dir, args.student, args.queries, args.seed)
@@ -80,7 +81,7 @@ def main() -> None:
     args = arguments()
     import faiss
 
-    from llmkd.ann import EF_SEARCHES, NPROBES, PQ_MS, default_grid, pick, plot_sweep, recipe_fragment, sweep
+    from llmkd.evaluation.ann import EF_SEARCHES, NPROBES, PQ_MS, default_grid, pick, plot_sweep, recipe_fragment, sweep
 
     faiss.omp_set_num_threads(args.threads)
     xb, xq = vectors(args)

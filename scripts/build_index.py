@@ -4,10 +4,10 @@ from pathlib import Path
 
 from llmkd.cli import config_from, parser, run
 from llmkd.data import load_data
+from llmkd.evaluation.report import load_student
 from llmkd.index import build_index, save_index
 from llmkd.infra.artifacts import StageTimer
 from llmkd.infra.locks import artifact_lock
-from llmkd.report import load_student
 
 
 def main() -> None:

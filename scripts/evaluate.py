@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from llmkd.cli import config_from, parser, run
-from llmkd.report import run_evaluation
+from llmkd.evaluation.report import run_evaluation
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def cold(served_run, synthetic, tmp_path_factory):
     """The run's withheld (cold) items as an items file, their ids and their cold-start student vectors."""
     from llmkd.add_items import student_item_vectors, teacher_item_vectors
     from llmkd.data import load_data
-    from llmkd.report import load_student
+    from llmkd.evaluation.report import load_student
     from llmkd.teacher import TextEncoder
 
     cfg, out = served_run

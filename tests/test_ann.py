@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
-from llmkd.ann import clustered_vectors, default_grid, exact_knn, pick, recall_at_k, recipe_fragment, sweep
+from llmkd.evaluation.ann import clustered_vectors, default_grid, exact_knn, pick, recall_at_k, recipe_fragment, sweep
 from llmkd.index import MipsIndex, NormAboveMax, build_id_index, build_index, ivf_nlist, search
 from llmkd.infra.artifacts import LlmkdError
 from llmkd.infra.config import IndexConfig, load_config

@@ -106,9 +106,9 @@ def pipeline(tmp_path_factory, tiny_bert) -> Pipeline:
     """data -> teacher -> distill (1 epoch, dim 8) -> index on the `ok_*` files, one title 600 kB long."""
     from llmkd.data import build_data, save_data
     from llmkd.distill import train
+    from llmkd.evaluation.report import load_student
     from llmkd.index import build_index, save_index
     from llmkd.infra.config import Config, from_dict
-    from llmkd.report import load_student
     from llmkd.teacher import build_teacher_cache
 
     root = tmp_path_factory.mktemp("bad_inputs_pipeline")

@@ -124,7 +124,7 @@ def test_add_items_then_recommend_finds_them(exported, served_run, synthetic, tm
 
     from llmkd.add_items import student_item_vectors, teacher_item_vectors
     from llmkd.data import load_data
-    from llmkd.report import load_student
+    from llmkd.evaluation.report import load_student
     from llmkd.serving import Recommender
     from llmkd.teacher import TextEncoder
 

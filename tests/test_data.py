@@ -268,7 +268,7 @@ def test_files_source_needs_both_paths():
 def test_ml100k_split_and_popularity_match_peers():
     """docs/protocol.md and docs/peers.md: split checksums and 'popularity, counted correctly' NDCG@10."""
     from llmkd.data import ml100k_dir
-    from llmkd.evaluate import evaluate_scores, popularity_scorer
+    from llmkd.evaluation.metrics import evaluate_scores, popularity_scorer
 
     try:
         ml100k_dir()

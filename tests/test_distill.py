@@ -136,7 +136,7 @@ def test_flat_faiss_candidates_equal_full_catalog_scoring(chunk, budget):
 def test_ivf_candidates_reach_exact_recall_and_never_offer_a_seen_item():
     """The approximate KD search (inverted lists) against the exact one on clustered teacher vectors:
     recall@K of the candidate sets >= 0.9, and a seen item is never a candidate."""
-    from llmkd.ann import clustered_vectors
+    from llmkd.evaluation.ann import clustered_vectors
 
     rng = np.random.default_rng(0)
     n_items, k, d = 3000, 20, 16

@@ -169,8 +169,8 @@ def test_pipeline_artifacts(pipeline):
 def recomputed_valid_ndcg(out: Path, name: str) -> tuple[float, float]:
     """(valid NDCG@10 recorded for the exported epoch during training, the same recomputed by evaluation)."""
     from llmkd.data import load_data
-    from llmkd.evaluate import evaluate_scores
-    from llmkd.report import load_student, student_scorer
+    from llmkd.evaluation.metrics import evaluate_scores
+    from llmkd.evaluation.report import load_student, student_scorer
 
     data = load_data(out / "data")
     meta = json.loads((out / name / "meta.json").read_text())

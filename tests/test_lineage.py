@@ -23,9 +23,9 @@ def run(tmp_path_factory, synthetic, tiny_bert):
     """data -> teacher -> student_kd (1 epoch) -> index on the synthetic data; (cfg, data)."""
     from llmkd.data import build_data, save_data
     from llmkd.distill import train
+    from llmkd.evaluation.report import load_student
     from llmkd.index import build_index, save_index
     from llmkd.infra.config import Config, from_dict
-    from llmkd.report import load_student
     from llmkd.teacher import build_teacher_cache
 
     out = tmp_path_factory.mktemp("lineage") / "run"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmkd.data import RecData
-from llmkd.evaluate import (
+from llmkd.evaluation.metrics import (
     MISS_RANK,
     BlockScorer,
     evaluate_retrieval,
@@ -319,7 +319,7 @@ def test_blocked_evaluation_equals_full_ranking(split, item_block):
 
 def test_blocked_ranks_are_exact_beyond_the_top_k():
     """Ranks themselves (not only metrics at small K) match `target_ranks` of the whole masked row."""
-    from llmkd.evaluate import blocked_ranks
+    from llmkd.evaluation.metrics import blocked_ranks
 
     rng = np.random.default_rng(3)
     n_items, B = 50, 9
@@ -344,7 +344,7 @@ def test_blocked_evaluation_stops_on_non_finite_scores_in_any_block(value, on_ta
 
 def test_dot_scorer_blocks_rank_like_one_block():
     """A two-tower scorer (random float vectors) ranks the same read in 4-item blocks as in one block."""
-    from llmkd.evaluate import DotScorer
+    from llmkd.evaluation.metrics import DotScorer
 
     data = random_data(n_users=40)
     g = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmkd.data import RecData, save_data
-from llmkd.evaluate import evaluate_scores, summarize
+from llmkd.evaluation.metrics import evaluate_scores, summarize
 from llmkd.experiments.peers import (
     DATETIME,
     FLOOR,

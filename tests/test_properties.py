@@ -3,7 +3,7 @@
 Split: random interaction tables with few users, items and timestamp values (so ties, repeats and
 negative timestamps are common) are split by `llmkd.data.split_leave_last_out` and checked against
 Python's stable `sorted` and against the protocol's invariants. Metrics: random score matrices with
-ties and masked (seen) items are ranked by `llmkd.evaluate` and checked against a ranking built by
+ties and masked (seen) items are ranked by `llmkd.evaluation.metrics` and checked against a ranking built by
 sorting every row, from which NDCG / Recall / HitRate / MRR @K are computed by their definitions.
 """
 
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from llmkd.data import split_leave_last_out
-from llmkd.evaluate import mask_seen, metrics_from_ranks, ranks_from_lists, target_ranks
+from llmkd.evaluation.metrics import mask_seen, metrics_from_ranks, ranks_from_lists, target_ranks
 
 SETTINGS = settings(max_examples=50, deadline=None)
 N_ITEMS = 8

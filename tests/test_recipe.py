@@ -253,7 +253,7 @@ def test_the_paired_rule_on_real_bootstrap_intervals(run_dir, clear):
     folders it is asked about (valid best first, twin second). An interval clearly above 0 keeps the valid
     best as the recipe; an interval that straddles 0 (with a positive mean, so a rule on the mean or on
     the upper end would keep the best) gives the no-teacher twin. The report records the interval."""
-    from llmkd.evaluate import paired_bootstrap
+    from llmkd.evaluation.metrics import paired_bootstrap
 
     out, clock = run_dir
     cfg = load_config(None, [f"out_dir={out}"])

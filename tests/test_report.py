@@ -1,4 +1,5 @@
-"""The evaluation stage in-process (`llmkd.report.run_evaluation`): which systems it scores and what it writes."""
+"""The evaluation stage in-process (`llmkd.evaluation.report.run_evaluation`): which systems it scores and what it
+writes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 
 from llmkd.data import build_data, save_data
-from llmkd.evaluate import evaluate_scores, summarize
+from llmkd.evaluation.metrics import evaluate_scores, summarize
+from llmkd.evaluation.report import run_evaluation
 from llmkd.infra.config import Config, DistillConfig, EvalConfig, TeacherConfig
-from llmkd.report import run_evaluation
 from llmkd.teacher import TeacherCache, build_teacher_cache
 
 
@@ -72,7 +73,7 @@ def test_the_protocol_is_written_next_to_the_metrics(two_teachers):
 def test_a_user_sample_is_explicit_and_the_same_for_every_system(two_teachers):
     """eval.max_users: N users per split drawn once (seeded), every system scored on exactly them (each
     system's per-user metrics equal the full run's rows for those users), and the sample is stated."""
-    from llmkd.evaluate import sample_users
+    from llmkd.evaluation.metrics import sample_users
 
     out, data = two_teachers
     n = len(data.eval_users("test")) // 3

@@ -40,9 +40,10 @@ def run_data(served_run):
 
 def offline_top(served_run, data, split: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The offline evaluation's ranking: (users, top-k rows, their scores), student scores over all items
-    (`llmkd.report.student_scorer`), seen items masked (`llmkd.evaluate.mask_seen`), ties to the lower row."""
-    from llmkd.evaluate import mask_seen
-    from llmkd.report import load_student, student_scorer
+    (`llmkd.evaluation.report.student_scorer`), seen items masked (`llmkd.evaluation.metrics.mask_seen`), ties to
+    the lower row."""
+    from llmkd.evaluation.metrics import mask_seen
+    from llmkd.evaluation.report import load_student, student_scorer
 
     model = load_student(served_run[1] / "student_text", data)
     users = data.eval_users(split)

@@ -24,11 +24,11 @@ import torch
 
 from llmkd.add_items import add_item_texts, student_item_vectors, teacher_item_vectors
 from llmkd.data import RecData, load_data
+from llmkd.evaluation.report import load_student
 from llmkd.index import build_index, search
 from llmkd.infra.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.infra.config import Config
 from llmkd.infra.locks import locked
-from llmkd.report import load_student
 from llmkd.teacher import TeacherCache, TextEncoder, adapter_path, user_prompt
 
 

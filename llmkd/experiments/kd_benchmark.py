@@ -24,10 +24,10 @@ from llmkd.infra.artifacts import atomic_dir, write_json
 from llmkd.experiments.seeds import paired_difference, run_seeds, seeds_markdown, variant_config
 from llmkd.infra.config import Config, load_config
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import evaluate_scores, mask_seen, paired_bootstrap
+from llmkd.evaluation.metrics import evaluate_scores, mask_seen, paired_bootstrap
 from llmkd.infra.locks import locked
 from llmkd.recipe import FAMILIES, run_search
-from llmkd.report import load_student, student_scorer
+from llmkd.evaluation.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
 
 NO_KD = "student_no_kd"

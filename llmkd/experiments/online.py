@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from llmkd.data import RecData, load_data
+from llmkd.evaluation.report import load_student
 from llmkd.index import build_index, search
 from llmkd.infra.config import Config
-from llmkd.report import load_student
 from llmkd.teacher import TeacherCache, TextEncoder, adapter_path, user_prompt
 
 Recommender = Callable[[np.ndarray], np.ndarray]  # (B,) users -> (B, K) item ids

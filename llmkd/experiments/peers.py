@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import PROTOCOL, evaluate_scores, summarize
+from llmkd.evaluation.metrics import PROTOCOL, evaluate_scores, summarize
 from llmkd.infra.artifacts import LlmkdError
 
 LIBRARY = "rectools"

@@ -131,7 +131,7 @@ def kd_cost(n_items: int, n_rows: int, teacher_dim: int = 384, kd_index: str = "
     `recall_rows` random rows."""
     import torch
 
-    from llmkd.ann import clustered_vectors
+    from llmkd.evaluation.ann import clustered_vectors
     from llmkd.infra.config import DistillConfig
     from llmkd.kd_targets import KDTargets
 
@@ -164,7 +164,7 @@ def eval_cost(n_items: int, n_users: int = 2048, item_block: int = 65536, dim: i
     import torch
 
     from llmkd.data import RecData
-    from llmkd.evaluate import DotScorer, evaluate_scores
+    from llmkd.evaluation.metrics import DotScorer, evaluate_scores
 
     hists = random_histories(n_users, n_items, mean_history + 2, seed)
     hists = [np.concatenate([h, np.random.default_rng(u).integers(0, n_items, 2)]) if len(h) < 3 else h

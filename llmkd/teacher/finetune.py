@@ -26,7 +26,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from llmkd.data import RecData
-from llmkd.evaluate import mask_seen, metrics_from_ranks, target_ranks
+from llmkd.evaluation.metrics import mask_seen, metrics_from_ranks, target_ranks
 from llmkd.infra.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, read_meta, write_json
 from llmkd.infra.config import Config
 from llmkd.infra.lineage import files_load

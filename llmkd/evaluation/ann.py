@@ -57,7 +57,7 @@ def student_vectors(out_dir: str | Path, student: str, n_queries: int, seed: int
     import torch
 
     from llmkd.data import load_data
-    from llmkd.report import load_student, student_user_vectors
+    from llmkd.evaluation.report import load_student, student_user_vectors
 
     out = Path(out_dir)
     data = load_data(out / "data")

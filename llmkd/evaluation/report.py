@@ -3,8 +3,8 @@
 Artifact `eval/`:
     metrics.json   {system: {split: {"ndcg@10": value, ...}}}
     paired.json    per-user paired differences (95% bootstrap intervals) between systems
-    protocol.json  the protocol's rules (`llmkd.evaluate.PROTOCOL`, also in meta.json) and, per split, how many
-                   users' held-out item repeats one in their history (masked: a miss for every system)
+    protocol.json  the protocol's rules (`llmkd.evaluation.metrics.PROTOCOL`, also in meta.json) and, per split,
+                   how many users' held-out item repeats one in their history (masked: a miss for every system)
     results.md     the markdown tables (metrics, paired comparison, stage cost), the protocol in a sentence
     valid_curve.png  valid NDCG@10 per epoch of each student
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from llmkd.data import RecData, load_data
-from llmkd.evaluate import (
+from llmkd.evaluation.metrics import (
     PROTOCOL,
     DotScorer,
     evaluate_retrieval,
@@ -64,7 +64,7 @@ def student_user_vectors(model: TwoTower, data: RecData, users: np.ndarray, spli
 
 
 def student_scorer(model: TwoTower, data: RecData) -> DotScorer:
-    """The student's scores, user vectors . item vectors, read in blocks of items (`llmkd.evaluate`)."""
+    """The student's scores, user vectors . item vectors, read in blocks of items (`llmkd.evaluation.metrics`)."""
     return DotScorer(lambda users, split: student_user_vectors(model, data, users, split), model.item_vectors())
 
 
