@@ -9,7 +9,7 @@ CONFIG ?= configs/ml100k.yaml
 SEEDS ?= 0 1 2
 # The demo's recipe search: seconds of student training it may spend (on 2 cores ~2 runs of ~2 min).
 TUNE_BUDGET ?= 300
-TUNE_FLAGS ?=  # e.g. --prune: stop candidates that fall behind early (llmkd/pruning.py)
+TUNE_FLAGS ?=  # e.g. --prune: stop candidates that fall behind early (llmkd/distill/pruning.py)
 JOBS ?= 1
 # torch 2.13.0 is pinned: an unpinned `pip install torch` pulls a multi-GB CUDA build on Linux.
 TORCH ?= torch==2.13.0

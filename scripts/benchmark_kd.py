@@ -5,7 +5,7 @@
     python scripts/benchmark_kd.py --config configs/amazon_beauty.yaml --target 1.25 1.40 --peer "ActionPiece (ICML 2025)=0.0424"
 
 Writes <out_dir>/kd_benchmark/summary/results.md (search, table, targets, diagnostics), results.json and
-seeds.png; the valid search is the recipe search (llmkd.recipe, runs in <out_dir>/kd_benchmark/search/runs/),
+seeds.png; the valid search is the recipe search (llmkd.distill.recipe, runs in <out_dir>/kd_benchmark/search/runs/),
 the seeds land in <out_dir>/seeds/; every finished student is reused on a rerun.
 """
 
@@ -32,7 +32,8 @@ def main() -> None:
     p.add_argument("--peer", default="SASRec (RecBole, docs/peers.md)=0.0959", metavar="NAME=NDCG",
                    help="a published test NDCG@10 to compare with")
     p.add_argument("--configured-twin", action="store_true",
-                   help="skip the twin stage: the no-teacher student at the configured settings only (llmkd.recipe.twin_points)")
+                   help="skip the twin stage: the no-teacher student at the configured settings only "
+                        "(llmkd.distill.recipe.twin_points)")
     args = p.parse_args()
     name, _, value = args.peer.rpartition("=")
     try:

@@ -9,16 +9,16 @@ Needs <out_dir>/data and the teacher cache (scripts/prepare_data.py, scripts/bui
 <out_dir>/tune/recipe.yaml (the chosen overrides), report.md, report.json and search.png; runs land in
 <out_dir>/tune/runs/ and are reused on a rerun (an interrupted run resumes from its checkpoint). With --prune,
 a candidate that falls behind the candidates before it at 5, 15, 45, ... epochs is stopped there and never
-chosen (llmkd.pruning: Optuna's successive halving; the study in <out_dir>/tune/pruning.journal).
+chosen (llmkd.distill.pruning: Optuna's successive halving; the study in <out_dir>/tune/pruning.journal).
 """
 
 import copy
 from pathlib import Path
 
 from llmkd.cli import config_from, parser, run
+from llmkd.distill.pruning import Pruning
+from llmkd.distill.recipe import FAMILIES, run_search
 from llmkd.infra.artifacts import LlmkdError
-from llmkd.pruning import Pruning
-from llmkd.recipe import FAMILIES, run_search
 
 
 def main() -> None:
@@ -29,8 +29,10 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="students trained at a time (worker processes share the cores)")
     p.add_argument("--seed", type=int, default=None, help="seed of the search runs (default: distill.seed)")
     p.add_argument("--configured-twin", action="store_true",
-                   help="skip the twin stage: the no-teacher student at the configured settings only (llmkd.recipe.twin_points)")
-    p.add_argument("--prune", action="store_true", help="stop candidates that fall behind early (llmkd.pruning)")
+                   help="skip the twin stage: the no-teacher student at the configured settings only "
+                        "(llmkd.distill.recipe.twin_points)")
+    p.add_argument("--prune", action="store_true",
+                   help="stop candidates that fall behind early (llmkd.distill.pruning)")
     p.add_argument("--prune-min-epochs", type=int, default=Pruning.min_epochs,
                    help="with --prune: the first rung, in epochs (rungs at this x factor^k)")
     p.add_argument("--prune-factor", type=int, default=Pruning.reduction_factor,

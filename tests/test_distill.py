@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from llmkd.distill import hard_loss
+from llmkd.distill.kd_targets import KDTargets
+from llmkd.distill.windows import WindowDataset
 from llmkd.infra.artifacts import LlmkdError
-from llmkd.kd_targets import KDTargets
 from llmkd.teacher import kd_cuts
-from llmkd.windows import WindowDataset
 
 
 def test_windows_cover_every_next_item_once():
@@ -331,7 +331,7 @@ def test_kd_candidates_exclude_items_seen_before_the_window():
 
 
 def test_length_buckets_cover_every_window_once_with_similar_lengths():
-    from llmkd.windows import LengthBucketSampler
+    from llmkd.distill.windows import LengthBucketSampler
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 51, size=1000)
@@ -348,8 +348,8 @@ def test_length_buckets_cover_every_window_once_with_similar_lengths():
 
 
 def test_trim_padding_keeps_every_real_state():
+    from llmkd.distill.windows import trim_padding
     from llmkd.student import TwoTower
-    from llmkd.windows import trim_padding
 
     torch.manual_seed(0)
     model = TwoTower(num_items=30, max_len=8, dim=16, num_heads=2, dropout=0.0).eval()
@@ -700,8 +700,8 @@ def test_the_trainer_learns_sparsely_and_resumes(tmp_path, synthetic, capsys, mo
 
 
 def test_valid_users_samples_the_same_users_for_every_run(synthetic_data):
+    from llmkd.distill.windows import get_dataloaders
     from llmkd.infra.config import Config, DistillConfig
-    from llmkd.windows import get_dataloaders
 
     def users(**kw):
         _, eval_dl = get_dataloaders(synthetic_data, Config(distill=DistillConfig(**kw)))

@@ -609,8 +609,8 @@ def test_tune_writes_a_recipe_that_distill_trains_or_reuses(pipeline):
     # teacher is beyond noise, and that gain is the difference of the numbers training recorded; the search
     # asks the rule (and records its answer) exactly when the best is not the twin
     from llmkd.data import load_data
+    from llmkd.distill.recipe import valid_gain
     from llmkd.infra.config import load_config
-    from llmkd.recipe import valid_gain
 
     gain = valid_gain(load_config(cfg), load_data(out / "data"), out / best["folder"], out / base["folder"])
     assert gain["mean"] == pytest.approx(best["valid_ndcg@10"] - base["valid_ndcg@10"], abs=1e-5)

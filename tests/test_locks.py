@@ -164,12 +164,12 @@ def _stages():
     """name -> (artifact folder under out_dir, call(cfg) that writes it)."""
     from llmkd.data import load_data, save_data
     from llmkd.distill import train
+    from llmkd.distill.recipe import run_search
     from llmkd.evaluation.report import run_evaluation
     from llmkd.experiments.coldstart import run_cold_start
     from llmkd.experiments.kd_benchmark import run_kd_benchmark
     from llmkd.experiments.seeds import run_seeds
     from llmkd.index import build_index, save_index
-    from llmkd.recipe import run_search
     from llmkd.teacher import build_teacher_cache
     from llmkd.teacher.finetune import finetune_teacher
 

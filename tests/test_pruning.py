@@ -1,4 +1,4 @@
-"""Pruning the recipe search (llmkd.pruning): the training loop stops when told, a pruned run is never taken
+"""Pruning the recipe search (llmkd.distill.pruning): the training loop stops when told, a pruned run is never taken
 for a finished one and resumes, Optuna's successive halving stops the candidate that falls behind, and the
 search never chooses a pruned candidate."""
 
@@ -54,8 +54,8 @@ def test_successive_halving_stops_the_candidate_that_falls_behind(tmp_path, monk
     from optuna.trial import TrialState
 
     from llmkd import distill
+    from llmkd.distill.pruning import Pruning, train_pruned
     from llmkd.infra.config import Config, DistillConfig
-    from llmkd.pruning import Pruning, train_pruned
 
     curves = {"first": [0.10, 0.20, 0.25, 0.30, 0.31, 0.32], "behind": [0.01, 0.02, 0.03, 0.40, 0.5, 0.6],
               "ahead": [0.15, 0.25, 0.30, 0.35, 0.36, 0.37]}
@@ -89,9 +89,9 @@ def test_the_search_never_chooses_a_pruned_candidate(run_dir):
     chosen, even with the highest valid NDCG@10; the finished best is."""
     from test_recipe import CLEAR_GAIN, CONFIGURED_TWIN, FAMILIES_SMALL, FakeTrainer, fake_score
 
+    from llmkd.distill.pruning import Pruning
+    from llmkd.distill.recipe import run_search
     from llmkd.infra.config import load_config
-    from llmkd.pruning import Pruning
-    from llmkd.recipe import run_search
 
     out, clock = run_dir
     cfg = load_config(None, [f"out_dir={out}"])
@@ -123,8 +123,8 @@ def test_a_pruned_twin_stage_trains_for_real_in_two_worker_processes(tmp_path, s
     from optuna.trial import TrialState
 
     from llmkd.data import build_data, save_data
-    from llmkd.pruning import Pruning
-    from llmkd.recipe import run_search, twin_points
+    from llmkd.distill.pruning import Pruning
+    from llmkd.distill.recipe import run_search, twin_points
 
     cfg = tiny(tmp_path, synthetic, "unused", epochs=3)
     save_data(build_data(cfg.data), tmp_path / "data", cfg.data)

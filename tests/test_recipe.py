@@ -19,7 +19,7 @@ from llmkd.infra.artifacts import LlmkdError, write_json
 from llmkd.infra.config import Config, DataConfig, load_config
 from llmkd.data import save_data
 from llmkd.infra.checkpoints import teacher_fingerprint
-from llmkd.recipe import FAMILIES, NO_TEACHER, best_by_family, combinations, first_candidates, run_search
+from llmkd.distill.recipe import FAMILIES, NO_TEACHER, best_by_family, combinations, first_candidates, run_search
 
 CONFIGURED_TWIN = {"": []}  # the twin stage as it was: the configured no-teacher student only
 CLEAR_GAIN = lambda cfg, data, folder, base: {"mean": 0.01, "lo": 0.005, "hi": 0.015}  # noqa: E731 (beyond noise)
@@ -71,7 +71,7 @@ def run_dir(tmp_path, synthetic_data, monkeypatch):
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "meta.json").write_text('{"stage": "teacher"}\n')
     clock = [0.0]
-    monkeypatch.setattr("llmkd.recipe.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("llmkd.distill.recipe.time.monotonic", lambda: clock[0])
     return tmp_path, clock
 
 
@@ -101,7 +101,7 @@ def test_combinations_keep_the_score_loss_alpha(run_dir):
 
 
 def test_both_content_families_are_combined_when_both_ran():
-    from llmkd.recipe import Candidate
+    from llmkd.distill.recipe import Candidate
 
     def cand(name, family, overrides, score):
         c = Candidate(name, family, overrides, 0)
@@ -205,7 +205,7 @@ def test_a_recipe_within_noise_of_no_teacher_is_not_chosen(run_dir, lo, chosen):
 def test_the_twin_stage_picks_the_best_no_teacher_settings_and_every_family_trains_with_them(run_dir):
     """Twin points first; the valid best (here twice the lr) is the no-teacher baseline of the evidence rule
     and its settings ride along in every family candidate and in the recipe."""
-    from llmkd.recipe import twin_points
+    from llmkd.distill.recipe import twin_points
 
     out, clock = run_dir
     cfg = load_config(None, [f"out_dir={out}"])
@@ -248,7 +248,7 @@ def per_user_valid_ndcg(clear: bool, n: int = 40) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("clear", [True, False], ids=["interval_above_0", "interval_straddles_0"])
 def test_the_paired_rule_on_real_bootstrap_intervals(run_dir, clear):
-    """Both branches of the paired rule (`llmkd.recipe.evidence`) through `run_search`, deterministically:
+    """Both branches of the paired rule (`llmkd.distill.recipe.evidence`) through `run_search`, deterministically:
     the gain is the real `paired_bootstrap` of per-user valid NDCG@10 arrays looked up by the two run
     folders it is asked about (valid best first, twin second). An interval clearly above 0 keeps the valid
     best as the recipe; an interval that straddles 0 (with a positive mean, so a rule on the mean or on
@@ -331,7 +331,7 @@ def test_the_search_never_reads_the_test_split(tmp_path, synthetic_data, monkeyp
     valid score is raised after training so it is the valid best and the paired rule is asked. The search
     completes without one read of test, and the gain it recorded is the two students' valid difference."""
     from llmkd.data import load_data
-    from llmkd.recipe import NO_TEACHER_OVERRIDES, train_many
+    from llmkd.distill.recipe import NO_TEACHER_OVERRIDES, train_many
 
     # not `run_dir`: its fake clock replaces time.monotonic everywhere, which the real training's lock reads
     save_data(synthetic_data, tmp_path / "data", DataConfig())

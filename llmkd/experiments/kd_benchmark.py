@@ -26,7 +26,7 @@ from llmkd.infra.config import Config, load_config
 from llmkd.data import RecData, load_data
 from llmkd.evaluation.metrics import evaluate_scores, mask_seen, paired_bootstrap
 from llmkd.infra.locks import locked
-from llmkd.recipe import FAMILIES, run_search
+from llmkd.distill.recipe import FAMILIES, run_search
 from llmkd.evaluation.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
 
@@ -37,7 +37,7 @@ HEADROOM_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)  # teacher-score weights of th
 
 def search(cfg: Config, families: dict[str, tuple[list[str], dict[str, list]]], seed: int, jobs: int = 1,
            budget_s: float | None = None, twins: dict[str, list[str]] | None = None) -> tuple[dict, dict, dict]:
-    """The recipe search (`llmkd.recipe.run_search`) at `seed` into `<out_dir>/kd_benchmark/search/`.
+    """The recipe search (`llmkd.distill.recipe.run_search`) at `seed` into `<out_dir>/kd_benchmark/search/`.
 
     Returns, per family, its runs and the valid-best point (`{"fixed", "runs", "chosen"}`), the
     combinations the search trained (`{name: {"overrides", "folder", "valid_ndcg@10"}}`), and the search's

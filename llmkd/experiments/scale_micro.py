@@ -131,9 +131,9 @@ def kd_cost(n_items: int, n_rows: int, teacher_dim: int = 384, kd_index: str = "
     `recall_rows` random rows."""
     import torch
 
+    from llmkd.distill.kd_targets import KDTargets
     from llmkd.evaluation.ann import clustered_vectors
     from llmkd.infra.config import DistillConfig
-    from llmkd.kd_targets import KDTargets
 
     train = [h for h in random_histories(n_rows, n_items, mean_history, seed)]
     train = [np.append(h, h[:1]) if len(h) < 2 else h for h in train]  # a kd cut needs >= 2 train items

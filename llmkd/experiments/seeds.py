@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from llmkd.data import load_data
+from llmkd.distill.recipe import NO_TEACHER_OVERRIDES, train_many
 from llmkd.evaluation.metrics import evaluate_scores, paired_bootstrap, popularity_scorer, summarize
 from llmkd.evaluation.report import SPLITS, load_student, student_scorer
 from llmkd.infra.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.infra.config import Config, apply_overrides, from_dict
 from llmkd.infra.locks import locked
 from llmkd.infra.reuse import reuse, runs_in
-from llmkd.recipe import NO_TEACHER_OVERRIDES, train_many
 from llmkd.student import TwoTower
 from llmkd.teacher import TeacherCache
 

@@ -118,8 +118,8 @@ def student_stages(cfg, data, reps: int, peak: float, batches: int) -> dict:
     from accelerate import Accelerator
 
     from llmkd.distill import hard_loss, popularity_log_q, validate
+    from llmkd.distill.windows import get_dataloaders
     from llmkd.student import TwoTower
-    from llmkd.windows import get_dataloaders
 
     torch.manual_seed(0)
     train_dl, eval_dl = get_dataloaders(data, cfg)

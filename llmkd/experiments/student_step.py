@@ -31,8 +31,8 @@ def student_step_cost(cfg, groups: list[int], batches: int = 8, reps: int = 3, t
 
     from llmkd.data import load_data
     from llmkd.distill import hard_loss
+    from llmkd.distill.windows import get_dataloaders
     from llmkd.student import TwoTower
-    from llmkd.windows import get_dataloaders
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -24,7 +24,7 @@ class WindowDataset(Dataset):
 
     Item: {'input_ids': (L,) int64, 'labels': (L,) int64 (-100 = none), 'user': int64,
     'teacher_rows': (L,) int64}; `teacher_rows[j]` is the row of the teacher's user vector for the
-    history ending at position j (see `llmkd.kd_targets.KDTargets`), -1 where the teacher has none.
+    history ending at position j (see `llmkd.distill.kd_targets.KDTargets`), -1 where the teacher has none.
     """
 
     def __init__(self, train: list[np.ndarray], num_items: int, max_len: int,

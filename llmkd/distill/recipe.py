@@ -15,7 +15,7 @@ Search order (so a short budget spends itself where it pays most):
   last: the combinations, built from each family's best point so far.
 A run starts only while `elapsed + (mean fresh run time) <= budget`; finished runs are reused (keyed on
 their training inputs, `llmkd.infra.reuse`; students already in out_dir, like `student_no_kd`, count too), an
-interrupted run resumes from its checkpoint. With `pruning` (`llmkd.pruning`, `scripts/tune.py --prune`)
+interrupted run resumes from its checkpoint. With `pruning` (`llmkd.distill.pruning`, `scripts/tune.py --prune`)
 a candidate that falls behind the ones before it at a rung of epochs is stopped there and never chosen.
 
 Writes `<out_dir>/<folder>/`: recipe.yaml (the chosen overrides as a config fragment that
@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 
 from llmkd.data import load_data
 from llmkd.distill import train
+from llmkd.distill.pruning import Pruning, train_pruned
 from llmkd.infra.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.infra.config import Config, apply_overrides, from_dict
 from llmkd.infra.locks import locked
 from llmkd.infra.reuse import reuse
-from llmkd.pruning import Pruning, train_pruned
 
 NO_TEACHER = "no_teacher"
 # The twin without a teacher: no KD term, no alignment head, no teacher item features, whatever the base
@@ -299,7 +299,7 @@ def write_report(folder: Path, report: dict, cands: list[Candidate], chosen: Can
         if c is chosen:
             cells = [f"**{x}**" if x else x for x in cells]
         md.append("| " + " | ".join(cells) + " |")
-    header = (f"# Distillation recipe chosen on valid by the recipe search (llmkd.recipe): {chosen.name}\n"
+    header = (f"# Distillation recipe chosen on valid by the recipe search (llmkd.distill.recipe): {chosen.name}\n"
               f"# valid NDCG@10 {chosen.record['valid_ndcg@10']:.4f}"
               + (f" vs {base:.4f} without a teacher" if base is not None else "")
               + f"; data fingerprint {report['data_fingerprint']}\n"
@@ -341,7 +341,7 @@ def plot_search(cands: list[Candidate], base: float | None, path: Path) -> None:
 
 
 def train_one(cfg: Config, resume: bool, pruning: Pruning | None, threads: int | None = None) -> None:
-    """One student: `distill.train`, or a trial of the pruned study (`llmkd.pruning.train_pruned`)."""
+    """One student: `distill.train`, or a trial of the pruned study (`llmkd.distill.pruning.train_pruned`)."""
     if threads is not None:
         torch.set_num_threads(threads)
     if pruning is None:

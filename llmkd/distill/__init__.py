@@ -29,18 +29,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkd.data import RecData, load_data
+from llmkd.distill.kd_targets import KDTargets
+from llmkd.distill.windows import get_dataloaders, trim_padding
 from llmkd.evaluation.metrics import blocked_ranks, metrics_from_ranks
 from llmkd.infra.artifacts import LlmkdError, StageTimer, atomic_dir, new_meta, write_json
 from llmkd.infra.checkpoints import load_checkpoint, run_record, same_run, save_checkpoint, teacher_fingerprint
 from llmkd.infra.config import Config
 from llmkd.infra.lineage import input_record
 from llmkd.infra.locks import main_process_lock
-from llmkd.kd_targets import KDTargets
 from llmkd.losses.full_softmax import full_softmax_loss
 from llmkd.losses.neighbor_smoothing import item_neighbors, neighbor_smoothing_term
 from llmkd.student import TwoTower, content_init_vectors, init_item_embedding
 from llmkd.teacher import TeacherCache
-from llmkd.windows import get_dataloaders, trim_padding
 
 TEACHER_KEYS = ("item_emb", "user_pos", "pos_user", "pos_cut")
 """The teacher cache arrays training reads; the per-split user vectors are left on disk."""
@@ -173,7 +173,7 @@ def train(cfg: Config, resume: bool = False, get_loaders=get_dataloaders,
     """Train one student (KD when alpha > 0) and export the best valid epoch to `out_dir/<name>`, holding
     the student's lock: it covers `checkpoints/<name>/` too, which another run would delete or resume.
     `on_epoch(epoch, valid NDCG@10)` is called after each epoch (a resumed run's earlier epochs first); when it
-    returns True the run stops there, pruned (`llmkd.pruning`): its best epoch is exported as usual, with
+    returns True the run stops there, pruned (`llmkd.distill.pruning`): its best epoch is exported as usual, with
     `pruned_at_epoch` in meta.json, and a later run that resumes it without `on_epoch` goes on."""
     accelerator = make_accelerator(cfg, Path(cfg.out_dir) / "checkpoints" / cfg.distill.name)
     with main_process_lock(accelerator, Path(cfg.out_dir) / cfg.distill.name):
@@ -278,7 +278,7 @@ def _train(cfg: Config, accelerator: Accelerator, resume: bool, get_loaders, on_
                                  if k not in ("epoch", "seconds")}, step=epoch + 1)
             if on_epoch is not None and on_epoch(epoch + 1, row["ndcg@10"]):
                 state["pruned_at"] = epoch + 1
-                accelerator.print(f"{dc.name}: pruned after epoch {epoch + 1} (llmkd.pruning)")
+                accelerator.print(f"{dc.name}: pruned after epoch {epoch + 1} (llmkd.distill.pruning)")
             save_checkpoint(accelerator, ckpt_dir, state)
     if dc.log_with:
         accelerator.end_training()
