@@ -10,8 +10,8 @@ join the vocabulary and the index in one atomic rewrite: a crash leaves the old 
 import argparse
 import os
 
-from llmkd.add_items import add_items
-from llmkd.cli import run
+from llmkd.commands.add_items import add_items
+from llmkd.commands.cli import run
 from llmkd.infra.locks import WAIT_ENV
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 from llmkd.infra.artifacts import LlmkdError
 
 

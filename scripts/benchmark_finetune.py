@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.experiments.stage_efficiency import lora_batch
 from llmkd.teacher import TextEncoder

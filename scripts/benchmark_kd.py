@@ -13,7 +13,7 @@ import copy
 
 import yaml
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.kd_benchmark import FAMILIES, run_kd_benchmark
 from llmkd.infra.artifacts import LlmkdError
 

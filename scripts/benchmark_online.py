@@ -9,7 +9,7 @@ parameter counts; the systems alternate, medians over --repeats.
 
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.online import measure_online_cost, online_markdown
 from llmkd.infra.artifacts import write_json
 

@@ -11,7 +11,7 @@ one of its "runs" entries, to measure again). Run it on an otherwise idle machin
 import os
 from pathlib import Path
 
-from llmkd.cli import parser, run
+from llmkd.commands.cli import parser, run
 from llmkd.experiments.processes import STAGES, Cluster, Workload, run_benchmark
 
 

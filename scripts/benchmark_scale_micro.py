@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 
 
 def arguments() -> argparse.Namespace:

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 from llmkd.experiments.service_faults import measure_service_faults
 from llmkd.infra.artifacts import write_json
 

@@ -11,7 +11,7 @@ the reason in the JSON when it is not installed or not built; --teacher-set over
 
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.serving_cost import measure_serving_cost, serving_cost_markdown, teacher_configs
 from llmkd.infra.artifacts import LlmkdError, write_json
 from llmkd.infra.config import load_config

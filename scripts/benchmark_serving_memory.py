@@ -8,7 +8,7 @@ Run it on an otherwise idle machine (the two settings share its cores).
 
 import json
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 from llmkd.experiments.serving_memory import run_benchmark
 
 

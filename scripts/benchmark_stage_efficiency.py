@@ -10,7 +10,7 @@ Run it on an otherwise idle machine: the seconds are what the fractions are made
 import json
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.scale_micro import environment
 from llmkd.experiments.stage_efficiency import plot, stage_efficiency
 from llmkd.infra.artifacts import write_json

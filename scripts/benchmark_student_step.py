@@ -8,7 +8,7 @@ value, side by side in one process (llmkd.experiments.student_step); ratios, not
 import json
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.scale_micro import environment
 from llmkd.experiments.student_step import student_step_cost
 from llmkd.infra.artifacts import write_json

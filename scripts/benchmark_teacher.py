@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.teacher import TextEncoder, item_prompts, resolve_model_path
 

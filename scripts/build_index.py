@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.evaluation.report import load_student
 from llmkd.index import build_index, save_index

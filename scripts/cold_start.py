@@ -9,7 +9,7 @@
 Writes <out_dir>/cold_start/results.md and results.json.
 """
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.coldstart import run_cold_start
 
 

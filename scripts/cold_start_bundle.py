@@ -11,7 +11,7 @@ items get the same vectors there and here. Prints both when that file exists.
 import json
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.coldstart import cold_start_through_bundle
 
 

@@ -10,7 +10,7 @@ each seed's difference).
 import json
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.seeds import compare_folders
 from llmkd.infra.artifacts import LlmkdError, reading
 

@@ -15,7 +15,7 @@ settings on the same data and teacher cache is copied instead of trained again (
 import os
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.distill import train
 from llmkd.infra.reuse import reuse, runs_in

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.evaluation.report import run_evaluation
 
 

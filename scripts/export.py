@@ -5,7 +5,7 @@
 The bundle loads with torch, faiss and safetensors only: `llmkd.Recommender.from_pretrained(folder)`.
 """
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.serving.bundle import export_bundle
 
 

@@ -9,7 +9,7 @@ Needs onnx, onnxruntime and onnxscript (`pip install -e '.[onnx]'`). The graph m
 
 import argparse
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 from llmkd.serving.onnx import export_onnx
 
 

@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.data import load_data
 from llmkd.teacher.finetune import finetune_teacher
 

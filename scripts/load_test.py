@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 from llmkd.infra.artifacts import write_json
 from llmkd.serving.load_test import LoadConfig, load_test, markdown
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ rewritten after each seed; seeds already in it with the same settings and data a
 
 from dataclasses import replace
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.peers import PeerSettings, markdown, run_peers
 from llmkd.infra.artifacts import LlmkdError
 

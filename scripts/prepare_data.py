@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.data import build_data, no_eval_users, save_data, split_checksums
 from llmkd.infra.artifacts import StageTimer
 from llmkd.infra.locks import artifact_lock

@@ -11,7 +11,7 @@ naming them (exit 2) unless --unknown drop.
 import argparse
 import json
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 from llmkd.serving.recommender import UNKNOWN_POLICIES, Recommender
 
 

@@ -12,7 +12,7 @@ config or recipe says; with --recipe the search's runs are reused where their se
 
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.experiments.seeds import DEFAULT_VARIANTS, run_seeds
 from llmkd.infra.artifacts import LlmkdError
 

@@ -11,7 +11,7 @@
 import argparse
 import os
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 from llmkd.serving.server import serve
 from llmkd.serving.workers import ADMIN_TOKEN_ENV, MAX_QUEUE, ServiceOptions
 

@@ -15,7 +15,7 @@ chosen (llmkd.distill.pruning: Optuna's successive halving; the study in <out_di
 import copy
 from pathlib import Path
 
-from llmkd.cli import config_from, parser, run
+from llmkd.commands.cli import config_from, parser, run
 from llmkd.distill.pruning import Pruning
 from llmkd.distill.recipe import FAMILIES, run_search
 from llmkd.infra.artifacts import LlmkdError

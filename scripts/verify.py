@@ -8,7 +8,7 @@ file that differs (missing, size, sha256, not listed) and exit status 2. Loads n
 
 import argparse
 
-from llmkd.cli import run
+from llmkd.commands.cli import run
 from llmkd.infra.artifacts import recover_if_needed
 from llmkd.serving.manifest import check_files, read_manifest
 

@@ -1,4 +1,4 @@
-"""New items from text in a bundle (`llmkd.add_items`): the cold-start vector, at once in the index,
+"""New items from text in a bundle (`llmkd.commands.add_items`): the cold-start vector, at once in the index,
 atomically, and refused where the student has no text path."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def bundle(served_run, tmp_path, request):
 @pytest.fixture(scope="module")
 def cold(served_run, synthetic, tmp_path_factory):
     """The run's withheld (cold) items as an items file, their ids and their cold-start student vectors."""
-    from llmkd.add_items import student_item_vectors, teacher_item_vectors
+    from llmkd.commands.add_items import student_item_vectors, teacher_item_vectors
     from llmkd.data import load_data
     from llmkd.evaluation.report import load_student
     from llmkd.teacher import TextEncoder
@@ -62,7 +62,7 @@ def digest(folder) -> dict[str, str]:
 def test_added_items_get_the_cold_start_vector_and_are_recommendable(bundle, cold):
     import faiss
 
-    from llmkd.add_items import add_items
+    from llmkd.commands.add_items import add_items
     from llmkd.index import faiss_index, read_index
     from llmkd.serving import Recommender
 
@@ -97,7 +97,7 @@ def test_added_items_get_the_cold_start_vector_and_are_recommendable(bundle, col
 
 
 def test_a_crash_while_adding_leaves_the_old_bundle(bundle, cold, monkeypatch):
-    from llmkd.add_items import add_items
+    from llmkd.commands.add_items import add_items
     from llmkd.serving import Recommender
     from llmkd.serving import bundle as layout
 
@@ -116,7 +116,7 @@ def test_a_crash_while_adding_leaves_the_old_bundle(bundle, cold, monkeypatch):
 
 
 def test_ids_already_in_the_bundle_or_repeated_are_refused(bundle, cold, tmp_path):
-    from llmkd.add_items import add_items
+    from llmkd.commands.add_items import add_items
 
     known = cold["data"].item_ids[0]
     path = tmp_path / "items.csv"
@@ -129,7 +129,7 @@ def test_ids_already_in_the_bundle_or_repeated_are_refused(bundle, cold, tmp_pat
 
 
 def test_a_changed_teacher_base_model_is_refused(bundle, cold):
-    from llmkd.add_items import add_items
+    from llmkd.commands.add_items import add_items
     from llmkd.serving.manifest import write_manifest
 
     record = json.loads((bundle / "teacher/teacher.json").read_text())
@@ -182,7 +182,7 @@ def test_the_bundle_carries_the_lora_adapter_add_items_needs(served_run, cold, t
     from peft import LoraConfig, get_peft_model
     from safetensors.numpy import load_file
 
-    from llmkd.add_items import add_items, teacher_item_vectors
+    from llmkd.commands.add_items import add_items, teacher_item_vectors
     from llmkd.serving.bundle import export_bundle
     from llmkd.teacher import TextEncoder, build_teacher_cache
 

@@ -3,7 +3,7 @@
 Every file in `tests/bad_inputs/` is one broken input (or, for `ok_*`, the well-formed half of a pair).
 Each case runs a script as a subprocess and checks that it
 
-- exits with status 2 (`llmkd.cli.run`'s user-error status),
+- exits with status 2 (`llmkd.commands.cli.run`'s user-error status),
 - prints exactly one line to stderr, `error: ...`, naming the file or config key and what is wrong,
 - prints no traceback, and
 - writes nothing: the stage's artifact folder does not appear and no `.tmp-` sibling is left.

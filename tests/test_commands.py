@@ -122,7 +122,7 @@ def test_add_items_then_recommend_finds_them(exported, served_run, synthetic, tm
     import numpy as np
     import torch
 
-    from llmkd.add_items import student_item_vectors, teacher_item_vectors
+    from llmkd.commands.add_items import student_item_vectors, teacher_item_vectors
     from llmkd.data import load_data
     from llmkd.evaluation.report import load_student
     from llmkd.serving import Recommender

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkd.add_items import add_item_texts, student_item_vectors, teacher_item_vectors
+from llmkd.commands.add_items import add_item_texts, student_item_vectors, teacher_item_vectors
 from llmkd.data import RecData, load_data
 from llmkd.evaluation.report import load_student
 from llmkd.index import build_index, search

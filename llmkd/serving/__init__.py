@@ -3,7 +3,7 @@
 This room imports only the student, the index and the base modules (artifacts, config, data ids),
 never the teacher or training code, nor `transformers` / `peft`: a bundle loads and recommends with
 torch, faiss and safetensors alone (tests/test_serving_layout.py holds it to that). Adding items from
-their text needs the teacher, so it lives outside, in `llmkd.add_items`.
+their text needs the teacher, so it lives outside, in `llmkd.commands.add_items`.
 
 Names are resolved lazily, so `import llmkd.serving` costs nothing until one is used.
 """

@@ -31,10 +31,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmkd.cli import ERROR_FILE_ENV
+from llmkd.commands.cli import ERROR_FILE_ENV
 from llmkd.infra.artifacts import LlmkdError
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def launch(script: Path, launch_args: list[str], script_args: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the error lines say it
     with tempfile.TemporaryDirectory(prefix="llmkd-") as tmp:
         errors = Path(tmp) / "errors.txt"
-        os.environ[ERROR_FILE_ENV] = str(errors)  # the launched processes inherit it (`llmkd.cli.run`)
+        os.environ[ERROR_FILE_ENV] = str(errors)  # the launched processes inherit it (`llmkd.commands.cli.run`)
         try:
             launch_command(args)
             status = 0
