@@ -7,7 +7,7 @@
     serving_cost   the serving bundle's API and HTTP service vs the teachers, side by side
     scale_micro    catalog-size micro-benchmarks: full vs sampled softmax, KD candidates, blocked eval, index
 
-They import the core modules (data, teacher, student, distill, recipe, index, evaluate, report, ...) and
-`llmkd.serving`; the core never imports them (tests/test_experiments_layout.py holds it to that), so
-`llmkd/` reads as core, `experiments/` and `serving/`.
+They import the core modules (data, teacher, student, distill, distill.recipe, index, evaluation.metrics,
+evaluation.report, ...) and `llmkd.serving`; the core never imports them (tests/test_experiments_layout.py holds
+it to that), so `llmkd/` reads as core, `experiments/` and `serving/`.
 """
