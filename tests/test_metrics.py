@@ -317,8 +317,10 @@ def test_blocked_evaluation_equals_full_ranking(split, item_block):
         np.testing.assert_array_equal(m[key], full[key], err_msg=key)
 
 
-def test_blocked_ranks_are_exact_beyond_the_top_k():
-    """Ranks themselves (not only metrics at small K) match `target_ranks` of the whole masked row."""
+@pytest.mark.parametrize("item_block", [6, 50])
+def test_blocked_ranks_are_exact_beyond_the_top_k(item_block):
+    """Ranks themselves (not only metrics at small K) match `target_ranks` of the whole masked row, tied scores
+    included, in blocks and in one block."""
     from llmkd.evaluation.metrics import blocked_ranks
 
     rng = np.random.default_rng(3)
@@ -327,7 +329,7 @@ def test_blocked_ranks_are_exact_beyond_the_top_k():
     targets = torch.as_tensor(rng.integers(0, n_items, B))
     hists = [rng.choice(n_items, size=int(s), replace=False) for s in rng.integers(0, 20, B)]
     expected = target_ranks(mask_seen(table.clone(), hists), targets)
-    ranks, bad = blocked_ranks(lambda lo, hi: table[:, lo:hi].clone(), n_items, 6, targets, hists,
+    ranks, bad = blocked_ranks(lambda lo, hi: table[:, lo:hi].clone(), n_items, item_block, targets, hists,
                                lambda: table[torch.arange(B), targets])
     assert torch.equal(ranks, expected) and not bad.any()
     assert (expected > 10).any() and (expected == MISS_RANK).any()

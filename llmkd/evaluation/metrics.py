@@ -188,16 +188,19 @@ def blocked_ranks(score_block: Callable[[int, int], torch.Tensor], n_items: int,
         hi = min(n_items, lo + item_block)
         s = score_block(lo, hi)  # (B, b)
         assert s.shape == (B, hi - lo), (s.shape, B, lo, hi)
-        bad |= torch.isnan(s).any(1) | torch.isposinf(s).any(1)
+        bad |= ~(s.amax(1) < float("inf"))  # NaN propagates through amax, +inf is not below inf: one pass
         if single:
             s_t = s.gather(1, targets[:, None])[:, 0].clone()
         here = (cols >= lo) & (cols < hi)
         s[rows[here], cols[here] - lo] = float("-inf")
         mine = (targets >= lo) & (targets < hi)
         s[everyone[mine], targets[mine] - lo] = float("-inf")  # the target is not better than itself
-        better += (s > s_t[:, None]).sum(1)
-        idx = torch.arange(lo, hi, device=device)
-        better += ((s == s_t[:, None]) & (idx[None, :] < targets[:, None])).sum(1)  # ties to the lower index
+        flags = s > s_t[:, None]
+        better += torch.count_nonzero(flags, dim=1)  # no (B, b) int64 copy, as .sum(1) of bools makes
+        torch.eq(s, s_t[:, None], out=flags)
+        if flags.any():  # exact ties (rare outside degenerate scores) go to the lower index
+            idx = torch.arange(lo, hi, device=device)
+            better += torch.count_nonzero(flags & (idx[None, :] < targets[:, None]), dim=1)
     bad |= torch.isnan(s_t) | torch.isposinf(s_t) | (torch.isneginf(s_t) & ~seen_target)
     return better.masked_fill(seen_target | torch.isneginf(s_t), MISS_RANK), bad
 
