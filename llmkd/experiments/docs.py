@@ -141,7 +141,7 @@ def headline(results: Path) -> str:
                 f"**{_ndcg(probe['rows'][lifted])}** | {_interval(p)} | "
                 f"`{TEACHER_ITEMS}`, then `llmkd distill --config {BEAUTY} --set distill.teacher=teacher_items "
                 "--set student.content_init=0.1 --set distill.name=content_init` |")
-    wide = load(results, "amazon_beauty_d128_probe")
+    wide = load(results, "amazon_beauty_d128_seeds")
     twin128, ci128 = list(wide["rows"])[:2]
     p = wide["paired"][f"{ci128} - {twin128}"]["test"]
     rows.append(f"| Amazon Beauty | {twin128} (no teacher; 1.75 M parameters) | {_seed_label(wide['seeds'])} | "
@@ -303,6 +303,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "beauty-full-ce-controls": compare_table("amazon_beauty_full_ce_controls_seed0"),
     "beauty-sasrec-probe": compare_table("amazon_beauty_sasrec_probe"),
     "beauty-d128-probe": compare_table("amazon_beauty_d128_probe"),
+    "beauty-d128-seeds": compare_table("amazon_beauty_d128_seeds"),
     "ml100k-demo-seeds": seeds_table("ml100k_demo_3seeds"),
     "ml100k-kd": kd_table("ml100k_kd_benchmark_transformer"),
     "ml100k-kd-search": kd_section("ml100k_kd_benchmark_transformer", "Search on valid"),
