@@ -30,7 +30,8 @@ def main() -> None:
     folder = Path(cfg.out_dir) / "teacher_runtime"
     folder.mkdir(parents=True, exist_ok=True)
     result = {"config": args.config, "env": environment(),
-              **teacher_runtime_cost(cfg, data, folder, args.threads, args.reps, args.texts, args.users, print)}
+              **teacher_runtime_cost(cfg, data, folder, threads=args.threads, reps=args.reps, texts=args.texts,
+                                     users=args.users, progress=print)}
     write_json(args.output, result)
     args.output.with_suffix(".md").write_text(markdown(result) + "\n", encoding="utf-8")
     print(markdown(result))

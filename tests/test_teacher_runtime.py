@@ -43,3 +43,28 @@ def test_every_runtime_encodes_the_configs_texts_and_fp32_ranks_as_torch(tmp_pat
     ranks = target_ranks(mask_seen(states @ items.T, hists), torch.as_tensor(data.valid_item[users])).numpy()
     assert rows["torch"]["valid_ndcg@10"] == pytest.approx(float(metrics_from_ranks(ranks, (10,))["ndcg@10"].mean()))
     assert "onnxruntime_int8" in markdown(result)
+
+
+def test_the_script_writes_the_json_and_the_table(tmp_path, synthetic, tiny_bert):
+    """The command line end to end, on a prepared data folder (its keyword arguments reach the benchmark)."""
+    import json
+
+    import yaml
+    from conftest import REPO, run_in_process
+
+    from llmkd.data import build_data, save_data
+    from llmkd.infra.config import Config, TeacherConfig
+
+    cfg = Config(out_dir=str(tmp_path / "run"), data=synthetic.data_config(),
+                 teacher=TeacherConfig(model=str(tiny_bert), user_mode="text", batch_size=8, max_history_tokens=32))
+    save_data(build_data(cfg.data), tmp_path / "run" / "data", cfg.data)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
+    out = tmp_path / "runtime.json"
+    proc = run_in_process(REPO / "scripts/benchmark_teacher_runtime.py",
+                          ["--config", str(config), "--threads", "1", "--reps", "1", "--texts", "8", "--users", "10",
+                           "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["users"] == 10 and result["texts"] == 8 and result["reps"] == 1
+    assert "| onnxruntime_int8 |" in out.with_suffix(".md").read_text()
