@@ -92,17 +92,6 @@ def runtime_embedders(enc: TextEncoder, folder: Path, threads: int) -> dict[str,
     return {"torch": enc.embed, **{name: through(sess) for name, sess in sessions.items()}}
 
 
-@torch.inference_mode()
-def encode(embed: Callable, token_ids: list[list[int]], batch_size: int, dim: int) -> np.ndarray:
-    """`TextEncoder.encode`'s loop (batches of similar length) around any `embed`."""
-    order = np.argsort([len(t) for t in token_ids], kind="stable")
-    out = np.zeros((len(token_ids), dim), dtype=np.float32)
-    for start in range(0, len(token_ids), batch_size):
-        idx = order[start : start + batch_size]
-        out[idx] = embed([token_ids[i] for i in idx]).numpy()
-    return out
-
-
 def per_user_ndcg(users_vecs: np.ndarray, item_vecs: np.ndarray, hists: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
     """Per-user NDCG@10 of cosine scores, seen items masked (llmkd's protocol)."""
     scores = mask_seen(torch.from_numpy(users_vecs) @ torch.from_numpy(item_vecs).T, hists)
@@ -126,18 +115,18 @@ def teacher_runtime_cost(cfg: Config, data: RecData, folder: Path, threads: int 
              "histories": [user_tok[i] for i in rng.choice(len(user_tok), min(texts, len(user_tok)), replace=False)]}
     seconds = {(r, kind): [] for r in embedders for kind in timed}
     for name in embedders:  # warm-up: first calls allocate and pick kernels
-        encode(embedders[name], timed["items"][: tc.batch_size], tc.batch_size, enc.dim)
+        enc.encode_tokens(timed["items"][: tc.batch_size], embed=embedders[name])
     for rep in range(reps):
         for kind, toks in timed.items():
             for name, embed in embedders.items():
                 t0 = time.perf_counter()
-                encode(embed, toks, tc.batch_size, enc.dim)
+                enc.encode_tokens(toks, embed=embed)
                 seconds[(name, kind)].append(time.perf_counter() - t0)
         progress(f"timing: repetition {rep + 1} of {reps}")
     vectors, ndcg = {}, {}
     for name, embed in embedders.items():
-        item_vecs = encode(embed, item_tok, tc.batch_size, enc.dim)
-        user_vecs = encode(embed, user_tok, tc.batch_size, enc.dim)
+        item_vecs = enc.encode_tokens(item_tok, embed=embed)
+        user_vecs = enc.encode_tokens(user_tok, embed=embed)
         vectors[name] = np.concatenate([item_vecs, user_vecs])
         ndcg[name] = per_user_ndcg(user_vecs, item_vecs, hists, data.valid_item[chosen])
         progress(f"quality: {name} ({ndcg[name].mean():.4f})")

@@ -126,15 +126,21 @@ class TextEncoder:
         hidden = self.model(**batch).last_hidden_state  # (B, L, d)
         return self.pool(hidden, batch["attention_mask"])
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], max_length: int = 128, desc: str | None = None) -> np.ndarray:
         """Embed `texts` -> (n, d) float32, batches bucketed by token length."""
-        enc = self.tokenize(texts, max_length)
+        return self.encode_tokens(self.tokenize(texts, max_length), desc=desc)
+
+    @torch.inference_mode()
+    def encode_tokens(self, enc: list[list[int]], desc: str | None = None,
+                      embed: Callable[[list[list[int]]], torch.Tensor] | None = None) -> np.ndarray:
+        """Token ids -> (n, d) float32 through `embed` (default `self.embed`; another runtime's, e.g. ONNX
+        Runtime, in `llmkd.experiments.teacher_runtime`), batches bucketed by token length."""
+        embed = embed or self.embed
         order = np.argsort([len(ids) for ids in enc], kind="stable")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for start in tqdm(range(0, len(texts), self.batch_size), desc=desc, disable=desc is None):
+        out = np.zeros((len(enc), self.dim), dtype=np.float32)
+        for start in tqdm(range(0, len(enc), self.batch_size), desc=desc, disable=desc is None):
             idx = order[start : start + self.batch_size]
-            out[idx] = self.embed([enc[i] for i in idx]).cpu().numpy()
+            out[idx] = embed([enc[i] for i in idx]).cpu().numpy()
         return out
 
 
