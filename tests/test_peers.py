@@ -203,3 +203,27 @@ def test_rectools_scorer_matches_its_own_recommend(synthetic_data, fitted):
     np.testing.assert_allclose(ours, reco["score"].to_numpy(), rtol=1e-5, atol=1e-5)
     assert len(reco) == len(users) * int((item_rows(model.data_preparator.item_id_map.external_ids,
                                                     data.num_items) >= 0).sum())
+
+
+def test_rectools_loss_at_targets_equals_its_own_softmax_loss(fitted):
+    """The peer's training loss (logits only where a target is) equals RecTools' own `_calc_softmax_loss` over
+    every window position (padding dropped by `ignore_index`) on a left-padded batch, weights included; a mean
+    over all positions, or padding rows left in, would differ."""
+    model, _ = fitted
+    module, net = model.lightning_model, model.lightning_model.torch_model
+    net.eval()  # no dropout: both paths see the same session vectors
+    gen = torch.Generator().manual_seed(0)
+    n_items = net.item_model.get_all_embeddings().shape[0]
+    x = torch.randint(1, n_items, (6, TINY.max_len), generator=gen)
+    lengths = torch.tensor([1, 2, 3, 5, 4, 1])
+    pad = torch.arange(TINY.max_len)[None, :] < (TINY.max_len - lengths)[:, None]  # left padding
+    x[pad] = 0
+    y = torch.randint(1, n_items, x.shape, generator=gen)
+    y[pad] = 0
+    w = torch.rand(x.shape, generator=gen) + 0.5
+    batch = {"x": x, "y": y, "yw": w}
+    with torch.no_grad():
+        ours = module.softmax_loss_at_targets(batch)
+        theirs = type(module)._calc_softmax_loss(net(batch), y, w)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert pad.any()
