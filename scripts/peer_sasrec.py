@@ -13,7 +13,8 @@ rewritten after each seed; seeds already in it with the same settings and data a
 from dataclasses import replace
 
 from llmkd.commands.cli import config_from, parser, run
-from llmkd.experiments.peers import PeerSettings, markdown, run_peers
+from llmkd.experiments.peer_training import run_peers
+from llmkd.experiments.peers import PeerSettings, markdown
 from llmkd.infra.artifacts import LlmkdError
 
 

@@ -1,4 +1,4 @@
-"""The peer run (llmkd.experiments.peers): llmkd's split -> the peer library's table, a fitted peer's scores
+"""The peer run (llmkd.experiments.peers, peer_training): llmkd's split -> the peer library's table, a fitted peer's scores
 -> llmkd's item order, the incremental JSON. Everything but the last tests runs without RecTools (CI installs
 only `.[dev]`); those fit one epoch on the synthetic data when RecTools is installed (`make peer-beauty`)."""
 
@@ -13,6 +13,7 @@ import torch
 
 from llmkd.data import RecData, save_data
 from llmkd.evaluation.metrics import evaluate_scores, summarize
+from llmkd.experiments.peer_training import per_user_path, run_peers
 from llmkd.experiments.peers import (
     DATETIME,
     FLOOR,
@@ -24,8 +25,6 @@ from llmkd.experiments.peers import (
     interactions_table,
     item_rows,
     left_pad,
-    per_user_path,
-    run_peers,
 )
 from llmkd.infra.artifacts import LlmkdError
 
@@ -173,7 +172,7 @@ def test_run_peers_writes_after_each_seed_and_reuses_finished_ones(synthetic, sy
 @pytest.fixture(scope="module")
 def fitted(synthetic_data):
     pytest.importorskip("rectools")
-    from llmkd.experiments.peers import fit_peer
+    from llmkd.experiments.peer_training import fit_peer
 
     return fit_peer(synthetic_data, TINY, seed=0, log=lambda _: None)
 

@@ -1,36 +1,27 @@
 """Peer run: a public library's SASRec with cross-entropy over the whole catalog (RecTools 0.19.0), trained on
 llmkd's own split and scored by llmkd's own evaluator (full ranking, seen items masked, docs/protocol.md).
 
+    PeerSettings                       the published SASRec-CE's settings plus the selection schedule
     interactions_table(data, split)    the table the peer trains on ('valid': train items only) or reads
                                        histories from ('test': train + valid), positions as timestamps
     PeerScorer(model, data)            a ScoreFn: (users (B,), split) -> (B, num_items) in llmkd's item order
-    fit_peer(data, settings, seed)     train, evaluating valid NDCG@10 every few epochs; keep the best
-    run_peer(out_dir, settings, seed)  one seed: fit, then valid and test metrics of the best epoch
-    run_peers(out_dir, seeds, output)  every seed, the JSON rewritten after each (finished seeds reused)
+    markdown(result)                   the table of a finished run
 
-RecTools is imported only where a model is built or trained (`make peer-beauty` installs it): the table, the
-scorer and the report work without it, on any object shaped like a fitted RecTools transformer model.
+Training and the seeds' JSON are in `llmkd.experiments.peer_training` (RecTools is imported only there, where a
+model is built or trained; `make peer-beauty` installs it): the table, the scorer and the report work without
+it, on any object shaped like a fitted RecTools transformer model.
 """
-
 from __future__ import annotations
 
-import copy
-import importlib.metadata as md
 import json
-import logging
-import os
-import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from llmkd.data import RecData, load_data
-from llmkd.evaluation.metrics import PROTOCOL, evaluate_scores, summarize
+from llmkd.data import RecData
 from llmkd.infra.artifacts import LlmkdError
 
 LIBRARY = "rectools"
@@ -174,235 +165,6 @@ class PeerScorer:
         finally:
             net.train(training)
         return catalog_scores(logits, self.rows)
-
-
-# ---------------------------------------------------------------- training (needs RecTools)
-
-
-def _as_array(values):
-    """A list or tuple of ids -> an ndarray as pandas 2's `pd.unique` made it (object dtype when any is a str)."""
-    if not isinstance(values, (list, tuple)):
-        return values
-    return np.asarray(values, dtype=object if any(isinstance(v, str) for v in values) else None)
-
-
-def pandas3_compat() -> bool:
-    """Let RecTools 0.19.0 (written for pandas < 3) build its id maps under pandas 3, whose `pd.unique` refuses
-    the tuple `IdMap.from_values(('PAD',))` it passes; ids are unchanged. True when the patch was applied."""
-    from rectools.dataset.identifiers import IdMap
-
-    if int(pd.__version__.split(".")[0]) < 3 or getattr(IdMap, "_llmkd_compat", False):
-        return False
-    from_values, add_ids = IdMap.from_values.__func__, IdMap.add_ids
-    IdMap.from_values = classmethod(lambda cls, values: from_values(cls, _as_array(values)))
-    IdMap.add_ids = lambda self, values, raise_if_already_present=False: add_ids(
-        self, _as_array(values), raise_if_already_present)
-    IdMap._llmkd_compat = True
-    return True
-
-
-def _published_adam_module():
-    """RecTools' TransformerLightningModule with the published optimiser (RecTools hard-codes betas (0.9, 0.98)),
-    and its softmax loss computed at the target positions only (same loss, see `softmax_loss_at_targets`)."""
-    from rectools.models.nn.transformers.lightning import TransformerLightningModule
-
-    class PublishedAdamModule(TransformerLightningModule):
-        weight_decay = 0.0
-        betas = (0.9, 0.999)
-
-        def configure_optimizers(self) -> torch.optim.Adam:
-            if self.optimizer is None:
-                self.optimizer = torch.optim.Adam(self.torch_model.parameters(), lr=self.lr, betas=self.betas,
-                                                  weight_decay=self.weight_decay)
-            return self.optimizer
-
-        def softmax_loss_at_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            """RecTools' softmax loss (`_calc_softmax_loss`: cross-entropy over the catalog, weighted, summed, divided
-            by the number of positive terms), with logits computed only where a target is (y != 0). RecTools
-            scores all `max_len` positions and drops the padding ones by `ignore_index`: on Beauty (a mean of
-            ~7 train items in a 50-slot window) that is ~7x the catalog products for the same loss."""
-            y, w = batch["y"], batch["yw"]
-            keep = y != 0
-            model = self.torch_model
-            item_embs = model.item_model.get_all_embeddings()
-            sessions = model.encode_sessions(batch, item_embs)[keep]  # (N, d)
-            logits = model.similarity_module(sessions, item_embs) / self.logits_t  # (N, n_items + extra tokens)
-            loss = torch.nn.functional.cross_entropy(logits, y[keep], reduction="none") * w[keep]
-            return loss.sum() / (loss > 0).to(loss.dtype).sum()
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            if self.loss != "softmax":
-                return super().training_step(batch, batch_idx)
-            loss = self.softmax_loss_at_targets(batch)
-            self.log(self.train_loss_name, loss, on_step=False, on_epoch=True, prog_bar=self.verbose > 0)
-            return loss
-
-    return PublishedAdamModule
-
-
-def build_model(settings: PeerSettings):
-    """A RecTools SASRecModel with the settings (ids only, full softmax, no RecTools validation). Not
-    `deterministic`: on CUDA, torch has no deterministic kernel for the 3-d cross-entropy RecTools computes;
-    `fit_peer` seeds torch, numpy and the loader."""
-    from rectools.models import SASRecModel
-    from rectools.models.nn.item_net import IdEmbeddingsItemNet
-
-    pandas3_compat()
-    module = _published_adam_module()
-    module.weight_decay, module.betas = settings.weight_decay, tuple(settings.adam_betas)
-    return SASRecModel(
-        n_blocks=settings.blocks, n_heads=settings.heads, n_factors=settings.dim, dropout_rate=settings.dropout,
-        session_max_len=settings.max_len, loss="softmax", lr=settings.lr, batch_size=settings.batch_size,
-        epochs=settings.eval_every, deterministic=False, verbose=0, item_net_block_types=(IdEmbeddingsItemNet,),
-        pos_encoding_kwargs={"use_scale_factor": settings.scale_embeddings}, lightning_module_type=module,
-        use_key_padding_mask=False, use_causal_attn=True,
-    )
-
-
-def valid_ndcg(data: RecData, model, settings: PeerSettings) -> float:
-    """Valid NDCG@10 of the model by llmkd's evaluator (every valid user)."""
-    per_user = evaluate_scores(data, "valid", PeerScorer(model, data), (10,), settings.eval_batch_size,
-                               name="peer SASRec")
-    return summarize(per_user)["ndcg@10"]
-
-
-def fit_peer(data: RecData, settings: PeerSettings, seed: int, log: Callable[[str], object] = print) -> tuple:
-    """Train on the 'valid' table in chunks of `eval_every` epochs, keep the state with the best valid NDCG@10.
-
-    Returns (model at its best epoch, {"best_epoch", "epochs", "best_valid_ndcg@10", "curve"})."""
-    import pytorch_lightning as pl
-    from rectools.dataset import Dataset
-
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    pl.seed_everything(seed, workers=True, verbose=False)
-    model = build_model(settings)  # first: it applies the pandas-3 shim the dataset's id maps need
-    dataset = Dataset.construct(interactions_table(data, "valid"))
-    best, best_state, best_epoch, stale, epoch, curve = -1.0, None, 0, 0, 0, []
-    with warnings.catch_warnings():
-        for noise in (".*does not have many workers.*", ".*val_dataloader.*", ".*LeafSpec.*",
-                      "Pydantic serializer warnings.*"):  # RecTools' config of the item net as a tuple of types
-            warnings.filterwarnings("ignore", message=noise)
-        while epoch < settings.epochs and stale < settings.patience:
-            n = min(settings.eval_every, settings.epochs - epoch)
-            start = time.perf_counter()
-            model.fit_partial(dataset, min_epochs=n, max_epochs=n)
-            epoch += n
-            ndcg = valid_ndcg(data, model, settings)
-            curve.append({"epoch": epoch, "valid_ndcg@10": ndcg, "seconds": time.perf_counter() - start})
-            if ndcg > best:
-                best, best_epoch, stale = ndcg, epoch, 0
-                best_state = copy.deepcopy(model.torch_model.state_dict())
-            else:
-                stale += 1
-            log(f"seed {seed} epoch {epoch}: valid NDCG@10 {ndcg:.4f} (best {best:.4f} at {best_epoch})")
-    model.torch_model.load_state_dict(best_state)
-    return model, {"best_epoch": best_epoch, "epochs": epoch, "best_valid_ndcg@10": best, "curve": curve}
-
-
-def run_peer(out_dir: str | Path, settings: PeerSettings, seed: int, data: RecData | None = None,
-             log: Callable[[str], object] = print) -> dict:
-    """One seed on `<out_dir>/data`: fit, choose the epoch on valid, report valid and test once (the test
-    history is train + valid). Returns the row: metrics per split, epochs, wall seconds, and per-user
-    NDCG@10 (B,) float32 per split under 'per_user' (users in `data.eval_users(split)` order)."""
-    data = data if data is not None else load_data(Path(out_dir) / "data")
-    start = time.perf_counter()
-    model, info = fit_peer(data, settings, seed, log)
-    scorer = PeerScorer(model, data)
-    per_user = {s: evaluate_scores(data, s, scorer, (10, 20, 50), settings.eval_batch_size, name="peer SASRec")
-                for s in SPLITS}
-    row = {s: summarize(per_user[s]) for s in SPLITS}
-    row.update(info, wall_seconds=time.perf_counter() - start, items_without_embedding=int((scorer.rows < 0).sum()))
-    row["per_user"] = {s: per_user[s]["ndcg@10"].astype(np.float32) for s in SPLITS}
-    return row
-
-
-# ---------------------------------------------------------------- seeds -> JSON
-
-
-def aggregate(per_seed: dict[str, dict]) -> dict:
-    """{'per_seed', 'mean', 'std'} of REPORTED per split over the finished seeds (std ddof 1; 0 for one seed)."""
-    rows = {"per_seed": per_seed, "mean": {}, "std": {}}
-    for s in SPLITS:
-        vals = {m: [r[s][m] for r in per_seed.values()] for m in REPORTED}
-        rows["mean"][s] = {m: float(np.mean(v)) for m, v in vals.items()}
-        rows["std"][s] = {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in vals.items()}
-    return rows
-
-
-def per_user_path(output: Path) -> Path:
-    """Where the per-user NDCG@10 of every seed go beside the JSON (for paired comparisons on the same users)."""
-    return output.with_name(output.stem + ".per_user.npz")
-
-
-def _write_atomic(path: Path, obj: dict | None = None, arrays: dict[str, np.ndarray] | None = None) -> None:
-    """JSON (obj) or an .npz (arrays) through a temporary file and a rename: a kill leaves the old or the new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if arrays is None:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    else:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def _previous(output: Path, settings: dict, fingerprint: str) -> dict:
-    """Finished seeds (str -> row) of an earlier run of the same settings on the same data; {} when none."""
-    if not output.is_file():
-        return {}
-    try:
-        old = json.loads(output.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlmkdError(f"{output}: unreadable JSON ({e}); move it away to start over") from None
-    if old.get("settings") != settings or old.get("data_fingerprint") != fingerprint:
-        raise LlmkdError(f"{output}: made with other settings or data; choose another --output or move it away")
-    return dict(old.get("rows", {}).get("per_seed", {}))
-
-
-def run_peers(out_dir: str | Path, seeds: Sequence[int], output: str | Path, settings: PeerSettings | None = None,
-              run_one: Callable[..., dict] = run_peer, log: Callable[[str], object] = print) -> dict:
-    """Every seed on `<out_dir>/data`; the JSON at `output` (and the per-user .npz beside it) rewritten after
-    each seed; seeds finished there by the same settings on the same data are reused, not rerun, and kept
-    (mean and std are over every finished seed in the file)."""
-    settings, output = settings or PeerSettings(), Path(output)
-    data = load_data(Path(out_dir) / "data")
-    finished = _previous(output, settings.as_json(), data.fingerprint)
-    npz = per_user_path(output)
-    arrays = dict(np.load(npz)) if npz.is_file() else {}
-    arrays.update({f"users_{s}": data.eval_users(s) for s in SPLITS})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    result = {}
-    for seed in seeds:
-        if str(seed) in finished:
-            log(f"seed {seed}: reused from {output}")
-        else:
-            row = run_one(out_dir, settings, seed, data=data, log=log)
-            arrays.update({f"seed{seed}_{s}_ndcg@10": v for s, v in row.pop("per_user", {}).items()})
-            finished[str(seed)] = row
-            _write_atomic(npz, arrays=arrays)
-        done = dict(sorted(finished.items(), key=lambda kv: int(kv[0])))  # earlier seeds not asked for now stay
-        result = {"system": SYSTEM, "library": LIBRARY, "version": _version(), "settings": settings.as_json(),
-                  "seeds": [int(k) for k in done], "rows": aggregate(done), "published": PUBLISHED,
-                  "differences": DIFFERENCES, "protocol": PROTOCOL, "data_fingerprint": data.fingerprint,
-                  "data": {"users": data.num_users, "items": data.num_items}, "per_user": str(npz),
-                  "environment": environment()}
-        _write_atomic(output, result)
-    return result
-
-
-def _version(name: str = LIBRARY) -> str | None:
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict:
-    """The libraries the numbers depend on, the cores, and the pandas-3 shim (`pandas3_compat`)."""
-    names = ("torch", "numpy", "pandas", "pytorch-lightning", "pm-implicit")
-    return {**{n: _version(n) for n in names}, "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
-            "pandas3_compat": "IdMap.from_values/add_ids get tuples and lists as arrays (ids unchanged)"
-            if int(pd.__version__.split(".")[0]) >= 3 else None}
 
 
 def markdown(result: dict) -> str:
