@@ -13,7 +13,7 @@ import torch
 
 from llmkd.data import RecData, save_data
 from llmkd.evaluation.metrics import evaluate_scores, summarize
-from llmkd.experiments.peer_training import per_user_path, run_peers
+from llmkd.experiments.peer_training import checkpoint_path, per_user_path, run_peers
 from llmkd.experiments.peers import (
     DATETIME,
     FLOOR,
@@ -151,8 +151,12 @@ def test_run_peers_writes_after_each_seed_and_reuses_finished_ones(synthetic, sy
     save_data(synthetic_data, tmp_path / "data", synthetic.data_config())
     out, calls = tmp_path / "peers.json", []
     run_peers(tmp_path, [0], out, TINY, run_one=fake_run(calls), log=lambda _: None)
+    left = checkpoint_path(tmp_path, 1)  # a training state left by a killed seed 1
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"state")
     result = run_peers(tmp_path, [0, 1], out, TINY, run_one=fake_run(calls), log=lambda _: None)
     assert calls == [0, 1], "seed 0 reused on the rerun"
+    assert not left.exists(), "seed 1's training state is removed once its row is written"
     on_disk = json.loads(out.read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert {"system", "library", "version", "settings", "seeds", "rows", "published"} <= set(on_disk)
@@ -226,3 +230,35 @@ def test_rectools_loss_at_targets_equals_its_own_softmax_loss(fitted):
         theirs = type(module)._calc_softmax_loss(net(batch), y, w)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert pad.any()
+
+
+def test_rectools_fit_resumes_from_its_checkpoint_as_if_never_stopped(synthetic_data, tmp_path):
+    """A fit killed after its second chunk resumes from the checkpoint: the same valid curve and the same
+    final weights as an uninterrupted fit (so the weights, Adam's moments and the random draws were restored;
+    retraining from scratch, or a fresh optimizer, would give another curve)."""
+    pytest.importorskip("rectools")
+    from llmkd.experiments.peer_training import fit_peer
+
+    settings = PeerSettings(dim=8, heads=1, batch_size=16, max_len=5, epochs=4, eval_every=1, patience=10,
+                            eval_batch_size=8)
+    whole, info = fit_peer(synthetic_data, settings, seed=0, log=lambda _: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(message: str) -> None:
+        if "epoch 2:" in message:
+            raise Killed
+
+    ckpt = tmp_path / "seed0.pt"
+    with pytest.raises(Killed):
+        fit_peer(synthetic_data, settings, seed=0, log=kill_after_two, checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    resumed, rinfo = fit_peer(synthetic_data, settings, seed=0, log=lambda _: None, checkpoint=ckpt)
+    assert rinfo["resumed_at"] == 2 and rinfo["epochs"] == info["epochs"] == 4
+    assert [c["valid_ndcg@10"] for c in rinfo["curve"]] == pytest.approx([c["valid_ndcg@10"] for c in info["curve"]])
+    for k, v in whole.torch_model.state_dict().items():
+        torch.testing.assert_close(resumed.torch_model.state_dict()[k], v)
+    other = PeerSettings(**{**settings.as_json(), "adam_betas": (0.9, 0.999), "dropout": 0.1})
+    with pytest.raises(LlmkdError, match="other settings"):
+        fit_peer(synthetic_data, other, seed=0, log=lambda _: None, checkpoint=ckpt)

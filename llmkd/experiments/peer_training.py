@@ -1,6 +1,7 @@
 """Training the peer (RecTools' SASRec, `llmkd.experiments.peers`) and its seeds' JSON.
 
-    fit_peer(data, settings, seed)     train, evaluating valid NDCG@10 every few epochs; keep the best
+    fit_peer(data, settings, seed)     train, evaluating valid NDCG@10 every few epochs; keep the best;
+                                       with a checkpoint, resume from the last few epochs after a kill
     run_peer(out_dir, settings, seed)  one seed: fit, then valid and test metrics of the best epoch
     run_peers(out_dir, seeds, output)  every seed, the JSON rewritten after each (finished seeds reused)
 
@@ -14,6 +15,7 @@ import importlib.metadata as md
 import json
 import logging
 import os
+import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -128,10 +130,55 @@ def valid_ndcg(data: RecData, model, settings: PeerSettings) -> float:
     return summarize(per_user)["ndcg@10"]
 
 
-def fit_peer(data: RecData, settings: PeerSettings, seed: int, log: Callable[[str], object] = print) -> tuple:
-    """Train on the 'valid' table in chunks of `eval_every` epochs, keep the state with the best valid NDCG@10.
+def checkpoint_path(out_dir: str | Path, seed: int) -> Path:
+    """Where a seed's training state goes after every `eval_every` epochs (removed once its row is written)."""
+    return Path(out_dir) / "peer_sasrec" / f"seed{seed}.pt"
 
-    Returns (model at its best epoch, {"best_epoch", "epochs", "best_valid_ndcg@10", "curve"})."""
+
+def _checkpoint_key(data: RecData, settings: PeerSettings, seed: int) -> dict:
+    """What a checkpoint must match to be resumed: the data, the seed and the settings but the epoch cap."""
+    return {"data": data.fingerprint, "seed": seed, "settings": {**settings.as_json(), "epochs": None}}
+
+
+def _save_checkpoint(path: Path, model, state: dict) -> None:
+    """The model, Adam's state, the random generators and `state` (best so far, curve), via a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lm = model.lightning_model
+    blob = {**state, "model": lm.torch_model.state_dict(), "optimizer": lm.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def _restore_checkpoint(path: Path, model, dataset, key: dict) -> dict | None:
+    """Rebuild `model` on `dataset` as `fit_partial`'s first call does, then load the checkpoint at `path`
+    into it (weights, Adam, random generators); returns its state, or None when there is no checkpoint."""
+    if not path.is_file():
+        return None
+    blob = torch.load(path, weights_only=False)
+    if blob.get("key") != key:
+        raise LlmkdError(f"{path}: a checkpoint of other settings, seed or data; move it away to start over")
+    model._build_model_from_dataset(dataset)  # RecTools' own first-call path of fit_partial
+    model.is_fitted = model.lightning_model.is_fitted = True  # no Xavier re-init on the next fit
+    lm = model.lightning_model
+    lm.torch_model.load_state_dict(blob.pop("model"))
+    lm.configure_optimizers()
+    lm.optimizer.load_state_dict(blob.pop("optimizer"))
+    rng = blob.pop("rng")
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return blob
+
+
+def fit_peer(data: RecData, settings: PeerSettings, seed: int, log: Callable[[str], object] = print,
+             checkpoint: Path | None = None) -> tuple:
+    """Train on the 'valid' table in chunks of `eval_every` epochs, keep the state with the best valid NDCG@10.
+    With `checkpoint`, the state after every chunk is saved there and a later call resumes from it (same
+    random draws as an uninterrupted run).
+
+    Returns (model at its best epoch, {"best_epoch", "epochs", "best_valid_ndcg@10", "curve", "resumed_at"})."""
     import pytorch_lightning as pl
     from rectools.dataset import Dataset
 
@@ -140,26 +187,38 @@ def fit_peer(data: RecData, settings: PeerSettings, seed: int, log: Callable[[st
     pl.seed_everything(seed, workers=True, verbose=False)
     model = build_model(settings)  # first: it applies the pandas-3 shim the dataset's id maps need
     dataset = Dataset.construct(interactions_table(data, "valid"))
-    best, best_state, best_epoch, stale, epoch, curve = -1.0, None, 0, 0, 0, []
+    key = _checkpoint_key(data, settings, seed)
+    state = (_restore_checkpoint(checkpoint, model, dataset, key) if checkpoint is not None else None) or {
+        "key": key, "best": -1.0, "best_state": None, "best_epoch": 0, "stale": 0, "epoch": 0, "curve": []}
+    resumed_at = state["epoch"]
+    if resumed_at:
+        log(f"seed {seed}: resumed from {checkpoint} at epoch {resumed_at} (best {state['best']:.4f})")
     with warnings.catch_warnings():
         for noise in (".*does not have many workers.*", ".*val_dataloader.*", ".*LeafSpec.*",
                       "Pydantic serializer warnings.*"):  # RecTools' config of the item net as a tuple of types
             warnings.filterwarnings("ignore", message=noise)
-        while epoch < settings.epochs and stale < settings.patience:
-            n = min(settings.eval_every, settings.epochs - epoch)
+        while state["epoch"] < settings.epochs and state["stale"] < settings.patience:
+            n = min(settings.eval_every, settings.epochs - state["epoch"])
             start = time.perf_counter()
+            if model.is_fitted:  # a fresh Lightning Trainer per chunk, as after a resume: its first fit draws
+                model.fit_trainer = copy.deepcopy(model._trainer)  # other random numbers than a reused one's
             model.fit_partial(dataset, min_epochs=n, max_epochs=n)
-            epoch += n
+            state["epoch"] += n
             ndcg = valid_ndcg(data, model, settings)
-            curve.append({"epoch": epoch, "valid_ndcg@10": ndcg, "seconds": time.perf_counter() - start})
-            if ndcg > best:
-                best, best_epoch, stale = ndcg, epoch, 0
-                best_state = copy.deepcopy(model.torch_model.state_dict())
+            state["curve"].append({"epoch": state["epoch"], "valid_ndcg@10": ndcg,
+                                   "seconds": time.perf_counter() - start})
+            if ndcg > state["best"]:
+                state.update(best=ndcg, best_epoch=state["epoch"], stale=0,
+                             best_state=copy.deepcopy(model.torch_model.state_dict()))
             else:
-                stale += 1
-            log(f"seed {seed} epoch {epoch}: valid NDCG@10 {ndcg:.4f} (best {best:.4f} at {best_epoch})")
-    model.torch_model.load_state_dict(best_state)
-    return model, {"best_epoch": best_epoch, "epochs": epoch, "best_valid_ndcg@10": best, "curve": curve}
+                state["stale"] += 1
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, model, state)
+            log(f"seed {seed} epoch {state['epoch']}: valid NDCG@10 {ndcg:.4f} "
+                f"(best {state['best']:.4f} at {state['best_epoch']})")
+    model.torch_model.load_state_dict(state["best_state"])
+    return model, {"best_epoch": state["best_epoch"], "epochs": state["epoch"], "best_valid_ndcg@10": state["best"],
+                   "curve": state["curve"], "resumed_at": resumed_at}
 
 
 def run_peer(out_dir: str | Path, settings: PeerSettings, seed: int, data: RecData | None = None,
@@ -169,12 +228,13 @@ def run_peer(out_dir: str | Path, settings: PeerSettings, seed: int, data: RecDa
     NDCG@10 (B,) float32 per split under 'per_user' (users in `data.eval_users(split)` order)."""
     data = data if data is not None else load_data(Path(out_dir) / "data")
     start = time.perf_counter()
-    model, info = fit_peer(data, settings, seed, log)
+    model, info = fit_peer(data, settings, seed, log, checkpoint_path(out_dir, seed))
     scorer = PeerScorer(model, data)
     per_user = {s: evaluate_scores(data, s, scorer, (10, 20, 50), settings.eval_batch_size, name="peer SASRec")
                 for s in SPLITS}
     row = {s: summarize(per_user[s]) for s in SPLITS}
-    row.update(info, wall_seconds=time.perf_counter() - start, items_without_embedding=int((scorer.rows < 0).sum()))
+    row.update(info, wall_seconds=time.perf_counter() - start, items_without_embedding=int((scorer.rows < 0).sum()),
+               train_seconds=sum(c["seconds"] for c in info["curve"]))  # wall_seconds: this call (after a resume)
     row["per_user"] = {s: per_user[s]["ndcg@10"].astype(np.float32) for s in SPLITS}
     return row
 
@@ -225,7 +285,8 @@ def run_peers(out_dir: str | Path, seeds: Sequence[int], output: str | Path, set
               run_one: Callable[..., dict] = run_peer, log: Callable[[str], object] = print) -> dict:
     """Every seed on `<out_dir>/data`; the JSON at `output` (and the per-user .npz beside it) rewritten after
     each seed; seeds finished there by the same settings on the same data are reused, not rerun, and kept
-    (mean and std are over every finished seed in the file)."""
+    (mean and std are over every finished seed in the file). A seed killed mid-way resumes from its last
+    `eval_every` chunk (`checkpoint_path`)."""
     settings, output = settings or PeerSettings(), Path(output)
     data = load_data(Path(out_dir) / "data")
     finished = _previous(output, settings.as_json(), data.fingerprint)
@@ -249,6 +310,7 @@ def run_peers(out_dir: str | Path, seeds: Sequence[int], output: str | Path, set
                   "data": {"users": data.num_users, "items": data.num_items}, "per_user": str(npz),
                   "environment": environment()}
         _write_atomic(output, result)
+        checkpoint_path(out_dir, seed).unlink(missing_ok=True)  # the row is written: its training state is done
     return result
 
 
