@@ -24,7 +24,7 @@ SET = --config $(CONFIG) --set out_dir=$(OUT)
 
 .PHONY: install install-gpt demo test docs seeds tune benchmark-kd benchmark-beauty benchmark-serving \
 	benchmark-service-faults benchmark-scale benchmark-scale-micro benchmark-scale-minilm benchmark-ann \
-	benchmark-student-step benchmark-stage-efficiency benchmark-teacher-runtime cold-start peer-beauty clean
+	benchmark-student-step benchmark-student-vs-peer benchmark-stage-efficiency benchmark-teacher-runtime cold-start peer-beauty clean
 
 install: $(VENV)/.installed
 
@@ -101,6 +101,14 @@ benchmark-stage-efficiency: install
 benchmark-teacher-runtime: install
 	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
 	$(RUN) scripts/benchmark_teacher_runtime.py $(BEAUTY_SET) --output results/teacher_runtime_cpu.json
+
+# One training epoch of the Beauty student (64-d and 128-d) beside RecTools' SASRec (its own loss path and the peer
+# run's), side by side at the same batch and threads: results/student_vs_peer_cpu.{json,md}.
+benchmark-student-vs-peer: install
+	$(BIN)/pip install -q --no-deps $$($(RUN) -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))")
+	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
+	$(RUN) scripts/benchmark_student_vs_peer.py $(BEAUTY_SET) --dims 64 128 --output results/student_vs_peer_cpu.json
 
 benchmark-student-step: install
 	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)

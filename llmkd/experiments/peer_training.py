@@ -73,6 +73,7 @@ def _published_adam_module():
     class PublishedAdamModule(TransformerLightningModule):
         weight_decay = 0.0
         betas = (0.9, 0.999)
+        targets_only = True  # False: RecTools' own loss path (logits at every position), for speed comparisons
 
         def configure_optimizers(self) -> torch.optim.Adam:
             if self.optimizer is None:
@@ -95,7 +96,7 @@ def _published_adam_module():
             return loss.sum() / (loss > 0).to(loss.dtype).sum()
 
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            if self.loss != "softmax":
+            if self.loss != "softmax" or not self.targets_only:
                 return super().training_step(batch, batch_idx)
             loss = self.softmax_loss_at_targets(batch)
             self.log(self.train_loss_name, loss, on_step=False, on_epoch=True, prog_bar=self.verbose > 0)
@@ -104,16 +105,17 @@ def _published_adam_module():
     return PublishedAdamModule
 
 
-def build_model(settings: PeerSettings):
+def build_model(settings: PeerSettings, targets_only: bool = True):
     """A RecTools SASRecModel with the settings (ids only, full softmax, no RecTools validation). Not
     `deterministic`: on CUDA, torch has no deterministic kernel for the 3-d cross-entropy RecTools computes;
-    `fit_peer` seeds torch, numpy and the loader."""
+    `fit_peer` seeds torch, numpy and the loader. `targets_only=False`: RecTools' own loss path, for timing it."""
     from rectools.models import SASRecModel
     from rectools.models.nn.item_net import IdEmbeddingsItemNet
 
     pandas3_compat()
     module = _published_adam_module()
     module.weight_decay, module.betas = settings.weight_decay, tuple(settings.adam_betas)
+    module.targets_only = targets_only
     return SASRecModel(
         n_blocks=settings.blocks, n_heads=settings.heads, n_factors=settings.dim, dropout_rate=settings.dropout,
         session_max_len=settings.max_len, loss="softmax", lr=settings.lr, batch_size=settings.batch_size,
