@@ -52,7 +52,7 @@ DIFFERENCES = [
     ("init: Xavier-normal for every weight matrix (RecTools); the published code re-initialises Linear and Embedding "
      "weights only (its feed-forward Conv1d and attention in-projection keep PyTorch's defaults)"),
     ("speed: the softmax loss computes logits only at positions with a target; RecTools computes them at all 50 "
-     "positions and ignores the padding ones (`ignore_index=0`): the same loss and gradients, ~7x fewer catalog "
+     "positions and ignores the padding ones (`ignore_index=0`): the same loss and gradients, ~8x fewer catalog "
      "products on Beauty"),
     ("selection: valid NDCG@10 by llmkd's evaluator every `eval_every` epochs, best state kept, stop after "
      "`patience` evaluations without a better one; the published run evaluated every 5 epochs for 200 epochs"),
