@@ -22,7 +22,7 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test docs seeds tune benchmark-kd benchmark-beauty benchmark-serving \
+.PHONY: install install-gpt demo test docs seeds tune quickstart benchmark-kd benchmark-beauty benchmark-serving \
 	benchmark-service-faults benchmark-scale benchmark-scale-micro benchmark-scale-minilm benchmark-ann \
 	benchmark-student-step benchmark-student-vs-peer benchmark-stage-efficiency benchmark-teacher-runtime cold-start peer-beauty clean
 
@@ -61,6 +61,23 @@ tune: install
 	$(BIN)/llmkd finetune $(ACCELERATE_ARGS) -- $(SET)
 	$(RUN) scripts/build_teacher.py $(SET)
 	$(RUN) scripts/tune.py $(SET) --budget $(TUNE_BUDGET) --jobs $(JOBS) $(TUNE_FLAGS)
+
+# Your own files, from the files to a served bundle (README "Your own data"): QUICK_CONFIG's data section points at
+# them (default: the tiny example). Zero-shot teacher (add `llmkd finetune` first for a LoRA-tuned one), the twin,
+# the recipe search on valid, the chosen student, its FAISS index, the evaluation and a bundle for `llmkd serve`.
+QUICK_CONFIG ?= configs/example_files.yaml
+QUICK_OUT ?= runs/quickstart
+QUICK_SET = --config $(QUICK_CONFIG) --set out_dir=$(QUICK_OUT)
+quickstart: install
+	$(BIN)/llmkd prepare $(QUICK_SET)
+	$(BIN)/llmkd teacher $(QUICK_SET)
+	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(QUICK_SET) --set distill.alpha=0 --set distill.name=student_no_kd
+	$(BIN)/llmkd tune $(QUICK_SET) --budget $(TUNE_BUDGET) --jobs $(JOBS) $(TUNE_FLAGS)
+	$(BIN)/llmkd distill $(ACCELERATE_ARGS) -- $(QUICK_SET) --recipe $(QUICK_OUT)/tune/recipe.yaml
+	$(BIN)/llmkd index $(QUICK_SET) --student student_kd
+	$(BIN)/llmkd evaluate $(QUICK_SET)
+	$(BIN)/llmkd export $(QUICK_SET) --student student_kd --output $(QUICK_OUT)/bundle
+	@echo "served bundle: $(BIN)/llmkd serve $(QUICK_OUT)/bundle  (or: llmkd recommend $(QUICK_OUT)/bundle --history ID,ID)"
 
 # Students without the teacher and with the recipe chosen on valid (make tune), over several seeds
 # (reuses $(OUT)/data, $(OUT)/teacher and the search's runs).
