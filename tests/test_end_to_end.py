@@ -388,6 +388,30 @@ def test_seeds_report_and_reuse_of_the_no_teacher_twin(pipeline):
     shutil.copytree(pipeline["root"] / "teacher_before", out / "teacher")
 
 
+def test_seeds_reuse_a_finished_run_found_anywhere_in_out_dir(pipeline, monkeypatch):
+    """A run with a variant's exact training settings at the top of out_dir, under any name (trained by hand,
+    e.g. `llmkd distill --set distill.name=twin_by_hand`), stands for that variant: nothing is trained."""
+    from llmkd.experiments import seeds as seeds_module
+    from llmkd.experiments.seeds import run_seeds
+    from llmkd.infra.config import load_config
+
+    out = pipeline["out"]
+    cfg = load_config(pipeline["cfg"], ["distill.epochs=1", "eval.bootstrap=20", "eval.ks=[10, 50]"])
+    variants = {"student_no_kd": ["distill.alpha=0"]}
+    run_seeds(cfg, [0], variants, report="seeds_report_reuse")
+    hand = out / "twin_by_hand"
+    shutil.move(out / "seeds" / "student_no_kd_s0", hand)
+    try:
+        def no_training(cfgs, jobs, resume=False):
+            assert not cfgs, f"trained {[c.distill.name for c in cfgs]}"
+
+        monkeypatch.setattr(seeds_module, "train_many", no_training)
+        run_seeds(cfg, [0], variants, report="seeds_report_reuse")
+        assert (out / "seeds" / "student_no_kd_s0" / "meta.json").read_bytes() == (hand / "meta.json").read_bytes()
+    finally:
+        shutil.rmtree(hand)
+
+
 def test_alignment_terms_train_and_are_not_exported(pipeline):
     """user_align (multi-task: predict the teacher's user vector) and item_align (embedding alignment)
     change training; their heads are training-only, so the exported student has the no-KD layout."""

@@ -40,15 +40,16 @@ def run_seeds(cfg: Config, seeds: list[int], variants: dict[str, list[str]] | No
               aliases: dict[tuple[str, int], list[str]] | None = None, report: str = "seeds_report",
               jobs: int = 1, reuse_from: list[Path] = ()) -> dict:
     """Train and evaluate every variant at every seed; aggregate over seeds. `aliases[(variant, seed)]`
-    lists run folders (under out_dir) that may already hold that run (see `reuse`), as may every run
-    folder inside the `reuse_from` folders (e.g. a recipe search's runs); `jobs` students train at a time."""
+    lists run folders (under out_dir) that may already hold that run (see `reuse`), as may every run folder
+    at the top of out_dir and inside the `reuse_from` folders (e.g. a recipe search's runs); `jobs` students
+    train at a time."""
     variants = variants or DEFAULT_VARIANTS
     if not {10, 50} <= set(cfg.eval.ks):
         raise LlmkdError(f"eval.ks: the seeds report needs cut-offs 10 and 50 ({', '.join(REPORTED)}); got {cfg.eval.ks}")
     out = Path(cfg.out_dir)
     data = load_data(out / "data")
     per_user: dict[str, dict[int, dict]] = {}
-    pool = runs_in(reuse_from)
+    pool = runs_in([out, *reuse_from])  # e.g. a run trained by hand with a variant's settings, under any name
     missing = [vcfg for name, overrides in variants.items() for seed in seeds
                if not reuse(vcfg := variant_config(cfg, name, overrides, seed), data.fingerprint,
                             [*(out / a for a in (aliases or {}).get((name, seed), [])), *pool], data.num_items)]
