@@ -141,3 +141,44 @@ def test_a_pruned_twin_stage_trains_for_real_in_two_worker_processes(tmp_path, s
         assert trial.state in (TrialState.PRUNED, TrialState.COMPLETE), c["name"]
     chosen = next(c for c in cands if c["name"] == report["chosen"])
     assert trials[chosen["folder"]].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_benchmark_kd_prune_flag_reaches_the_search(monkeypatch, tmp_path, flag):
+    """`scripts/benchmark_kd.py --prune` hands the KD benchmark a Pruning whose journal is beside the search's
+    runs; without the flag, none (every candidate to its early stop)."""
+    from conftest import REPO, run_in_process
+
+    from llmkd.experiments import kd_benchmark
+
+    seen = {}
+
+    def fake(cfg, seeds, families, search_seed, peer, jobs, budget, target, twins=None, pruning=None):
+        seen["pruning"] = pruning
+        return {"markdown": "", "folder": tmp_path}
+
+    monkeypatch.setattr(kd_benchmark, "run_kd_benchmark", fake)
+    args = ["--config", "configs/ml100k.yaml", "--set", f"out_dir={tmp_path}", "--families", "content_init"]
+    proc = run_in_process(REPO / "scripts/benchmark_kd.py", args + (["--prune"] if flag else []))
+    assert proc.returncode == 0, proc.stderr
+    if flag:
+        assert seen["pruning"].journal == str(tmp_path / "kd_benchmark" / "search" / "pruning.journal")
+    else:
+        assert seen["pruning"] is None
+
+
+def test_the_kd_benchmarks_search_prunes_with_the_given_pruning(monkeypatch, tmp_path):
+    from llmkd.distill.pruning import Pruning
+    from llmkd.experiments import kd_benchmark
+    from llmkd.infra.config import Config
+
+    seen = {}
+
+    def fake_search(cfg, families, budget_s, jobs, seed, folder, twins=None, pruning=None):
+        seen.update(folder=folder, pruning=pruning)
+        return {"candidates": []}
+
+    monkeypatch.setattr(kd_benchmark, "run_search", fake_search)
+    pruning = Pruning(str(tmp_path / "journal"))
+    kd_benchmark.search(Config(out_dir=str(tmp_path)), {}, seed=0, pruning=pruning)
+    assert seen == {"folder": "kd_benchmark/search", "pruning": pruning}

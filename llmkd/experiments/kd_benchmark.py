@@ -26,6 +26,7 @@ from llmkd.infra.config import Config, load_config
 from llmkd.data import RecData, load_data
 from llmkd.evaluation.metrics import evaluate_scores, mask_seen, paired_bootstrap
 from llmkd.infra.locks import locked
+from llmkd.distill.pruning import Pruning
 from llmkd.distill.recipe import FAMILIES, run_search
 from llmkd.evaluation.report import load_student, student_scorer
 from llmkd.teacher import TeacherCache
@@ -36,13 +37,15 @@ HEADROOM_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)  # teacher-score weights of th
 
 
 def search(cfg: Config, families: dict[str, tuple[list[str], dict[str, list]]], seed: int, jobs: int = 1,
-           budget_s: float | None = None, twins: dict[str, list[str]] | None = None) -> tuple[dict, dict, dict]:
+           budget_s: float | None = None, twins: dict[str, list[str]] | None = None,
+           pruning: Pruning | None = None) -> tuple[dict, dict, dict]:
     """The recipe search (`llmkd.distill.recipe.run_search`) at `seed` into `<out_dir>/kd_benchmark/search/`.
 
     Returns, per family, its runs and the valid-best point (`{"fixed", "runs", "chosen"}`), the
     combinations the search trained (`{name: {"overrides", "folder", "valid_ndcg@10"}}`), and the search's
     report (its chosen twin: `twin`, `twin_overrides`; its chosen recipe: `chosen_overrides`)."""
-    report = run_search(cfg, families, budget_s, jobs, seed, folder="kd_benchmark/search", twins=twins)
+    report = run_search(cfg, families, budget_s, jobs, seed, folder="kd_benchmark/search", twins=twins,
+                        pruning=pruning)
     cands = [c for c in report["candidates"] if "valid_ndcg@10" in c]
     found = {}
     for family, (fixed, _) in families.items():
@@ -244,12 +247,13 @@ def kd_markdown(found: dict, report: dict, diag: dict, target_lines: list[str], 
 def run_kd_benchmark(cfg: Config, seeds: list[int], families: dict | None = None, search_seed: int | None = None,
                      peer: tuple[str, float] = ("SASRec (RecBole, docs/peers.md)", 0.0959), jobs: int = 1,
                      budget_s: float | None = None, ratio: tuple[float, float] = (1.10, 1.20),
-                     twins: dict[str, list[str]] | None = None) -> dict:
-    """Search, seeds, diagnostics; writes `<out_dir>/kd_benchmark/`."""
+                     twins: dict[str, list[str]] | None = None, pruning: Pruning | None = None) -> dict:
+    """Search, seeds, diagnostics; writes `<out_dir>/kd_benchmark/`. `pruning`: the search stops losing
+    candidates early (`llmkd.distill.pruning`); the seeds train to their early stop as always."""
     families = families or FAMILIES
     search_seed = seeds[0] if search_seed is None else search_seed
     data = load_data(Path(cfg.out_dir) / "data")
-    found, combos, searched = search(cfg, families, search_seed, jobs, budget_s, twins)
+    found, combos, searched = search(cfg, families, search_seed, jobs, budget_s, twins, pruning)
     variants = {NO_KD: searched["twin_overrides"]}  # the strongest twin the search trained, not the configured one
     aliases = {(NO_KD, search_seed): [t["folder"] for t in searched["candidates"] if t["name"] == searched["twin"]]}
     for family, f in found.items():
