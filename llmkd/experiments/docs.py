@@ -160,7 +160,7 @@ def headline(results: Path) -> str:
     settings = ", ".join(o for o in dict.fromkeys(kd["variants"][chosen]) if o != "distill.alpha=0")
     rows.append(f"| Amazon Beauty | KD benchmark, an earlier sampled-softmax twin; chosen on valid: `{settings}` | "
                 f"{_seed_label(kd['seeds'])} | {_ndcg(kd['rows'][chosen])} (twin {_ndcg(kd['rows']['student_no_kd'])}) | "
-                f"{_interval(p)} | `make benchmark-beauty` |")
+                f"{_interval(p)} | `make benchmark-beauty` at commit f6ba43d |")
     demo = load(results, "ml100k_demo_3seeds")
     p = demo["paired"]["student_kd - student_no_kd"]["test"]
     rows.append(f"| MovieLens-100K | `make demo`'s `student_kd` (the recipe search keeps no teacher) | "
