@@ -182,3 +182,71 @@ def test_the_kd_benchmarks_search_prunes_with_the_given_pruning(monkeypatch, tmp
     pruning = Pruning(str(tmp_path / "journal"))
     kd_benchmark.search(Config(out_dir=str(tmp_path)), {}, seed=0, pruning=pruning)
     assert seen == {"folder": "kd_benchmark/search", "pruning": pruning}
+
+
+def test_a_reused_run_joins_the_study_with_its_curve_and_prunes_a_worse_candidate(tmp_path):
+    """A finished run added from its meta.json history holds a later candidate to its curve: a candidate
+    below it at the first rung is pruned (with the study empty it would go on, being the first); the run is
+    added once, and a pruned or history-less run not at all."""
+    from llmkd.distill.pruning import Pruning, add_finished
+
+    def run(name: str, values: list[float], **meta) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        history = [{"epoch": e, "ndcg@10": v} for e, v in enumerate(values, start=1)]
+        (folder / "meta.json").write_text(json.dumps({"history": history, "best_valid_ndcg@10": max(values), **meta}))
+        return folder
+
+    def pruned_at_first_rung(pruning: Pruning) -> bool:
+        trial = pruning.open().ask()
+        for epoch in range(1, 6):
+            trial.report(0.05, epoch)
+        return trial.should_prune()
+
+    alone = Pruning(str(tmp_path / "alone.journal"), min_epochs=5, reduction_factor=3)
+    assert not pruned_at_first_rung(alone)
+
+    pruning = Pruning(str(tmp_path / "study.journal"), min_epochs=5, reduction_factor=3)
+    good = run("good", [0.02 * e for e in range(1, 21)])  # 0.10 at epoch 5
+    assert add_finished(pruning, good, "runs/good") and not add_finished(pruning, good, "runs/good")
+    assert not add_finished(pruning, run("cut", [0.2] * 6, pruned_at_epoch=6), "runs/cut")
+    assert not add_finished(pruning, run("none", [float("nan")]), "runs/none")
+    trials = pruning.open().get_trials()
+    assert len(trials) == 1 and trials[0].value == pytest.approx(0.4)
+    assert trials[0].intermediate_values[5] == pytest.approx(0.1) and trials[0].intermediate_values[15] == pytest.approx(0.3)
+    assert pruned_at_first_rung(pruning)
+
+
+def test_a_pruned_search_adds_the_runs_it_reuses_to_the_study(run_dir):
+    """A rerun of a pruned search reuses every finished candidate and puts each, with its curve, in the study
+    (the trained ones are there already, under the same run names: not twice)."""
+    from test_recipe import CLEAR_GAIN, CONFIGURED_TWIN, FAMILIES_SMALL, FakeTrainer
+
+    from llmkd.distill.pruning import Pruning
+    from llmkd.distill.recipe import run_search
+    from llmkd.infra.config import load_config
+
+    out, clock = run_dir
+    cfg = load_config(None, [f"out_dir={out}"])
+    trainer = FakeTrainer(clock)
+
+    def train_fn(cfgs, jobs):  # the fake trainer's runs, with a curve in meta.json as distill.train writes it
+        trainer(cfgs, jobs)
+        for c in cfgs:
+            path = Path(c.out_dir) / c.distill.name / "meta.json"
+            meta = json.loads(path.read_text())
+            meta["history"] = [{"epoch": e, "ndcg@10": meta["best_valid_ndcg@10"] * e / 3} for e in (1, 2, 3)]
+            path.write_text(json.dumps(meta))
+
+    families = {"content_features": FAMILIES_SMALL["content_features"]}
+    first = Pruning(str(out / "first.journal"), min_epochs=1)
+    run_search(cfg, families, train_fn=train_fn, gain_fn=CLEAR_GAIN, twins=CONFIGURED_TWIN, pruning=first)
+    assert first.open().get_trials() == []  # the fake trainer does not report to the study
+    again = Pruning(str(out / "again.journal"), min_epochs=1)
+    report = run_search(cfg, families, train_fn=train_fn, gain_fn=CLEAR_GAIN, twins=CONFIGURED_TWIN, pruning=again)
+    reused = sorted(c["folder"] for c in report["candidates"] if c.get("status") == "reused")
+    trials = again.open().get_trials()
+    assert reused and sorted(t.user_attrs["run"] for t in trials) == reused
+    assert all(t.intermediate_values[1] == pytest.approx(t.value / 3) for t in trials)
+    run_search(cfg, families, train_fn=train_fn, gain_fn=CLEAR_GAIN, twins=CONFIGURED_TWIN, pruning=again)
+    assert len(again.open().get_trials()) == len(trials)

@@ -6,7 +6,8 @@ After each epoch the training loop reports the candidate's valid NDCG@10 (`disti
 at the rungs `min_epochs` x `reduction_factor`^k epochs the pruner stops a candidate whose value is not in
 the top 1 / `reduction_factor` of the values the candidates that reached that rung before it had there.
 So the first candidate (the configured twin) always trains to its early stop, and a later one goes on
-only while it keeps up with the best so far. A stopped candidate exports its best epoch as usual, marked
+only while it keeps up with the best so far. A finished run the search reuses instead of training joins the
+study with its recorded curve (`add_finished`), so it holds later candidates to that curve as well. A stopped candidate exports its best epoch as usual, marked
 `pruned_at_epoch` in meta.json; the search never chooses it, and a run without pruning resumes it from
 its checkpoint instead of taking it as finished (`llmkd.infra.reuse`).
 
@@ -16,6 +17,7 @@ Optuna rather than a scheduler of our own: it is the field's well-kept implement
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,3 +83,28 @@ def train_pruned(cfg: Config, pruning: Pruning, resume: bool = False) -> dict:
     else:
         study.tell(trial, result["best_valid_ndcg@10"])
     return result
+
+
+def add_finished(pruning: Pruning, folder: Path, run: str) -> bool:
+    """A finished run (its `meta.json` history of valid NDCG@10 per epoch) as a completed trial of the study,
+    with the value it had at each rung it reached, as if the pruner had watched it train: a run the search
+    reuses then holds later candidates to its curve like one the search trained. Once per `run` (the name a
+    trained trial carries too); False when it is there already, or the run was pruned or has no history."""
+    import optuna
+    from optuna.pruners._successive_halving import _completed_rung_key  # where the pruner keeps rung values
+
+    meta = json.loads((Path(folder) / "meta.json").read_text(encoding="utf-8"))
+    curve = {int(h["epoch"]): float(h["ndcg@10"]) for h in meta.get("history", [])
+             if math.isfinite(h.get("ndcg@10", float("nan")))}
+    if not curve or meta.get("pruned_at_epoch"):
+        return False
+    study = pruning.open()
+    if any(t.user_attrs.get("run") == run for t in study.get_trials(deepcopy=False)):
+        return False
+    rungs, rung = {}, 0
+    while (epoch := pruning.min_epochs * pruning.reduction_factor ** rung) in curve:
+        rungs[_completed_rung_key(rung)] = curve[epoch]
+        rung += 1
+    study.add_trial(optuna.trial.create_trial(value=float(meta["best_valid_ndcg@10"]), intermediate_values=curve,
+                                              user_attrs={"run": run}, system_attrs=rungs))
+    return True

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from llmkd.data import load_data
 from llmkd.distill import train
-from llmkd.distill.pruning import Pruning, train_pruned
+from llmkd.distill.pruning import Pruning, add_finished, train_pruned
 from llmkd.infra.artifacts import LlmkdError, atomic_dir, write_json
 from llmkd.infra.config import Config, apply_overrides, from_dict
 from llmkd.infra.locks import locked
@@ -225,6 +225,8 @@ def run_search(cfg: Config, families: dict | None = None, budget_s: float | None
         for c in todo:
             vcfg = candidate_config(cfg, c, seed, folder)
             if reuse(vcfg, data.fingerprint, finished, data.num_items, pruned_ok=pruning is not None):
+                if pruning is not None:
+                    add_finished(pruning, out / vcfg.distill.name, vcfg.distill.name)
                 record(c, vcfg, "reused")
             else:
                 pending.append((c, vcfg))
