@@ -306,6 +306,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "beauty-d128-probe": compare_table("amazon_beauty_d128_probe"),
     "beauty-d128-seeds": compare_table("amazon_beauty_d128_seeds"),
     "ml100k-demo-seeds": seeds_table("ml100k_demo_3seeds"),
+    "ml100k-twin-probe": compare_table("ml100k_twin_probe"),
     "ml100k-kd": kd_table("ml100k_kd_benchmark_transformer"),
     "ml100k-kd-search": kd_section("ml100k_kd_benchmark_transformer", "Search on valid"),
     "ml100k-kd-diagnostics": kd_section("ml100k_kd_benchmark_transformer", "Diagnostics"),
