@@ -253,7 +253,7 @@ def test_rectools_fit_resumes_from_its_checkpoint_as_if_never_stopped(synthetic_
     ckpt = tmp_path / "seed0.pt"
     with pytest.raises(Killed):
         fit_peer(synthetic_data, settings, seed=0, log=kill_after_two, checkpoint=ckpt)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
     resumed, rinfo = fit_peer(synthetic_data, settings, seed=0, log=lambda _: None, checkpoint=ckpt)
     assert rinfo["resumed_at"] == 2 and rinfo["epochs"] == info["epochs"] == 4
     assert [c["valid_ndcg@10"] for c in rinfo["curve"]] == pytest.approx([c["valid_ndcg@10"] for c in info["curve"]])

@@ -146,8 +146,10 @@ def _save_checkpoint(path: Path, model, state: dict) -> None:
     """The model, Adam's state, the random generators and `state` (best so far, curve), via a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lm = model.lightning_model
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_rng = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]  # tensors: weights_only loads
     blob = {**state, "model": lm.torch_model.state_dict(), "optimizer": lm.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+            "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng, "python": random.getstate()}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
@@ -158,7 +160,7 @@ def _restore_checkpoint(path: Path, model, dataset, key: dict) -> dict | None:
     into it (weights, Adam, random generators); returns its state, or None when there is no checkpoint."""
     if not path.is_file():
         return None
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, weights_only=True)
     if blob.get("key") != key:
         raise LlmkdError(f"{path}: a checkpoint of other settings, seed or data; move it away to start over")
     model._build_model_from_dataset(dataset)  # RecTools' own first-call path of fit_partial
@@ -169,7 +171,8 @@ def _restore_checkpoint(path: Path, model, dataset, key: dict) -> dict | None:
     lm.optimizer.load_state_dict(blob.pop("optimizer"))
     rng = blob.pop("rng")
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(rng["python"])
     return blob
 
