@@ -26,6 +26,7 @@ from llmkd.experiments.processes import markdown as processes_markdown
 from llmkd.experiments.scale import table as scale_table
 from llmkd.experiments.seeds import compare_markdown, seeds_markdown
 from llmkd.experiments.serving_cost import serving_cost_markdown
+from llmkd.experiments.student_vs_peer import markdown as student_vs_peer_markdown
 from llmkd.experiments.teacher_runtime import markdown as teacher_runtime_markdown
 
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
@@ -319,6 +320,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "student-step": student_step,
     "stage-efficiency": stage_efficiency,
     "teacher-runtime": from_json("teacher_runtime_cpu", teacher_runtime_markdown),
+    "student-vs-peer": from_json("student_vs_peer_cpu", student_vs_peer_markdown),
     "teacher-speed": teacher_speed,
     "lora-step": lora_step,
     "processes": processes,
