@@ -10,6 +10,7 @@ RecTools is imported inside the functions that build or train a model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata as md
 import json
@@ -177,6 +178,26 @@ def _restore_checkpoint(path: Path, model, dataset, key: dict) -> dict | None:
     return blob
 
 
+@contextlib.contextmanager
+def quiet_lightning():
+    """Lightning's info lines ('Trainer.fit stopped', ...) and the routine warnings of RecTools' fits silenced."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        for noise in (".*does not have many workers.*", ".*val_dataloader.*", ".*LeafSpec.*",
+                      "Pydantic serializer warnings.*"):  # RecTools' config of the item net as a tuple of types
+            warnings.filterwarnings("ignore", message=noise)
+        yield
+
+
+def fit_chunk(model, dataset, epochs: int) -> None:
+    """`epochs` more epochs of RecTools' `fit_partial`, each call on a fresh Lightning Trainer: the first fit of
+    a Trainer draws other random numbers than a reused one's, and a resumed fit starts on a fresh one."""
+    if model.is_fitted:
+        model.fit_trainer = copy.deepcopy(model._trainer)
+    model.fit_partial(dataset, min_epochs=epochs, max_epochs=epochs)
+
+
 def fit_peer(data: RecData, settings: PeerSettings, seed: int, log: Callable[[str], object] = print,
              checkpoint: Path | None = None) -> tuple:
     """Train on the 'valid' table in chunks of `eval_every` epochs, keep the state with the best valid NDCG@10.
@@ -187,8 +208,6 @@ def fit_peer(data: RecData, settings: PeerSettings, seed: int, log: Callable[[st
     import pytorch_lightning as pl
     from rectools.dataset import Dataset
 
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     pl.seed_everything(seed, workers=True, verbose=False)
     model = build_model(settings)  # first: it applies the pandas-3 shim the dataset's id maps need
     dataset = Dataset.construct(interactions_table(data, "valid"))
@@ -198,16 +217,11 @@ def fit_peer(data: RecData, settings: PeerSettings, seed: int, log: Callable[[st
     resumed_at = state["epoch"]
     if resumed_at:
         log(f"seed {seed}: resumed from {checkpoint} at epoch {resumed_at} (best {state['best']:.4f})")
-    with warnings.catch_warnings():
-        for noise in (".*does not have many workers.*", ".*val_dataloader.*", ".*LeafSpec.*",
-                      "Pydantic serializer warnings.*"):  # RecTools' config of the item net as a tuple of types
-            warnings.filterwarnings("ignore", message=noise)
+    with quiet_lightning():
         while state["epoch"] < settings.epochs and state["stale"] < settings.patience:
             n = min(settings.eval_every, settings.epochs - state["epoch"])
             start = time.perf_counter()
-            if model.is_fitted:  # a fresh Lightning Trainer per chunk, as after a resume: its first fit draws
-                model.fit_trainer = copy.deepcopy(model._trainer)  # other random numbers than a reused one's
-            model.fit_partial(dataset, min_epochs=n, max_epochs=n)
+            fit_chunk(model, dataset, n)
             state["epoch"] += n
             ndcg = valid_ndcg(data, model, settings)
             state["curve"].append({"epoch": state["epoch"], "valid_ndcg@10": ndcg,

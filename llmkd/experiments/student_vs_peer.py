@@ -16,17 +16,14 @@ at the start of a fit (the peer's time is read from Lightning's epoch start and 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
 import math
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 
 from llmkd.data import RecData
-from llmkd.experiments.peer_training import build_model
+from llmkd.experiments.peer_training import build_model, fit_chunk, quiet_lightning
 from llmkd.experiments.peers import PeerSettings, interactions_table
 from llmkd.infra.config import Config
 
@@ -73,8 +70,6 @@ def peer_runner(data: RecData, settings: PeerSettings, batches: int, targets_onl
     import pytorch_lightning as pl
     from rectools.dataset import Dataset
 
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # not a 'Trainer.fit stopped' line per timing
     seconds: list[float] = []
 
     class Clock(pl.Callback):
@@ -93,11 +88,8 @@ def peer_runner(data: RecData, settings: PeerSettings, batches: int, targets_onl
     users = int((table.groupby("user_id").size() >= 2).sum())  # RecTools trains on users with >= 2 items
 
     def run() -> float:
-        if model.is_fitted:
-            model.fit_trainer = copy.deepcopy(model._trainer)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.fit_partial(dataset, min_epochs=1, max_epochs=1)
+        with quiet_lightning():
+            fit_chunk(model, dataset, 1)
         return seconds[-1]
 
     return run, math.ceil(users / settings.batch_size)
