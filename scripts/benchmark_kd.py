@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from llmkd.commands.cli import config_from, parser, run
-from llmkd.distill.pruning import Pruning
+from llmkd.distill.pruning import add_prune_options, pruning_from
 from llmkd.experiments.kd_benchmark import FAMILIES, run_kd_benchmark
 from llmkd.infra.artifacts import LlmkdError
 
@@ -36,8 +36,7 @@ def main() -> None:
     p.add_argument("--configured-twin", action="store_true",
                    help="skip the twin stage: the no-teacher student at the configured settings only "
                         "(llmkd.distill.recipe.twin_points)")
-    p.add_argument("--prune", action="store_true",
-                   help="the search stops candidates that fall behind early (llmkd.distill.pruning; as tune.py)")
+    add_prune_options(p)
     args = p.parse_args()
     name, _, value = args.peer.rpartition("=")
     try:
@@ -55,7 +54,7 @@ def main() -> None:
             raise LlmkdError(f"--grid {g!r}: expected FAMILY:KEY=V1,V2 with FAMILY among {', '.join(families)}")
         families[family][1][key] = [yaml.safe_load(v) for v in values.split(",")]
     cfg = config_from(args)
-    pruning = Pruning(str(Path(cfg.out_dir) / "kd_benchmark" / "search" / "pruning.journal")) if args.prune else None
+    pruning = pruning_from(args, Path(cfg.out_dir) / "kd_benchmark" / "search" / "pruning.journal")
     result = run_kd_benchmark(cfg, args.seeds, families, args.search_seed, peer, args.jobs, args.budget,
                               tuple(args.target), twins={"": []} if args.configured_twin else None, pruning=pruning)
     print(result["markdown"])

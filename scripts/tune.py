@@ -16,7 +16,7 @@ import copy
 from pathlib import Path
 
 from llmkd.commands.cli import config_from, parser, run
-from llmkd.distill.pruning import Pruning
+from llmkd.distill.pruning import add_prune_options, pruning_from
 from llmkd.distill.recipe import FAMILIES, run_search
 from llmkd.infra.artifacts import LlmkdError
 
@@ -31,12 +31,7 @@ def main() -> None:
     p.add_argument("--configured-twin", action="store_true",
                    help="skip the twin stage: the no-teacher student at the configured settings only "
                         "(llmkd.distill.recipe.twin_points)")
-    p.add_argument("--prune", action="store_true",
-                   help="stop candidates that fall behind early (llmkd.distill.pruning)")
-    p.add_argument("--prune-min-epochs", type=int, default=Pruning.min_epochs,
-                   help="with --prune: the first rung, in epochs (rungs at this x factor^k)")
-    p.add_argument("--prune-factor", type=int, default=Pruning.reduction_factor,
-                   help="with --prune: each rung keeps the top 1/factor")
+    add_prune_options(p)
     args = p.parse_args()
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:
@@ -47,8 +42,7 @@ def main() -> None:
         raise LlmkdError(f"--jobs: expected >= 1, got {args.jobs}")
     cfg = config_from(args)
     families = {f: copy.deepcopy(FAMILIES[f]) for f in args.families}
-    pruning = (Pruning(str(Path(cfg.out_dir) / "tune" / "pruning.journal"), args.prune_min_epochs, args.prune_factor)
-               if args.prune else None)
+    pruning = pruning_from(args, Path(cfg.out_dir) / "tune" / "pruning.journal")
     report = run_search(cfg, families, args.budget, args.jobs, args.seed,
                         twins={"": []} if args.configured_twin else None, pruning=pruning)
     best = next(c for c in report["candidates"] if c["name"] == report["chosen"])

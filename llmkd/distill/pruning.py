@@ -7,9 +7,9 @@ at the rungs `min_epochs` x `reduction_factor`^k epochs the pruner stops a candi
 the top 1 / `reduction_factor` of the values the candidates that reached that rung before it had there.
 So the first candidate (the configured twin) always trains to its early stop, and a later one goes on
 only while it keeps up with the best so far. A finished run the search reuses instead of training joins the
-study with its recorded curve (`add_finished`), so it holds later candidates to that curve as well. A stopped candidate exports its best epoch as usual, marked
-`pruned_at_epoch` in meta.json; the search never chooses it, and a run without pruning resumes it from
-its checkpoint instead of taking it as finished (`llmkd.infra.reuse`).
+study with its recorded curve (`add_finished`), so it holds later candidates to that curve as well. A stopped
+candidate exports its best epoch as usual, marked `pruned_at_epoch` in meta.json; the search never chooses
+it, and a run without pruning resumes it from its checkpoint instead of taking it as finished (`llmkd.infra.reuse`).
 
 Optuna rather than a scheduler of our own: it is the field's well-kept implementation of ASHA (Li et al.,
 2020), and its journal storage is safe across processes.
@@ -108,3 +108,18 @@ def add_finished(pruning: Pruning, folder: Path, run: str) -> bool:
     study.add_trial(optuna.trial.create_trial(value=float(meta["best_valid_ndcg@10"]), intermediate_values=curve,
                                               user_attrs={"run": run}, system_attrs=rungs))
     return True
+
+
+def add_prune_options(p) -> None:
+    """--prune and its rungs, for the scripts that run a recipe search (`pruning_from` reads them)."""
+    p.add_argument("--prune", action="store_true",
+                   help="stop candidates that fall behind early (llmkd.distill.pruning)")
+    p.add_argument("--prune-min-epochs", type=int, default=Pruning.min_epochs,
+                   help="with --prune: the first rung, in epochs (rungs at this x factor^k)")
+    p.add_argument("--prune-factor", type=int, default=Pruning.reduction_factor,
+                   help="with --prune: each rung keeps the top 1/factor")
+
+
+def pruning_from(args, journal: Path) -> Pruning | None:
+    """The search's Pruning (its study in `journal`) when --prune was given, else None."""
+    return Pruning(str(journal), args.prune_min_epochs, args.prune_factor) if args.prune else None
