@@ -162,7 +162,6 @@ benchmark-beauty: install
 # SASRec-CE's settings, on llmkd's split (its own data folder, same split) and llmkd's evaluator, over SEEDS; the epoch
 # is chosen on valid NDCG@10. results/peers_beauty.json is rewritten after each seed; a rerun reuses finished seeds and
 # resumes a killed one from its last 5 epochs ($(PEER_OUT)/peer_sasrec/seed<N>.pt).
-# The `peers` extra goes in with --no-deps: RecTools' numpy<2 / pandas<3 pins would downgrade this environment.
 PEER_OUT ?= runs/amazon_beauty_peer
 PEER_EPOCHS ?= 200
 PEER_SET = --config configs/amazon_beauty.yaml --set out_dir=$(PEER_OUT)
